@@ -1,0 +1,104 @@
+"""Tiny PixArt-architecture components with random weights, for tests and for a demo without real weights.
+
+They use the very classes a real PixArt-alpha checkpoint loads (`PixArtTransformer2DModel`, `AutoencoderKL`,
+`T5EncoderModel`, `T5Tokenizer`, `DPMSolverMultistepScheduler`), so every code path they exercise is the real one.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from transformers import T5Config, T5EncoderModel
+
+from .tokenizer import train_t5_tokenizer
+
+#: The scheduler configuration PixArt-alpha checkpoints ship (`scheduler/scheduler_config.json`).
+PIXART_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    timestep_spacing="linspace",
+    steps_offset=0,
+)
+
+TINY_CAPTIONS = [
+    f"a {size}{colour} {shape} on a {background} background"
+    for size in ("", "large ", "small ")
+    for colour in ("red", "green", "blue", "yellow", "purple", "orange")
+    for shape in ("circle", "square", "triangle", "star", "cat", "dog")
+    for background in ("white", "black", "gray", "beige")
+] + [
+    "a photo of a cat sitting on a wooden table",
+    "an elephant walking through tall grass, at sunset",
+    "a watercolor painting of a lighthouse by the sea",
+    "two dogs and a bicycle in the snow!",
+]
+
+
+def pixart_scheduler() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)
+
+
+def tiny_components(seed: int = 0, *, sample_size: int = 8, micro_conditions: bool = False) -> dict:
+    """Random-weight PixArt components: 2 transformer blocks, a 3-downsample VAE, a 2-layer T5.
+
+    `sample_size` is the latent side the transformer's position embedding is built for (any size runs);
+    `micro_conditions=True` makes the transformer take resolution/aspect-ratio conditions like the 1024 model.
+    """
+    torch.manual_seed(seed)
+    tokenizer = train_t5_tokenizer(TINY_CAPTIONS, vocab_size=96)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 8,
+    )
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=12 if micro_conditions else 8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=24 if micro_conditions else 16,
+        caption_channels=32,
+        sample_size=sample_size,
+        patch_size=2,
+        norm_num_groups=4,
+        use_additional_conditions=micro_conditions,
+    )
+    for module in (text_encoder, vae, transformer):
+        module.eval()
+    return dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=pixart_scheduler(),
+    )
