@@ -79,6 +79,7 @@ def tiny_components(seed: int = 0, *, sample_size: int = 8, micro_conditions: bo
         latent_channels=4,
         norm_num_groups=4,
         sample_size=sample_size * 8,
+        scaling_factor=5.0,  # brings this random VAE's latents to about unit scale, like a trained one
     )
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2,

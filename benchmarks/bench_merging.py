@@ -1,0 +1,320 @@
+"""Token merging speed and error on the PixArt-XL-2 architecture (random weights): one transformer forward per size.
+
+Not a test. Times one forward (batch 2, like classifier-free guidance) at 512^2, 1024^2 and 1024x2048 for each merge
+ratio, alternating the variants inside every repeat so machine load hits them alike, and reports medians, the
+ratio merged/unmerged, peak memory, the relative error of the output against the unmerged forward, and where the
+time goes (attn1 / attn2 / feed-forward / outside the blocks).
+
+    python benchmarks/bench_merging.py                                    # CPU, 2 of the 28 blocks
+    python benchmarks/bench_merging.py --device cuda --dtype bfloat16 --blocks 28
+
+Merging follows Bolya & Hoffman 2023, "Token Merging for Fast Stable Diffusion" (see dit4edit.merging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import PixArtTransformer2DModel
+
+from dit4edit.merging import MergeConfig, apply_token_merging, token_grid
+
+#: latent (h, w) per image size; PixArt's VAE downsamples 8x.
+SIZES = {"512": (64, 64), "1024": (128, 128), "1024x2048": (128, 256)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    config: MergeConfig | None  # None: the model's own processors
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--blocks", type=int, default=2, help="transformer blocks (PixArt-XL-2 has 28)")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.8], help="merge ratios besides 0")
+    p.add_argument("--ff-ratios", nargs="*", type=float, default=[0.8], help="ratios also run with merge_ff=True")
+    p.add_argument("--stride", nargs=2, type=int, default=[3, 3])
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats at 1024^2")
+    p.add_argument("--repeats-small", type=int, default=5, help="repeats at 512^2")
+    p.add_argument("--repeats-large", type=int, default=2, help="repeats at 1024x2048")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_transformer(sample_size: int, blocks: int, device, dtype) -> PixArtTransformer2DModel:
+    """PixArt-XL-2 (16 heads x 72 = 1152 wide, T5-XXL captions) with `blocks` blocks and random weights."""
+    model = PixArtTransformer2DModel(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        num_layers=blocks,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        sample_size=sample_size,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        use_additional_conditions=sample_size == 128,  # the 1024-MS model takes resolution/aspect conditions
+    )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_inputs(latent_hw, batch: int, device, dtype, seed: int) -> dict:
+    """Image-like latents (smooth field + noise, unit variance), 120 T5 tokens, t = 500."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    coarse = torch.randn(batch, 4, h // 8, w // 8, generator=g)
+    smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)  # (B, 4, h, w)
+    latents = smooth + 0.3 * torch.randn(batch, 4, h, w, generator=g)
+    latents = latents / latents.std()
+    size = torch.tensor([[h * 8.0, w * 8.0]] * batch)
+    return dict(
+        hidden_states=latents.to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, 120, 4096, generator=g).to(device, dtype),
+        encoder_attention_mask=torch.ones(batch, 120, device=device),
+        timestep=torch.full((batch,), 500, device=device),
+        added_cond_kwargs=dict(resolution=size.to(device, dtype), aspect_ratio=(size[:, :1] / size[:, 1:]).to(device, dtype)),
+    )
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA allocator peak, or on CPU the peak resident set above the start (sampled)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak = 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.rss()
+            self.running = True
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
+
+
+@contextlib.contextmanager
+def component_timer(model, device, totals: dict):
+    """Add the wall time of every block's attn1 / attn2 / ff to `totals` (syncs the GPU; use on untimed passes)."""
+    handles = []
+    for block in model.transformer_blocks:
+        for name in ("attn1", "attn2", "ff"):
+            module = getattr(block, name)
+
+            def before(module, args, name=name):
+                synchronize(device)
+                module._bench_start = time.perf_counter()
+
+            def after(module, args, output, name=name):
+                synchronize(device)
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - module._bench_start
+
+            handles += [module.register_forward_pre_hook(before, prepend=True), module.register_forward_hook(after)]
+    try:
+        yield totals
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def attn1_outputs(model, store: list):
+    """Append every block's self-attention output to `store`, in block order."""
+    handles = [
+        block.attn1.register_forward_hook(lambda module, args, output: store.append(output))
+        for block in model.transformer_blocks
+    ]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x.float() - reference.float()).norm() / reference.float().norm())
+
+
+@contextlib.contextmanager
+def variant_installed(model, variant: Variant, grid):
+    if variant.config is None:
+        yield
+    else:
+        with apply_token_merging(model, variant.config, grid):
+            yield
+
+
+def timed_forward(model, inputs, variant, grid, device) -> float:
+    with variant_installed(model, variant, grid):
+        synchronize(device)
+        start = time.perf_counter()
+        forward(model, inputs)
+        synchronize(device)
+        return time.perf_counter() - start
+
+
+def measure_size(model, inputs, variants, grid, repeats, device) -> dict:
+    """A warm-up, one untimed pass per variant (memory, outputs, component times), then `repeats` rounds that
+    time every variant in turn."""
+    forward(model, inputs)  # warm-up: one-time allocations and kernel set-up stay out of every number below
+    results = {v.label: dict(times=[], parts={}, attn=[]) for v in variants}
+    for v in variants:
+        r = results[v.label]
+        with variant_installed(model, v, grid), attn1_outputs(model, r["attn"]):
+            with PeakMemory(device) as mem, component_timer(model, device, r["parts"]):
+                start = time.perf_counter()
+                out = forward(model, inputs)
+                synchronize(device)
+                r["parts"]["total"] = time.perf_counter() - start
+        r.update(out=out[:, :4].float().cpu(), mem=mem)  # the eps channels the sampler uses
+        if v is not variants[0]:
+            reference = results[variants[0].label]["attn"]
+            r["attn_error"] = statistics.mean(map(relative_error, r.pop("attn"), reference))
+    for _ in range(repeats):
+        for v in variants:
+            results[v.label]["times"].append(timed_forward(model, inputs, v, grid, device))
+    reference = results[variants[0].label]
+    reference.pop("attn")
+    reference["attn_error"] = 0.0
+    for r in results.values():
+        r["median"] = statistics.median(r["times"])
+        r["error"] = relative_error(r["out"], reference["out"])
+    return results
+
+
+def describe_device(device) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def use_mmap_for_large_blocks():
+    """Make glibc return freed tensors to the OS, so the resident set tracks live CPU memory (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
+
+
+def report(size, latent_hw, results, variants, batch, blocks):
+    """Markdown tables. The 28-block column scales the in-block time (median minus the time outside the blocks,
+    the least seen in the untimed passes) by 28 / blocks; it is an estimate, not a measurement."""
+    tokens = latent_hw[0] * latent_hw[1] // 4
+    base = results[variants[0].label]
+    outside = min(outside_blocks(r["parts"]) for r in results.values())  # the same work in every variant
+    scale = 28 / blocks
+    base_28 = outside + scale * (base["median"] - outside)
+    print(f"\n### {size} (latent {latent_hw[0]}x{latent_hw[1]}, {tokens} tokens, batch {batch})\n")
+    print("| variant | median s | merged/unmerged | est. ratio at 28 blocks | peak MiB (+ during forward) "
+          "| rel. error output | rel. error attn1 | runs s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for v in variants:
+        r = results[v.label]
+        runs = ", ".join(f"{t:.2f}" for t in r["times"])
+        mem = f"{r['mem'].peak_mib:.0f} (+{r['mem'].extra_mib:.0f})"
+        est = (outside + scale * (r["median"] - outside)) / base_28
+        print(f"| {v.label} | {r['median']:.3f} | {r['median'] / base['median']:.2f} | {est:.2f} | {mem} "
+              f"| {r['error']:.4f} | {r['attn_error']:.3f} | {runs} |")
+    print("\nwhere the time goes (untimed pass with per-module sync, seconds summed over blocks):\n")
+    print("| variant | attn1 (incl. merge) | attn2 | ff | outside blocks | total |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for v in variants:
+        p = results[v.label]["parts"]
+        print(f"| {v.label} | {p['attn1']:.3f} | {p['attn2']:.3f} | {p['ff']:.3f} | {outside_blocks(p):.3f} "
+              f"| {p['total']:.3f} |")
+    sys.stdout.flush()
+
+
+def outside_blocks(parts: dict) -> float:
+    """Patch/caption/timestep embedding, final layer, norms and residuals: the untimed pass minus the modules."""
+    return parts["total"] - parts["attn1"] - parts["attn2"] - parts["ff"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if torch.device(args.device).type == "cpu":
+        use_mmap_for_large_blocks()
+    stride = tuple(args.stride)
+    variants = [Variant("ratio 0", None)]
+    variants += [Variant(f"ratio {r}", MergeConfig(ratio=r, stride=stride, seed=args.seed)) for r in args.ratios]
+    variants += [
+        Variant(f"ratio {r} + ff", MergeConfig(ratio=r, stride=stride, seed=args.seed, merge_ff=True))
+        for r in args.ff_ratios
+    ]
+    print(f"# token merging benchmark\n\ndevice: {describe_device(args.device)}, dtype {args.dtype}")
+    print(f"PixArt-XL-2 architecture, random weights, {args.blocks} of 28 blocks (per-block ratios are what carry "
+          f"over to 28), merge stride {stride}, self-attention (attn1) merged in every block")
+    print(f"command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
+    models = {}
+    for size in args.sizes:
+        latent_hw = SIZES[size]
+        sample_size = 64 if size == "512" else 128  # 512 model vs 1024-MS model
+        if sample_size not in models:
+            torch.manual_seed(args.seed)
+            models = {sample_size: build_transformer(sample_size, args.blocks, args.device, dtype)}
+        inputs = make_inputs(latent_hw, args.batch, args.device, dtype, args.seed)
+        repeats = {"512": args.repeats_small, "1024x2048": args.repeats_large}.get(size, args.repeats)
+        grid = token_grid(latent_hw)
+        results = measure_size(models[sample_size], inputs, variants, grid, repeats, args.device)
+        report(size, latent_hw, results, variants, args.batch, args.blocks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

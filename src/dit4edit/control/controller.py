@@ -1,0 +1,321 @@
+"""The runtime side of attention control: which edit applies at (step, block), the recorded cross-attention maps,
+and the local-blend mask. One controller serves one edit (or one recording pass); processors ask it, by their block
+index and the `step_index` the loop passes, what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import DiT4EditError
+from ..layout import BatchLayout
+from .blend import apply_local_blend, attention_blend_mask
+from .config import AttentionControl, block_range, steps_before
+
+#: `(hidden_states of the conditional source row (N, C), block_index, step_index) -> (merge, unmerge) | None`.
+#: `merge` maps `(B, N, C) -> (B, N - r, C)` with one plan for all rows, `unmerge` maps back (see `dit4edit.merging`).
+MergePlanner = Callable[[torch.Tensor, int, "int | None"], "tuple[Callable, Callable] | None"]
+
+
+@dataclass(frozen=True, eq=False)
+class TokenEdit:
+    """One target prompt's Prompt-to-Prompt edit on the T5 key columns (L = 120), resolved from words to tokens.
+
+    mapper: `(L, L)`, rows source tokens, columns target tokens: the edited target map is `A_src @ mapper`.
+    from_source: `(L,)`, 1 where target column j takes the source's attention, 0 where it keeps its own (refine).
+    cross_steps: `(L,)` int, target column j is edited in the steps `i < cross_steps[j]` (per-word windows).
+    weights: `(L,)` reweight factor per target column (1 = unchanged), applied inside the window.
+    """
+
+    mapper: torch.Tensor
+    from_source: torch.Tensor
+    cross_steps: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def from_alignment(
+        cls,
+        alignment,
+        config: AttentionControl,
+        num_steps: int,
+        tokenizer=None,
+        target_prompt: str | None = None,
+    ) -> "TokenEdit":
+        """Build from a `prompts.TokenAlignment`; per-word windows and reweighting look words up in `target_prompt`."""
+        mapper = alignment.mapper.float()
+        length = mapper.shape[-1]
+        cross_steps = torch.full((length,), steps_before(config.cross_replace_steps, num_steps), dtype=torch.long)
+        weights = torch.ones(length)
+        if config.cross_replace_words or config.reweight:
+            from ..prompts import reweight_vector, word_token_indices
+
+            if tokenizer is None or target_prompt is None:
+                raise ValueError("cross_replace_words and reweight need the tokenizer and the target prompt")
+            for word, fraction in config.cross_replace_words.items():
+                cross_steps[word_token_indices(tokenizer, target_prompt, word, length)] = steps_before(fraction, num_steps)
+            if config.reweight:
+                weights = reweight_vector(tokenizer, target_prompt, dict(config.reweight), length).float()
+        return cls(mapper, alignment.from_source.float(), cross_steps, weights)
+
+
+class AttentionController:
+    """Attention control for one edit: schedule, recorded cross-attention maps, local blend.
+
+    Arguments that matter:
+        config: what to control and when (`AttentionControl`).
+        layout: the rows of the edit batch (`BatchLayout`).
+        num_steps: denoising steps of the edit; the loop passes `step_index` in `[0, num_steps)` (0 = noisiest).
+        num_blocks: transformer blocks of the model (28 for PixArt-XL-2); layer ranges are checked against it.
+        grid: `(h, w)` token grid of the latent, `(latent_h // patch_size, latent_w // patch_size)`.
+        token_edits: one `TokenEdit` per target (cross-attention control), or empty for no cross-attention edit.
+        words: per branch (0 = source, k = target k), `{word: token indices}` whose cross-attention maps are
+            recorded (the local-blend words, or every word of a prompt for pictures). Nothing else is recorded.
+        user_mask: `(H, W)` latent-resolution editable region (1 = edit); overrides the attention mask.
+
+    Arguments to tinker with:
+        patch_size: the transformer's patch size (latent side = grid side * patch_size).
+        record_layers: `[start, end)` blocks whose maps are recorded; default `config.local_blend_layers` (all).
+        merge_planner: token merging around controlled and uncontrolled self-attention (see `MergePlanner`).
+    """
+
+    def __init__(
+        self,
+        config: AttentionControl,
+        layout: BatchLayout,
+        *,
+        num_steps: int,
+        num_blocks: int,
+        grid: tuple[int, int],
+        token_edits: Sequence[TokenEdit] = (),
+        words: Sequence[Mapping[str, Sequence[int]]] = (),
+        user_mask: torch.Tensor | None = None,
+        patch_size: int = 2,
+        record_layers: tuple[int, int] | None = None,
+        merge_planner: MergePlanner | None = None,
+    ):
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"grid must be (h, w) token counts, got {grid}")
+        if token_edits and len(token_edits) != layout.num_targets:
+            raise ValueError(f"{len(token_edits)} token edits for {layout.num_targets} targets")
+        if len(words) > layout.branches:
+            raise ValueError(f"words for {len(words)} branches, the layout has {layout.branches}")
+        self.config = config
+        self.layout = layout
+        self.num_steps = num_steps
+        self.num_blocks = num_blocks
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.latent_size = (self.grid[0] * patch_size, self.grid[1] * patch_size)
+        self.merge_planner = merge_planner
+        self.self_blocks = config.self_blocks(num_blocks)
+        self.record_blocks = (
+            block_range(record_layers, num_blocks, "record_layers", default="all")
+            if record_layers is not None
+            else config.blend_blocks(num_blocks)
+        )
+        self.self_switch = steps_before(config.self_replace_steps, num_steps)
+        self.blend_start = steps_before(config.local_blend_start, num_steps)
+        if user_mask is not None:
+            user_mask = torch.as_tensor(user_mask).float()
+            if tuple(user_mask.shape) != self.latent_size:
+                raise DiT4EditError(
+                    f"mask is {user_mask.shape[-1]}x{user_mask.shape[0]} (width x height) at latent resolution, "
+                    f"the latent is {self.latent_size[1]}x{self.latent_size[0]}"
+                )
+        self.user_mask = user_mask
+
+        if token_edits:
+            self._mapper = torch.stack([e.mapper.float() for e in token_edits])  # (T, L, L)
+            self._from_source = torch.stack([e.from_source.float() for e in token_edits])  # (T, L)
+            self._cross_steps = torch.stack([e.cross_steps for e in token_edits])  # (T, L)
+            self._weights = torch.stack([e.weights.float() for e in token_edits])  # (T, L)
+        self._has_cross = bool(token_edits)
+        self._cross_cache: dict[tuple[int, torch.device], tuple] = {}
+
+        # Recording: per branch, the union of the recorded words' tokens; maps[branch][step] = [sum (n, N), count].
+        self.words = [dict((w, list(map(int, idx))) for w, idx in branch.items()) for branch in words]
+        self._tokens = [sorted({i for idx in branch.values() for i in idx}) for branch in self.words]
+        self._maps: list[dict[int, list]] = [{} for _ in self.words]
+        cond = layout.split_guidance(torch.arange(layout.rows))[1]  # cond rows: source, targets
+        self._record_branches = [b for b, tokens in enumerate(self._tokens) if tokens]
+        self._record_rows = cond[self._record_branches]
+
+    # ---- construction from prompts -------------------------------------------------------------------------
+    @classmethod
+    def for_edit(
+        cls,
+        config: AttentionControl,
+        tokenizer,
+        source_prompt: str,
+        target_prompts: Sequence[str],
+        *,
+        num_steps: int,
+        num_blocks: int,
+        grid: tuple[int, int],
+        alignments: Sequence | None = None,
+        **kwargs,
+    ) -> "AttentionController":
+        """A controller for editing `source_prompt` into each of `target_prompts` (T5 alignment by `prompts.align`).
+
+        Pass prompts exactly as the text encoder sees them. Local-blend words are looked up in every prompt; a word
+        must occur in at least one of them.
+        """
+        from ..prompts import align, word_token_indices
+
+        layout = BatchLayout(len(target_prompts))
+        if alignments is None:
+            alignments = [align(tokenizer, source_prompt, t, mode=config.edit_mode) for t in target_prompts]
+        edits = [TokenEdit.from_alignment(a, config, num_steps, tokenizer, t) for a, t in zip(alignments, target_prompts)]
+        words = []
+        if config.local_blend_words:
+            prompts = [source_prompt, *target_prompts]
+            for prompt in prompts:
+                branch = {}
+                for word in config.local_blend_words:
+                    try:
+                        branch[word] = word_token_indices(tokenizer, prompt, word)
+                    except DiT4EditError:
+                        continue
+                words.append(branch)
+            missing = [w for w in config.local_blend_words if not any(w in branch for branch in words)]
+            if missing:
+                raise DiT4EditError(f"local-blend word(s) {', '.join(missing)} are in neither the source nor the target prompt")
+        return cls(config, layout, num_steps=num_steps, num_blocks=num_blocks, grid=grid, token_edits=edits, words=words, **kwargs)
+
+    @classmethod
+    def recorder(
+        cls, tokenizer, prompt: str, *, num_steps: int, num_blocks: int, grid: tuple[int, int], **kwargs
+    ) -> "AttentionController":
+        """Records every word of `prompt` during a plain (no-edit) pass on a `BatchLayout(0)` batch
+        `[uncond, cond]`; read the pictures with `word_maps()` afterwards."""
+        from ..prompts import tokenize
+
+        tokens = tokenize(tokenizer, prompt)
+        words = {}
+        for index, word in enumerate(tokens.words):
+            name = word if word not in words else f"{word}#{index}"
+            words[name] = tokens.word_tokens(index)
+        return cls(
+            AttentionControl(enabled=False), BatchLayout(0), num_steps=num_steps, num_blocks=num_blocks,
+            grid=grid, words=[words], **kwargs,
+        )  # fmt: skip
+
+    # ---- what the processors ask -----------------------------------------------------------------------------
+    def self_edit(self, block: int, step_index: int | None) -> str | None:
+        """The self-attention edit at (block, step): None, "source", "p2p", "mutual" or "union"."""
+        if step_index is None or not self.config.enabled or block not in self.self_blocks:
+            return None
+        if step_index < self.self_switch:
+            early = self.config.self_mode_early
+            return None if early == "target" else early
+        return "mutual" if self.config.mutual == "source" else "union"
+
+    def cross_edit(self, step_index: int | None, device) -> tuple | None:
+        """`(mapper (T, L, L), source_coef (T, L), own_coef (T, L) or None)` for the cross-attention edit at this
+        step, or None when no target column is edited (see `edits.cross_attention_edit` for the formula)."""
+        if step_index is None or not self.config.enabled or not self._has_cross:
+            return None
+        key = (step_index, torch.device(device))
+        if key not in self._cross_cache:
+            window = (step_index < self._cross_steps).float()  # (T, L): 1 inside each column's window
+            if not bool(window.any()):
+                self._cross_cache[key] = None
+            else:
+                f, w = self._from_source, self._weights
+                source_coef = window * f * w
+                own_coef = window * (1 - f) * w + (1 - window)
+                own_coef = own_coef.to(device) if bool(own_coef.any()) else None  # None: pure replace
+                self._cross_cache[key] = (self._mapper.to(device), source_coef.to(device), own_coef)
+        return self._cross_cache[key]
+
+    def record_rows(self, block: int, step_index: int | None) -> torch.Tensor | None:
+        """Batch rows whose cross-attention this block records at this step (conditional rows only), or None."""
+        if step_index is None or not self._record_branches or block not in self.record_blocks:
+            return None
+        return self._record_rows
+
+    def record(self, step_index: int, probs: torch.Tensor) -> None:
+        """Accumulate `(R, N, L)` head-averaged probabilities of `record_rows` (only the recorded tokens are kept)."""
+        for branch, row_probs in zip(self._record_branches, probs):
+            kept = row_probs[:, self._tokens[branch]].T.float()  # (n_tokens, N)
+            slot = self._maps[branch].setdefault(step_index, [torch.zeros_like(kept), 0])
+            slot[0] += kept
+            slot[1] += 1
+
+    # ---- maps, masks and blending ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the recorded maps (to reuse the controller for another pass)."""
+        self._maps = [{} for _ in self.words]
+
+    def recorded_steps(self, branch: int = 0) -> list[int]:
+        return sorted(self._maps[branch]) if branch < len(self._maps) else []
+
+    def _token_maps(self, branch: int, steps) -> torch.Tensor | None:
+        """`(n_tokens, N)` mean over the chosen recorded steps and the recorded layers, or None if nothing is there."""
+        recorded = self._maps[branch] if branch < len(self._maps) else {}
+        chosen = [recorded[s] for s in (recorded if steps is None else steps) if s in recorded]
+        if not chosen:
+            return None
+        return sum(s / c for s, c in chosen) / len(chosen)
+
+    def word_maps(self, branch: int = 0, steps: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """`{word: (h, w)}` cross-attention map of each recorded word of a branch (0 = source, k = target k): the
+        probability mass on the word's pieces, averaged over heads, recorded layers and `steps` (default: all)."""
+        maps = self._token_maps(branch, steps)
+        if maps is None:
+            return {}
+        column = {token: i for i, token in enumerate(self._tokens[branch])}
+        return {
+            word: maps[[column[t] for t in tokens]].sum(0).reshape(self.grid)  # (N,) -> (h, w)
+            for word, tokens in self.words[branch].items()
+        }
+
+    def blend_mask(self, step_index: int, target: int = 0) -> torch.Tensor | None:
+        """`(H, W)` latent-resolution editable region (1 = edit) for target `target` after step `step_index`, or
+        None when no blending applies (before `local_blend_start`, or no blend words and no user mask).
+
+        A user mask wins. Otherwise Prompt-to-Prompt's local blend: the maps of the blend words, averaged over the
+        recorded steps up to `step_index` and the blend layers, in the source (source map) and in the target (the
+        target's own map), each max-normalised and thresholded; the mask is their union.
+        """
+        if step_index < self.blend_start:
+            return None
+        if self.user_mask is not None:
+            return self.user_mask
+        if not self.config.enabled or not self.config.local_blend_words:
+            return None
+        steps = range(step_index + 1)
+        maps = []
+        for branch in (0, 1 + target):
+            words = self.word_maps(branch, steps) if branch < len(self.words) else {}
+            chosen = [words[w] for w in self.config.local_blend_words if w in words]
+            if chosen:
+                maps.append(torch.stack(chosen).sum(0))
+        if not maps:
+            return None
+        return attention_blend_mask(
+            torch.stack(maps), self.latent_size, self.config.local_blend_threshold, self.config.local_blend_dilate
+        )
+
+    def local_blend(self, latents: torch.Tensor, step_index: int) -> torch.Tensor:
+        """Blend each target's latent with the source latent after denoising step `step_index`.
+
+        latents: `(branches, C, H, W)` in branch order (source, targets), e.g. after guidance is combined.
+        Returns the same tensor when no blending applies at this step.
+        """
+        if latents.shape[0] != self.layout.branches:
+            raise ValueError(f"local_blend takes one latent per branch ({self.layout.branches}), got {latents.shape[0]}")
+        out = latents
+        for target in range(self.layout.num_targets):
+            mask = self.blend_mask(step_index, target)
+            if mask is None:
+                continue
+            if out is latents:
+                out = latents.clone()
+            # Branch order (BatchLayout.split_guidance): 0 = source, 1 + k = target k.
+            out[1 + target] = apply_local_blend(latents[1 + target], latents[0], mask)
+        return out

@@ -1,0 +1,89 @@
+"""Shared helpers for the training scripts: device choice, seeding, scene batches, checkpoints, loss logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dit4edit.synthetic import CANVAS_SIZES, generate_scene
+
+log = logging.getLogger("dit4edit.training")
+
+#: Training scenes use seeds below this; held-out evaluation uses seeds from HELD_OUT_SEED on.
+TRAIN_SEED_LIMIT = 10**6
+HELD_OUT_SEED = 10**9
+
+
+def setup(threads: int | None = 2) -> torch.device:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def scene_pool(start: int, count: int, sizes=CANVAS_SIZES, square_share: float = 0.7):
+    """Scenes with seeds start.. : `square_share` of them 128x128, the rest split over the other buckets."""
+    scenes = []
+    for k in range(count):
+        seed = start + k
+        bucket = 0 if (k % 10) < round(10 * square_share) else 1 + (k % 2)
+        width, height = sizes[bucket]
+        scenes.append(generate_scene(seed, width, height))
+    return scenes
+
+
+class LossLog:
+    """Append-only JSONL loss log."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **row) -> None:
+        row["time"] = time.time()
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path):
+    path = Path(path)
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    """Linear warmup then cosine decay to `floor * peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
