@@ -22,6 +22,15 @@ from .solvers import INVERSIONS, Schedule, sampler_for
 from .tokenizer import MAX_TOKENS
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+#: The embedded default model (a small PixArt-architecture pipeline trained on the synthetic world).
+EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
+
+
+def default_model() -> str:
+    """The folder of the embedded model; a `DiT4EditError` when this install has none."""
+    if (EMBEDDED_MODEL / "model_index.json").is_file():
+        return str(EMBEDDED_MODEL)
+    raise DiT4EditError("no --model given and this install has no embedded model; pass a PixArt-alpha folder or hub id")
 INVERSION_METHODS = tuple(INVERSIONS)
 
 
@@ -122,6 +131,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         """`DiffusionPipeline.from_pretrained` with a one-line `DiT4EditError` for anything that is not a
         PixArt-style pipeline (missing folder, no model_index.json, missing components, unreadable weights)."""
         name = str(pretrained_model_name_or_path)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        if dtype is not None:
+            kwargs[_dtype_kwarg()] = dtype
         folder = Path(name).expanduser()
         if folder.exists():
             _check_model_folder(folder)
@@ -233,6 +245,14 @@ class DiT4EditPipeline(DiffusionPipeline):
         aspect = torch.tensor([[height / width]], device=device, dtype=dtype).expand(rows, -1)
         return {"resolution": resolution, "aspect_ratio": aspect}
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def default_size(self) -> int:
+        """The side in pixels the transformer was built for (512 or 1024 for PixArt-alpha)."""
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
     def _schedule(self, num_inference_steps: int) -> Schedule:
         if not 1 <= num_inference_steps <= 1000:
             raise DiT4EditError(f"steps must be between 1 and 1000, got {num_inference_steps}")
@@ -298,7 +318,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         size = imgs.work_size((width, height))
         imgs.check_size(size)
         schedule = self._schedule(num_inference_steps)
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         shape = (1, self.transformer.config.in_channels, size[1] // factor, size[0] // factor)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         x = noise.to(self._execution_device, self._solver_dtype())
@@ -336,8 +356,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         layout = BatchLayout(num_targets=len(targets))
         schedule = self._schedule(inversion.num_inference_steps)
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = (trajectory.shape[-1] * factor, trajectory.shape[-2] * factor)
+        size = (trajectory.shape[-1] * self.vae_scale_factor, trajectory.shape[-2] * self.vae_scale_factor)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], guidance, schedule, size,
                                      step_kwargs=controller is not None)
         x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
@@ -390,6 +409,14 @@ class DiT4EditPipeline(DiffusionPipeline):
         inversion = self.invert(image, source_prompt, num_inference_steps, guidance_scale, inversion_method,
                                 max_pixels=max_pixels, disable_progress=disable_progress)
         return self.edit(inversion, target_prompt, guidance_scale, pin_source, controller, disable_progress)
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); use the one this install prefers."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
 
 
 def _check_model_folder(folder: Path) -> None:

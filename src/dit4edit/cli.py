@@ -1,0 +1,239 @@
+"""The `dit4edit` command line: argparse -> pipeline; `main(argv)` returns the exit code.
+
+Every problem with the user's input is one line on stderr and exit code 2; nothing is written on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import DiT4EditError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: keep them one line too
+        self.exit(EXIT_USAGE, f"dit4edit: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dit4edit", description="Training-free text-guided image editing with PixArt-alpha.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sub: argparse.ArgumentParser, *, image: bool = True):
+        sub.add_argument("--model", default=None, help="PixArt-alpha hub id or local folder in diffusers layout")
+        sub.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+        sub.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+        sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        if image:
+            sub.add_argument("--inversion", default="dpm-exact", choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
+                             help="inversion method (default dpm-exact)")
+            sub.add_argument("--tol", type=float, default=1e-5, help="exact inversion tolerance (default 1e-5)")
+            sub.add_argument("--max-pixels", type=int, default=None, help="largest input accepted (default 2048x2048)")
+
+    edit = commands.add_parser("edit", help="edit an image: invert with the source prompt, denoise with the target")
+    edit.add_argument("input", help="input image, or an inversion saved with --save-inversion")
+    edit.add_argument("-s", "--source", required=False, help="prompt describing the input image")
+    edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
+    edit.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp)")
+    edit.add_argument("--save-inversion", default=None, help="also save the inversion (.safetensors) for reuse")
+    edit.add_argument("--free-source", action="store_true",
+                      help="let the source branch run free instead of pinning it to the inversion trajectory")
+    common(edit)
+
+    rec = commands.add_parser("reconstruct", help="invert and regenerate; print how close it came (JSON)")
+    rec.add_argument("input")
+    rec.add_argument("-s", "--source", required=True)
+    rec.add_argument("-o", "--output", required=True)
+    common(rec)
+
+    gen = commands.add_parser("generate", help="generate an image from a prompt")
+    gen.add_argument("-p", "--prompt", required=True)
+    gen.add_argument("-o", "--output", required=True)
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--save-inversion", default=None, help="save the trajectory (.safetensors) to edit it later")
+    common(gen, image=False)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
+    tiny.add_argument("output", help="folder to create")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="dit4edit: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except DiT4EditError as error:
+        print(f"dit4edit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dit4edit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"dit4edit: internal error: {type(error).__name__}: {error} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+def _edit(args) -> int:
+    from . import images as imgs
+    from .pipeline import Inversion
+
+    output = imgs.check_output_path(args.output, args.input)
+    _check_inversion_path(args.save_inversion, args.input, args.output)
+    is_inversion = str(args.input).endswith(".safetensors")
+    if not is_inversion and not args.source:
+        raise DiT4EditError("a source prompt is needed (-s/--source) to invert an image")
+    pipe = _load(args)
+    max_pixels = args.max_pixels or imgs.MAX_PIXELS
+    if is_inversion:
+        inversion = Inversion.load(args.input)
+        if args.source and args.source != inversion.source_prompt:
+            raise DiT4EditError(f"the inversion was made with the source prompt {inversion.source_prompt!r}")
+    else:
+        pipe.check_prompt(args.source, "source prompt")
+        pipe.check_prompt(args.target, "target prompt")
+        inversion = pipe.invert(args.input, args.source, args.steps, args.guidance, args.inversion, args.tol,
+                                max_pixels)
+    if args.save_inversion:
+        inversion.save(args.save_inversion)
+    result = pipe.edit(inversion, args.target, guidance_scale=args.guidance, pin_source=not args.free_source)
+    imgs.save_image(result.images[0], output)
+    _say(args, f"wrote {output}")
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from . import images as imgs
+
+    output = imgs.check_output_path(args.output, args.input)
+    pipe = _load(args)
+    image, stats = pipe.reconstruct(args.input, args.source, args.steps, args.guidance, args.inversion, args.tol,
+                                    args.max_pixels or imgs.MAX_PIXELS)
+    imgs.save_image(image, output)
+    print(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in stats.items()}))
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from . import images as imgs
+
+    output = imgs.check_output_path(args.output)
+    _check_inversion_path(args.save_inversion, None, args.output)
+    pipe = _load(args)
+    native = pipe.default_size()
+    width, height = args.width or native, args.height or native
+    imgs.check_size((width, height))
+    generator = torch.Generator().manual_seed(args.seed)
+    image, inversion = pipe.generate(args.prompt, height, width, args.steps, args.guidance, generator)
+    if args.save_inversion:
+        inversion.save(args.save_inversion)
+    imgs.save_image(image, output)
+    _say(args, f"wrote {output}")
+    return 0
+
+
+def _make_tiny_model(args) -> int:
+    from .pipeline import DiT4EditPipeline
+    from .tiny import tiny_components
+
+    folder = Path(args.output)
+    if folder.exists() and any(folder.iterdir()):
+        raise DiT4EditError(f"{folder} exists and is not empty")
+    DiT4EditPipeline(**tiny_components(args.seed)).save_pretrained(folder)
+    print(f"wrote a tiny random-weight PixArt pipeline to {folder} (random weights: its images are noise)")
+    return 0
+
+
+COMMANDS = {"edit": _edit, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _check_inversion_path(path, *others) -> None:
+    if path is None:
+        return
+    if not str(path).endswith(".safetensors"):
+        raise DiT4EditError(f"inversion files end in .safetensors: {path}")
+    if Path(path).is_dir():
+        raise DiT4EditError(f"inversion path is a directory: {path}")
+    if any(other is not None and Path(path).resolve() == Path(other).resolve() for other in others):
+        raise DiT4EditError(f"inversion path {path} would overwrite another file of this command")
+
+
+def _load(args):
+    import torch
+
+    from .pipeline import DiT4EditPipeline, default_model
+
+    model = args.model or default_model()
+    if args.quiet:
+        _silence_loading_bars()
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    pipe = DiT4EditPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    torch.manual_seed(args.seed)
+    return pipe
+
+
+def _silence_loading_bars() -> None:
+    """--quiet: the loaders' own progress bars too (the process is ours; the CLI may set library-wide options)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DiT4EditError("--device cuda asked for, but no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DiT4EditError("--device mps asked for, but MPS is not available")
+    return name
+
+
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device == "mps" else torch.float32
+    return getattr(torch, name)
+
+
+def _say(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-weight PixArt pipelines built from configs (no hub, CPU, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SOURCE = "a red circle on a white background"
+TARGET = "a blue circle on a white background"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from dit4edit.pipeline import DiT4EditPipeline
+    from dit4edit.tiny import tiny_components
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    pipe = DiT4EditPipeline(**tiny_components(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_pipe, tmp_path_factory):
+    """The tiny pipeline saved in diffusers layout, as a user's model folder would be."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_pipe.save_pretrained(folder)
+    return folder
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth random colours (a random VAE keeps low frequencies best)."""
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, size=(max(1, height // 16), max(1, width // 16), 3)).astype(np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "input.png"
+    random_image(64, 64).save(path)
+    return path
