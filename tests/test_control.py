@@ -429,3 +429,57 @@ def test_wrong_batch_is_reported(transformer):
     with install(transformer, controller(AttentionControl())):
         with pytest.raises(ValueError, match="expects the 4-row batch"):
             forward(transformer, inputs, 0)
+
+
+# ---- construction from prompts (T5 alignment from dit4edit.prompts) -----------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from dit4edit.tiny import TINY_CAPTIONS
+    from dit4edit.tokenizer import train_t5_tokenizer
+
+    return train_t5_tokenizer(TINY_CAPTIONS, vocab_size=96)
+
+
+def test_for_edit_resolves_words_to_tokens(tokenizer):
+    from dit4edit.prompts import word_token_indices
+
+    source, target = "a small red cat on a white background", "a small red elephant on a white background"
+    config = AttentionControl(
+        reweight={"elephant": 2.0}, cross_replace_words={"elephant": 0.3}, local_blend_words=("cat", "elephant")
+    )
+    ctrl = AttentionController.for_edit(config, tokenizer, source, [target], num_steps=NUM_STEPS, num_blocks=4, grid=GRID)
+    elephant = word_token_indices(tokenizer, target, "elephant")
+    assert len(elephant) > 1  # a multi-piece word
+    assert ctrl.words == [{"cat": word_token_indices(tokenizer, source, "cat")}, {"elephant": elephant}]
+    assert ctrl._weights[0, elephant].eq(2).all() and ctrl._weights[0].sum() == L + len(elephant)
+    assert ctrl._cross_steps[0, elephant].eq(3).all() and (ctrl._cross_steps[0] == 8).sum() == L - len(elephant)
+    with pytest.raises(DiT4EditError, match="horse are in neither"):
+        AttentionController.for_edit(
+            AttentionControl(local_blend_words=("horse",)), tokenizer, source, [target],
+            num_steps=NUM_STEPS, num_blocks=4, grid=GRID,
+        )  # fmt: skip
+
+
+def test_for_edit_identical_prompts_and_recorder(transformer, tokenizer):
+    prompt = "a photo of a cat sitting on a wooden table"
+    ctrl = AttentionController.for_edit(
+        AttentionControl(local_blend_words=("cat",), self_layers=(0, 4)), tokenizer, prompt, [prompt],
+        num_steps=NUM_STEPS, num_blocks=4, grid=GRID, record_words=True,
+    )  # fmt: skip
+    inputs = batch(ctrl.layout, same=True, seed=7)
+    with install(transformer, ctrl):
+        for step in (0, 6):
+            out = forward(transformer, inputs, step)
+            torch.testing.assert_close(out, out[ctrl.layout.source_of()], atol=1e-6, rtol=0)
+    assert ctrl.blend_mask(6).shape == (8, 8)
+    source_maps, target_maps = ctrl.word_maps(0), ctrl.word_maps(1)
+    assert "wooden" in source_maps and list(source_maps) == list(target_maps)
+    torch.testing.assert_close(source_maps["cat"], target_maps["cat"], atol=1e-6, rtol=0)
+
+    recorder = AttentionController.recorder(tokenizer, prompt, num_steps=NUM_STEPS, num_blocks=4, grid=GRID)
+    plain = batch(recorder.layout, seed=8)
+    with install(transformer, recorder):
+        forward(transformer, plain, 0)
+    maps = recorder.word_maps()
+    assert list(maps) == ["a", "photo", "of", "a#3", "cat", "sitting", "on", "a#7", "wooden", "table"]
+    assert all(m.shape == GRID for m in maps.values())

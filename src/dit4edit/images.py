@@ -77,8 +77,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def work_size(size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) rounded to the nearest multiple of 16 px, at least 16."""
-    return tuple(max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in size)
+    """(width, height) rounded to the nearest multiple of 16 px (halves up), at least 16."""
+    return tuple(max(SIZE_MULTIPLE, int(side / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE) for side in size)  # ties up
 
 
 def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
