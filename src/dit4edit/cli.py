@@ -100,19 +100,20 @@ def _edit(args) -> int:
     output = imgs.check_output_path(args.output, args.input)
     _check_inversion_path(args.save_inversion, args.input, args.output)
     is_inversion = str(args.input).endswith(".safetensors")
-    if not is_inversion and not args.source:
-        raise DiT4EditError("a source prompt is needed (-s/--source) to invert an image")
-    pipe = _load(args)
-    max_pixels = args.max_pixels or imgs.MAX_PIXELS
+    _check_nonempty(args.target, "target prompt")
+    # Everything that can be checked without the model is checked before loading it.
     if is_inversion:
         inversion = Inversion.load(args.input)
         if args.source and args.source != inversion.source_prompt:
             raise DiT4EditError(f"the inversion was made with the source prompt {inversion.source_prompt!r}")
     else:
-        pipe.check_prompt(args.source, "source prompt")
-        pipe.check_prompt(args.target, "target prompt")
-        inversion = pipe.invert(args.input, args.source, args.steps, args.guidance, args.inversion, args.tol,
-                                max_pixels)
+        _check_nonempty(args.source, "source prompt")
+        image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
+    pipe = _load(args)
+    pipe.check_prompt(args.target, "target prompt")
+    if not is_inversion:
+        inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol,
+                                args.max_pixels or imgs.MAX_PIXELS)
     if args.save_inversion:
         inversion.save(args.save_inversion)
     result = pipe.edit(inversion, args.target, guidance_scale=args.guidance, pin_source=not args.free_source)
@@ -125,8 +126,10 @@ def _reconstruct(args) -> int:
     from . import images as imgs
 
     output = imgs.check_output_path(args.output, args.input)
+    _check_nonempty(args.source, "source prompt")
+    image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
     pipe = _load(args)
-    image, stats = pipe.reconstruct(args.input, args.source, args.steps, args.guidance, args.inversion, args.tol,
+    image, stats = pipe.reconstruct(image, args.source, args.steps, args.guidance, args.inversion, args.tol,
                                     args.max_pixels or imgs.MAX_PIXELS)
     imgs.save_image(image, output)
     print(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in stats.items()}))
@@ -140,6 +143,7 @@ def _generate(args) -> int:
 
     output = imgs.check_output_path(args.output)
     _check_inversion_path(args.save_inversion, None, args.output)
+    _check_nonempty(args.prompt, "prompt")
     pipe = _load(args)
     native = pipe.default_size()
     width, height = args.width or native, args.height or native
@@ -169,6 +173,11 @@ COMMANDS = {"edit": _edit, "reconstruct": _reconstruct, "generate": _generate, "
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _check_nonempty(prompt: str | None, what: str) -> None:
+    if prompt is None or not prompt.strip():
+        raise DiT4EditError(f"the {what} is empty" if prompt is not None else f"a {what} is needed")
 
 
 def _check_inversion_path(path, *others) -> None:
