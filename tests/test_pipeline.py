@@ -179,3 +179,17 @@ def test_reconstruct_reports_metrics(tiny_pipe):
     assert set(stats) >= {"latent_nmse", "nfe", "psnr", "vae_psnr"}
     assert stats["latent_nmse"] < 1e-5 and stats["nfe"] > STEPS
     assert abs(stats["psnr"] - stats["vae_psnr"]) < 0.5  # exact inversion loses almost nothing beyond the VAE
+
+
+def test_sdedit_keeps_size_and_depends_on_strength(tiny_pipe):
+    image = random_image(64, 48)
+    weak = tiny_pipe.sdedit(image, TARGET, strength=0.1, num_inference_steps=10,
+                            generator=torch.Generator().manual_seed(0))
+    strong = tiny_pipe.sdedit(image, TARGET, strength=1.0, num_inference_steps=10,
+                              generator=torch.Generator().manual_seed(0))
+    from dit4edit.images import psnr
+
+    assert weak.size == strong.size == (64, 48)
+    assert psnr(weak, image) > psnr(strong, image)
+    with pytest.raises(DiT4EditError, match="strength"):
+        tiny_pipe.sdedit(image, TARGET, strength=0)

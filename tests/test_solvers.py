@@ -130,3 +130,12 @@ def test_bad_solver_arguments():
         solvers.invert_ddim_exact(lambda x, i: x, torch.zeros(1, 4, 2, 2), schedule, tol=0)
     with pytest.raises(ValueError, match="num_steps"):
         Schedule.from_scheduler(pixart_scheduler(), 0)
+
+
+def test_schedule_tail_starts_mid_schedule_first_order():
+    schedule = Schedule.from_scheduler(pixart_scheduler(), 10)
+    tail = schedule.tail(4)
+    assert tail.num_steps == 6 and tail.orders[0] == 1 and tail.orders[1:] == schedule.orders[5:]
+    assert torch.equal(tail.sigmas, schedule.sigmas[4:]) and torch.equal(tail.timesteps, schedule.timesteps[4:])
+    with pytest.raises(ValueError):
+        schedule.tail(10)

@@ -376,6 +376,26 @@ class DiT4EditPipeline(DiffusionPipeline):
         return EditResult(images=decoded[1:], reconstruction=decoded[0], latents=final.cpu())
 
     @torch.no_grad()
+    def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int = 30,
+               guidance_scale: float = 4.5, generator: torch.Generator | None = None,
+               max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> Image.Image:
+        """SDEdit (Meng et al. 2022), the baseline: noise the input latent to `strength` of the schedule and
+        denoise it with the target prompt (2M). No inversion, no attention control."""
+        if not 0.0 < strength <= 1.0:
+            raise DiT4EditError(f"strength must be in (0, 1], got {strength}")
+        self.check_prompt(target_prompt, "target prompt")
+        work, original_size = self.prepare_image(image, max_pixels)
+        schedule = self._schedule(num_inference_steps)
+        start = min(num_inference_steps - 1, round(num_inference_steps * (1.0 - strength)))
+        tail = schedule.tail(start)
+        latent = self.encode_image(work).to(self._solver_dtype())
+        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent)
+        x = tail.alphas[0].item() * latent + tail.sigmas[0].item() * noise
+        denoise = self.make_denoiser([target_prompt], guidance_scale, tail, work.size)
+        final = sampler_for("dpm")(denoise, x, tail, disable=self._progress(disable_progress))[-1]
+        return self.decode_latents(final, original_size)[0]
+
+    @torch.no_grad()
     def reconstruct(self, image, source_prompt: str, num_inference_steps: int = 30, guidance_scale: float = 4.5,
                     method: str = "dpm-exact", tol: float = 1e-5, max_pixels: int = imgs.MAX_PIXELS,
                     disable_progress: bool | None = None) -> tuple[Image.Image, dict]:

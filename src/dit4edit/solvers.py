@@ -43,6 +43,13 @@ class Schedule:
     def lambdas(self) -> torch.Tensor:
         return self.alphas.log() - self.sigmas.log()  # +inf at a clean end
 
+    def tail(self, start: int) -> Schedule:
+        """The steps from point `start` on (SDEdit starts mid-schedule); its first step is first order."""
+        if not 0 <= start < self.num_steps:
+            raise ValueError(f"start must be in [0, {self.num_steps}), got {start}")
+        orders = (1,) + self.orders[start + 1 :]
+        return Schedule(self.timesteps[start:], self.alphas[start:], self.sigmas[start:], orders)
+
     def first_order(self) -> Schedule:
         """The same points with every step first order: DPM-Solver++(1), which is DDIM."""
         return replace(self, orders=(1,) * self.num_steps)
