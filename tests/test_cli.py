@@ -109,3 +109,47 @@ def test_usage_errors_are_one_line(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("dit4edit: error:") and err.count("\n") == 1
+
+
+def test_attention_command_writes_word_maps_and_mask(tiny_model_dir, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    random_image(64, 32).save(source)
+    out = tmp_path / "maps"
+    code = main(["attention", str(source), "-s", SOURCE, "-t", TARGET, "-o", str(out), "--model",
+                 str(tiny_model_dir), "--steps", "3", "--inversion", "ddim", "--local-blend", "blue", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert {"source-01-red.png", "target-01-blue.png", "mask.png", "edited.png", "overview.png"} <= names
+    assert Image.open(out / "source-01-red.png").size == (64, 32)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--self-layers", "0:99"], "outside the model, which has 2 transformer blocks"),
+    (["--self-layers", "a:b"], "START:END"),
+    (["--reweight", "blue"], "WORD=VALUE"),
+    (["--cross-replace-steps", "1.5"], "cross_replace_steps"),
+    (["--local-blend", "zebra"], "zebra"),
+    (["--mask", "{dir}/missing.png"], "not found"),
+    (["--mask", "{corrupt}"], "not an image or corrupt"),
+])
+def test_control_flag_errors(flags, message, files, tiny_model_dir, capsys):
+    output = files["dir"] / "out.png"
+    flags = [f.format(**files) for f in flags]
+    code = main(["edit", str(files["good"]), "-s", SOURCE, "-t", TARGET, "-o", str(output), "--model",
+                 str(tiny_model_dir), "--steps", "2", "--inversion", "ddim", "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not output.exists()
+
+
+def test_mask_of_wrong_size_and_control_flags_end_to_end(files, tiny_model_dir, capsys):
+    mask = files["dir"] / "mask.png"
+    Image.new("L", (16, 16), 255).save(mask)
+    output = files["dir"] / "out.png"
+    base = ["edit", str(files["good"]), "-s", SOURCE, "-t", TARGET, "-o", str(output), "--model",
+            str(tiny_model_dir), "--steps", "2", "--inversion", "ddim", "--quiet"]
+    assert main([*base, "--mask", str(mask)]) == 2
+    assert "mask is 16x16, the image is 32x32" in capsys.readouterr().err and not output.exists()
+    ok = main([*base, "--self-replace-steps", "0.5", "--self-layers", "1:2", "--cross-replace-steps", "0.5",
+               "--edit-mode", "replace", "--reweight", "blue=2", "--local-blend", "blue"])
+    assert ok == 0 and Image.open(output).size == (32, 32)

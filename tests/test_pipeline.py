@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
 import torch
 from conftest import SOURCE, TARGET, random_image
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dit4edit.errors import DiT4EditError
 from dit4edit.pipeline import DiT4EditPipeline, Inversion
@@ -108,40 +106,35 @@ def test_generate_then_edit_without_inversion(tiny_pipe):
     assert difference.max() <= 1  # decoded in a batch of two instead of one
 
 
-class RecordingController:
-    """A minimal controller: installs processors that record the step index the loop passes."""
+def test_edit_installs_control_per_step_and_restores(tiny_pipe):
+    from dit4edit.control import AttentionControl
 
-    def __init__(self):
-        self.seen = []
-
-    @contextlib.contextmanager
-    def install(self, transformer):
-        saved = dict(transformer.attn_processors)
-        seen = self.seen
-
-        class Recorder(AttnProcessor2_0):
-            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                         step_index=None):
-                seen.append(step_index)
-                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-        transformer.set_attn_processor({name: Recorder() for name in saved})
-        try:
-            yield self
-        finally:
-            transformer.set_attn_processor(dict(saved))
-
-
-def test_edit_passes_the_step_index_to_processors_and_restores(tiny_pipe):
     inversion = tiny_pipe.invert(random_image(64, 64), SOURCE, STEPS, method="ddim")
-    before = {k: type(v) for k, v in tiny_pipe.transformer.attn_processors.items()}
-    controller = RecordingController()
-    with_hook = tiny_pipe.edit(inversion, TARGET, controller=controller)
-    layers = len(before)
-    assert controller.seen == [i for i in range(STEPS) for _ in range(layers)]
-    assert {k: type(v) for k, v in tiny_pipe.transformer.attn_processors.items()} == before
-    plain = tiny_pipe.edit(inversion, TARGET)
-    assert torch.allclose(with_hook.latents, plain.latents, atol=1e-6)
+    before = dict(tiny_pipe.transformer.attn_processors)
+    idle = tiny_pipe.edit(inversion, TARGET, control=AttentionControl(enabled=False), record_words=True)
+    assert idle.controller.recorded_steps() == list(range(STEPS))  # the loop passed every step index
+    assert set(idle.controller.word_maps(0)) >= {"red", "circle"} and set(idle.controller.word_maps(1)) >= {"blue"}
+    assert dict(tiny_pipe.transformer.attn_processors) == before
+    plain = tiny_pipe.edit(inversion, TARGET, control=None)
+    assert plain.controller is None
+    assert torch.allclose(idle.latents, plain.latents, atol=1e-5)
+    controlled = tiny_pipe.edit(inversion, TARGET)  # the default: DiT4Edit's attention control
+    assert not torch.allclose(controlled.latents[1], plain.latents[1], atol=1e-3)
+    assert torch.equal(controlled.latents[0], plain.latents[0])  # the pinned source branch is untouched
+
+
+def test_user_mask_keeps_the_source_outside(tiny_pipe):
+    from PIL import Image
+
+    inversion = tiny_pipe.invert(random_image(64, 64), SOURCE, STEPS, method="ddim")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # left half editable
+    result = tiny_pipe.edit(inversion, TARGET, mask=mask)
+    source, target = result.latents[0], result.latents[1]  # (C, 8, 8)
+    assert torch.equal(target[:, :, 4:], source[:, :, 4:])
+    assert not torch.allclose(target[:, :, :4], source[:, :, :4], atol=1e-3)
+    with pytest.raises(DiT4EditError, match="mask is 32x32, the image is 64x64"):
+        tiny_pipe.edit(inversion, TARGET, mask=Image.new("L", (32, 32), 255))
 
 
 def test_micro_conditions_model_runs_non_square():

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-inversion", default=None, help="also save the inversion (.safetensors) for reuse")
     edit.add_argument("--free-source", action="store_true",
                       help="let the source branch run free instead of pinning it to the inversion trajectory")
+    control_options(edit)
     common(edit)
 
     rec = commands.add_parser("reconstruct", help="invert and regenerate; print how close it came (JSON)")
@@ -65,10 +66,80 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-inversion", default=None, help="save the trajectory (.safetensors) to edit it later")
     common(gen, image=False)
 
+    att = commands.add_parser("attention", help="draw each word's cross-attention over the image, and the blend mask")
+    att.add_argument("input", help="input image, or a saved inversion")
+    att.add_argument("-s", "--source", required=False, help="prompt describing the input image")
+    att.add_argument("-t", "--target", default=None, help="target prompt (optional): its words are drawn too")
+    att.add_argument("-o", "--output", required=True, help="folder for the PNG heat maps")
+    att.add_argument("--steps-window", default=None, metavar="START:END",
+                     help="average the maps over these denoising steps (default: all)")
+    control_options(att)
+    common(att)
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
     tiny.add_argument("output", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def control_options(sub: argparse.ArgumentParser) -> None:
+    """Flags that map onto `AttentionControl` fields (defaults documented there)."""
+    group = sub.add_argument_group("attention control (DiT4Edit)")
+    group.add_argument("--no-attention-control", action="store_true", help="plain inversion, then denoising")
+    group.add_argument("--self-replace-steps", type=float, default=None, metavar="S",
+                       help="fraction of steps where the edit takes the source's self-attention; mutual after")
+    group.add_argument("--self-layers", default=None, metavar="START:END", help="blocks with self-attention control")
+    group.add_argument("--cross-replace-steps", type=float, default=None, metavar="F",
+                       help="fraction of steps with Prompt-to-Prompt cross-attention control")
+    group.add_argument("--edit-mode", default=None, choices=["auto", "replace", "refine"])
+    group.add_argument("--reweight", action="append", default=[], metavar="WORD=VALUE",
+                       help="scale a target word's cross-attention (repeatable)")
+    group.add_argument("--local-blend", default=None, metavar="WORDS",
+                       help="edit only where these words attend (comma- or space-separated)")
+    group.add_argument("--mask", default=None, help="mask image, white = editable (overrides --local-blend)")
+
+
+def control_from_args(args):
+    """An `AttentionControl` from the CLI flags, or None for --no-attention-control."""
+    from .control import AttentionControl
+
+    if args.no_attention_control:
+        return None
+    fields = {}
+    if args.self_replace_steps is not None:
+        fields["self_replace_steps"] = args.self_replace_steps
+    if args.self_layers is not None:
+        fields["self_layers"] = _range(args.self_layers, "--self-layers")
+    if args.cross_replace_steps is not None:
+        fields["cross_replace_steps"] = args.cross_replace_steps
+    if args.edit_mode is not None:
+        fields["edit_mode"] = args.edit_mode
+    if args.reweight:
+        fields["reweight"] = dict(_word_value(item) for item in args.reweight)
+    if args.local_blend:
+        fields["local_blend_words"] = tuple(args.local_blend.replace(",", " ").split())
+    try:
+        return AttentionControl(**fields)
+    except (TypeError, ValueError) as error:
+        raise DiT4EditError(str(error)) from None
+
+
+def _range(text: str, flag: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise DiT4EditError(f"{flag} takes START:END (two integers), got {text!r}") from None
+    return start, end
+
+
+def _word_value(item: str) -> tuple[str, float]:
+    word, sep, value = item.partition("=")
+    try:
+        if not sep or not word.strip():
+            raise ValueError
+        return word.strip(), float(value)
+    except ValueError:
+        raise DiT4EditError(f"--reweight takes WORD=VALUE, got {item!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +172,9 @@ def _edit(args) -> int:
     _check_inversion_path(args.save_inversion, args.input, args.output)
     is_inversion = str(args.input).endswith(".safetensors")
     _check_nonempty(args.target, "target prompt")
+    control = control_from_args(args)
+    if args.mask is not None:
+        imgs.load_image(args.mask)  # readable before any work
     # Everything that can be checked without the model is checked before loading it.
     if is_inversion:
         inversion = Inversion.load(args.input)
@@ -116,7 +190,8 @@ def _edit(args) -> int:
                                 args.max_pixels or imgs.MAX_PIXELS)
     if args.save_inversion:
         inversion.save(args.save_inversion)
-    result = pipe.edit(inversion, args.target, guidance_scale=args.guidance, pin_source=not args.free_source)
+    result = pipe.edit(inversion, args.target, guidance_scale=args.guidance, pin_source=not args.free_source,
+                       control=control, mask=args.mask)
     imgs.save_image(result.images[0], output)
     _say(args, f"wrote {output}")
     return 0
@@ -169,7 +244,57 @@ def _make_tiny_model(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": _edit, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+def _attention(args) -> int:
+    from . import images as imgs
+    from . import pictures
+    from .pipeline import Inversion
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise DiT4EditError(f"output must be a folder: {out} is a file")
+    is_inversion = str(args.input).endswith(".safetensors")
+    window = _range(args.steps_window, "--steps-window") if args.steps_window else None
+    control = control_from_args(args)
+    if is_inversion:
+        inversion = Inversion.load(args.input)
+        image = None
+    else:
+        _check_nonempty(args.source, "source prompt")
+        image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
+    pipe = _load(args)
+    if not is_inversion:
+        inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol)
+    target = args.target or inversion.source_prompt
+    result = pipe.edit(inversion, target, guidance_scale=args.guidance, control=control, mask=args.mask,
+                       record_words=True)
+    controller = result.controller
+    steps = range(*window) if window else None
+    if steps is not None and not (0 <= steps.start < steps.stop <= inversion.num_inference_steps):
+        raise DiT4EditError(f"--steps-window {args.steps_window} is outside 0:{inversion.num_inference_steps}")
+    base = image or result.reconstruction
+    out.mkdir(parents=True, exist_ok=True)
+    tiles, written = [], []
+    branches = [("source", 0)] + ([("target", 1)] if args.target else [])
+    for name, branch in branches:
+        picture_base = base if branch == 0 else result.images[0]
+        for k, (word, attention) in enumerate(controller.word_maps(branch, steps).items()):
+            picture = pictures.heatmap(attention, picture_base)
+            written.append(imgs.save_image(picture, out / f"{name}-{k:02d}-{pictures.slug(word)}.png"))
+            tiles.append((f"{name[0]}:{word}", picture))
+    mask = controller.blend_mask(inversion.num_inference_steps - 1)
+    if mask is not None:
+        picture = pictures.mask_picture(mask, base)
+        written.append(imgs.save_image(picture, out / "mask.png"))
+        tiles.append(("mask", picture))
+    if args.target:
+        written.append(imgs.save_image(result.images[0], out / "edited.png"))
+        tiles.append(("edited", result.images[0]))
+    written.append(imgs.save_image(pictures.grid([("input", base), *tiles]), out / "overview.png"))
+    _say(args, f"wrote {len(written)} pictures to {out} (overview.png shows them all)")
+    return 0
+
+
+COMMANDS = {"edit": _edit, "attention": _attention, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
 from PIL import Image
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import T5EncoderModel
 
 from . import images as imgs
+from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
 from .layout import BatchLayout
 from .solvers import INVERSIONS, Schedule, sampler_for
@@ -107,6 +109,11 @@ class EditResult:
     images: list[Image.Image]  # one per target prompt, at the input's original size
     reconstruction: Image.Image  # the source branch decoded: what the edit keeps
     latents: torch.Tensor  # (1 + targets, C, h, w) final latents, source first
+    controller: AttentionController | None = None  # holds the recorded attention maps, when any
+
+
+#: What `edit` does by default: DiT4Edit's unified attention control with its documented defaults.
+DEFAULT_CONTROL = AttentionControl()
 
 
 class DiT4EditPipeline(DiffusionPipeline):
@@ -336,16 +343,19 @@ class DiT4EditPipeline(DiffusionPipeline):
         target_prompt: str | Sequence[str],
         guidance_scale: float | None = None,
         pin_source: bool = True,
-        controller=None,
+        control: AttentionControl | None = DEFAULT_CONTROL,
+        mask: Image.Image | str | os.PathLike | torch.Tensor | None = None,
+        record_words: bool = False,
         disable_progress: bool | None = None,
     ) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
-        `pin_source=True` resets the source branch to the stored trajectory after every step, so it reproduces
-        the input whatever the guidance or precision; `False` lets it run free (it still reproduces the input
-        when the inversion was exact and made at this guidance). `guidance_scale` defaults to the inversion's.
-        `controller` is an attention controller (see `dit4edit.control`); without one this is plain
-        inversion-then-denoise.
+        `control` is DiT4Edit's unified attention control (`AttentionControl`; None = plain inversion-then-denoise).
+        `mask` (white = editable, the input's size) keeps the source outside it, overriding the attention-derived
+        local-blend mask. `pin_source=True` resets the source branch to the stored trajectory after every step, so
+        it reproduces the input whatever the guidance or precision; `False` lets it run free (it still reproduces
+        the input when the inversion was exact and made at this guidance). `guidance_scale` defaults to the
+        inversion's. `record_words` keeps every word's cross-attention maps in `result.controller`.
         """
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
         if not targets:
@@ -353,27 +363,61 @@ class DiT4EditPipeline(DiffusionPipeline):
         for k, prompt in enumerate(targets):
             self.check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
         guidance = inversion.guidance_scale if guidance_scale is None else guidance_scale
-        layout = BatchLayout(num_targets=len(targets))
         schedule = self._schedule(inversion.num_inference_steps)
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
-        size = (trajectory.shape[-1] * self.vae_scale_factor, trajectory.shape[-2] * self.vae_scale_factor)
+        latent_hw = tuple(trajectory.shape[-2:])
+        size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
+        controller = self.make_controller(control, inversion, targets, mask, record_words)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], guidance, schedule, size,
                                      step_kwargs=controller is not None)
-        x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
+        x = trajectory[:1].expand(1 + len(targets), -1, -1, -1).clone()  # (branches, C, h, w), source first
 
         def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor:
             if pin_source:
                 x_next = torch.cat([trajectory[i + 1 : i + 2], x_next[1:]])
-            if controller is not None and hasattr(controller, "after_step"):
-                x_next = controller.after_step(i, x_next)
+            if controller is not None:
+                x_next = controller.local_blend(x_next, i)
             return x_next
 
-        installed = controller.install(self.transformer) if controller is not None else contextlib.nullcontext()
+        installed = install(self.transformer, controller) if controller is not None else contextlib.nullcontext()
         with installed:
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
-        return EditResult(images=decoded[1:], reconstruction=decoded[0], latents=final.cpu())
+        return EditResult(images=decoded[1:], reconstruction=decoded[0], latents=final.cpu(), controller=controller)
+
+    def make_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
+                        mask=None, record_words: bool = False) -> AttentionController | None:
+        """The attention controller of one edit, or None when nothing is controlled, masked or recorded."""
+        if control is None:
+            if mask is None and not record_words:
+                return None
+            control = AttentionControl(enabled=False)
+        latent_hw = tuple(inversion.trajectory.shape[-2:])
+        patch = self.transformer.config.patch_size
+        user_mask = None if mask is None else self._latent_mask(mask, inversion.original_size, latent_hw)
+        return AttentionController.for_edit(
+            control, self.tokenizer, inversion.source_prompt, list(targets),
+            num_steps=inversion.num_inference_steps, num_blocks=len(self.transformer.transformer_blocks),
+            grid=(latent_hw[0] // patch, latent_hw[1] // patch), patch_size=patch, user_mask=user_mask,
+            record_words=record_words,
+        )
+
+    @staticmethod
+    def _latent_mask(mask, original_size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """A user mask (image or path, white = editable, the input's size; or an (h, w) latent tensor) as an
+        (h, w) 0/1 tensor at latent resolution."""
+        if isinstance(mask, torch.Tensor):
+            if tuple(mask.shape) != latent_hw:
+                raise DiT4EditError(f"mask tensor is {tuple(mask.shape)}, the latent is {latent_hw}")
+            return (mask > 0.5).float()
+        if not isinstance(mask, Image.Image):
+            mask = imgs.load_image(mask)
+        if mask.size != tuple(original_size):
+            raise DiT4EditError(f"mask is {mask.size[0]}x{mask.size[1]}, the image is "
+                                f"{original_size[0]}x{original_size[1]}; they must match")
+        small = mask.convert("L").resize((latent_hw[1], latent_hw[0]), Image.BOX)  # area average
+        return (torch.from_numpy(np.asarray(small, dtype=np.float32)) / 255.0 > 0.5).float()
 
     @torch.no_grad()
     def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int = 30,
@@ -422,13 +466,14 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, image, source_prompt: str, target_prompt: str | Sequence[str], num_inference_steps: int = 30,
-                 guidance_scale: float = 4.5, inversion_method: str = "dpm-exact", controller=None,
-                 pin_source: bool = True, max_pixels: int = imgs.MAX_PIXELS,
-                 disable_progress: bool | None = None) -> EditResult:
-        """Invert `image` under `source_prompt`, then edit it towards `target_prompt`."""
+                 guidance_scale: float = 4.5, inversion_method: str = "dpm-exact",
+                 control: AttentionControl | None = DEFAULT_CONTROL, mask=None, pin_source: bool = True,
+                 max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> EditResult:
+        """Invert `image` under `source_prompt`, then edit it towards `target_prompt` (see `invert`, `edit`)."""
         inversion = self.invert(image, source_prompt, num_inference_steps, guidance_scale, inversion_method,
                                 max_pixels=max_pixels, disable_progress=disable_progress)
-        return self.edit(inversion, target_prompt, guidance_scale, pin_source, controller, disable_progress)
+        return self.edit(inversion, target_prompt, guidance_scale, pin_source, control, mask,
+                         disable_progress=disable_progress)
 
 
 def _dtype_kwarg() -> str:

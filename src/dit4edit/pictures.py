@@ -1,0 +1,58 @@
+"""Pictures of attention: per-word heat maps over the image, masks, and labelled grids."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# A perceptually ordered dark-blue -> red -> yellow ramp (anchor colours, linearly interpolated).
+_RAMP = np.array([[0, 0, 80], [40, 0, 160], [170, 0, 140], [240, 60, 40], [255, 200, 0], [255, 255, 200]], float)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 on the heat ramp."""
+    position = np.clip(values, 0, 1) * (len(_RAMP) - 1)
+    low = np.floor(position).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * _RAMP[low] + frac * _RAMP[low + 1]).round().astype(np.uint8)
+
+
+def heatmap(attention: torch.Tensor, image: Image.Image, alpha: float = 0.6) -> Image.Image:
+    """Overlay an (h, w) attention map, max-normalised and upsampled to the image, on the image."""
+    values = attention.detach().float().cpu()
+    values = (values / values.max().clamp_min(1e-12)).numpy()
+    up = Image.fromarray((values * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    colours = colorize(np.asarray(up, dtype=np.float64) / 255.0)
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return Image.fromarray((alpha * colours + (1 - alpha) * base).round().astype(np.uint8))
+
+
+def mask_picture(mask: torch.Tensor, image: Image.Image) -> Image.Image:
+    """The editable region (1) shown bright over a darkened image."""
+    up = Image.fromarray((mask.float().cpu().numpy() * 255).astype(np.uint8)).resize(image.size, Image.NEAREST)
+    keep = np.asarray(up, dtype=np.float64)[..., None] / 255.0
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return Image.fromarray((base * (0.25 + 0.75 * keep)).round().astype(np.uint8))
+
+
+def grid(tiles: list[tuple[str, Image.Image]], columns: int = 6, label_height: int = 14) -> Image.Image:
+    """Tiles side by side, each with its label above."""
+    width, height = tiles[0][1].size
+    if width < 128:  # small images: enlarge the tiles so labels fit
+        width, height = 128, round(height * 128 / width)
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (min(columns, len(tiles)) * width, rows * (height + label_height)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (label, tile) in enumerate(tiles):
+        x, y = (k % columns) * width, (k // columns) * (height + label_height)
+        draw.text((x + 2, y + 1), label[: max(4, width // 6)], fill=(0, 0, 0))
+        sheet.paste(tile.resize((width, height)), (x, y + label_height))
+    return sheet
+
+
+def slug(word: str) -> str:
+    """A file-name-safe form of a word."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", word).strip("_") or "word"
