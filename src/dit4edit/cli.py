@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     control_options(att)
     common(att)
 
+    bench = commands.add_parser("bench-synthetic", help="editing benchmark on the synthetic world (ground truth known)")
+    bench.add_argument("-o", "--output", default="bench-synthetic", help="results folder (resumes if it exists)")
+    bench.add_argument("--pairs", type=int, default=200, help="held-out (scene, edit) pairs (default 200)")
+    bench.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    common(bench, image=False)
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
     tiny.add_argument("output", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -294,7 +300,21 @@ def _attention(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": _edit, "attention": _attention, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+def _bench_synthetic(args) -> int:
+    from .bench_synthetic import run_editing, summary_table
+
+    if args.pairs < 1:
+        raise DiT4EditError(f"--pairs must be >= 1, got {args.pairs}")
+    pipe = _load(args)
+    names = args.methods.split(",") if args.methods else None
+    summary = run_editing(pipe, args.output, args.pairs, names, args.steps, args.guidance,
+                          disable_progress=args.quiet)
+    print(summary_table(summary, list(summary)), end="")
+    _say(args, f"results in {args.output}/ (results.jsonl, summary.json, summary.md, grid.png)")
+    return 0
+
+
+COMMANDS = {"edit": _edit, "attention": _attention, "bench-synthetic": _bench_synthetic, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
