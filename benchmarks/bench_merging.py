@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
+from diffusers.utils import logging as diffusers_logging
 
 from dit4edit.merging import MergeConfig, apply_token_merging, token_grid
 
@@ -46,7 +47,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--blocks", type=int, default=2, help="transformer blocks (PixArt-XL-2 has 28)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.8], help="merge ratios besides 0")
+    p.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.8], help="merge ratios besides 0")
     p.add_argument("--ff-ratios", nargs="*", type=float, default=[0.8], help="ratios also run with merge_ff=True")
     p.add_argument("--stride", nargs=2, type=int, default=[3, 3])
     p.add_argument("--repeats", type=int, default=3, help="timed repeats at 1024^2")
@@ -89,7 +90,9 @@ def make_inputs(latent_hw, batch: int, device, dtype, seed: int) -> dict:
         encoder_hidden_states=torch.randn(batch, 120, 4096, generator=g).to(device, dtype),
         encoder_attention_mask=torch.ones(batch, 120, device=device),
         timestep=torch.full((batch,), 500, device=device),
-        added_cond_kwargs=dict(resolution=size.to(device, dtype), aspect_ratio=(size[:, :1] / size[:, 1:]).to(device, dtype)),
+        added_cond_kwargs=dict(
+            resolution=size.to(device, dtype), aspect_ratio=(size[:, :1] / size[:, 1:]).to(device, dtype)
+        ),
     )
 
 
@@ -152,11 +155,10 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def component_timer(model, device, totals: dict):
-    """Add the wall time of every block's attn1 / attn2 / ff to `totals` (syncs the GPU; use on untimed passes)."""
+    """Add the wall time of every block, and of its attn1 / attn2 / ff, to `totals` (syncs a GPU)."""
     handles = []
     for block in model.transformer_blocks:
-        for name in ("attn1", "attn2", "ff"):
-            module = getattr(block, name)
+        for name, module in [("block", block)] + [(name, getattr(block, name)) for name in ("attn1", "attn2", "ff")]:
 
             def before(module, args, name=name):
                 synchronize(device)
@@ -176,9 +178,9 @@ def component_timer(model, device, totals: dict):
 
 @contextlib.contextmanager
 def attn1_outputs(model, store: list):
-    """Append every block's self-attention output to `store`, in block order."""
+    """Append every block's self-attention output to `store` (on the CPU, in float32), in block order."""
     handles = [
-        block.attn1.register_forward_hook(lambda module, args, output: store.append(output))
+        block.attn1.register_forward_hook(lambda module, args, output: store.append(output.float().cpu()))
         for block in model.transformer_blocks
     ]
     try:
@@ -201,48 +203,79 @@ def variant_installed(model, variant: Variant, grid):
             yield
 
 
-def timed_forward(model, inputs, variant, grid, device) -> float:
-    with variant_installed(model, variant, grid):
+def timed_forward(model, inputs, variant, grid, device, parts: dict | None = None, memory=None) -> float:
+    """Seconds of one forward; with `parts`, also the per-module times (hooks, which sync a GPU); with `memory` (a
+    PeakMemory), its peak."""
+    timer = component_timer(model, device, parts) if parts is not None else contextlib.nullcontext()
+    with variant_installed(model, variant, grid), timer, memory or contextlib.nullcontext():
         synchronize(device)
         start = time.perf_counter()
         forward(model, inputs)
         synchronize(device)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+    if parts is not None:
+        parts["total"] = elapsed
+    return elapsed
 
 
 def measure_size(model, inputs, variants, grid, repeats, device) -> dict:
-    """A warm-up, one untimed pass per variant (memory, outputs, component times), then `repeats` rounds that
-    time every variant in turn."""
+    """A warm-up, one untimed pass per variant (outputs for the errors), then `repeats` rounds that time every
+    variant in turn; peak memory from the first round. The per-module times come from the timed rounds on a CPU
+    (hooks cost nothing there) and from one extra round on a GPU (the hooks synchronise)."""
     forward(model, inputs)  # warm-up: one-time allocations and kernel set-up stay out of every number below
-    results = {v.label: dict(times=[], parts={}, attn=[]) for v in variants}
-    for v in variants:
-        r = results[v.label]
-        with variant_installed(model, v, grid), attn1_outputs(model, r["attn"]):
-            with PeakMemory(device) as mem, component_timer(model, device, r["parts"]):
-                start = time.perf_counter()
-                out = forward(model, inputs)
-                synchronize(device)
-                r["parts"]["total"] = time.perf_counter() - start
-        r.update(out=out[:, :4].float().cpu(), mem=mem)  # the eps channels the sampler uses
-        if v is not variants[0]:
-            reference = results[variants[0].label]["attn"]
-            r["attn_error"] = statistics.mean(map(relative_error, r.pop("attn"), reference))
-    for _ in range(repeats):
+    results = error_pass(model, inputs, variants, grid)
+    on_cpu = torch.device(device).type == "cpu"
+    for repeat in range(repeats):
         for v in variants:
-            results[v.label]["times"].append(timed_forward(model, inputs, v, grid, device))
-    reference = results[variants[0].label]
-    reference.pop("attn")
-    reference["attn_error"] = 0.0
+            r = results[v.label]
+            parts = {} if on_cpu else None
+            memory = PeakMemory(device) if repeat == 0 else None
+            r["times"].append(timed_forward(model, inputs, v, grid, device, parts, memory))
+            r.setdefault("mem", memory)
+            if on_cpu:
+                r["parts"].append(parts)
+    if not on_cpu:
+        for v in variants:
+            results[v.label]["parts"].append({})
+            timed_forward(model, inputs, v, grid, device, results[v.label]["parts"][-1])
     for r in results.values():
         r["median"] = statistics.median(r["times"])
-        r["error"] = relative_error(r["out"], reference["out"])
+        r["parts"] = {key: statistics.median(p[key] for p in r["parts"]) for key in r["parts"][0]}
+    return results
+
+
+def error_pass(model, inputs, variants, grid) -> dict:
+    """Each variant's relative error against the first (unmerged) one: of the output's eps channels, and of every
+    block's self-attention output (mean over blocks)."""
+    results, reference = {}, None
+    for v in variants:
+        attn = []
+        with variant_installed(model, v, grid), attn1_outputs(model, attn):
+            out = forward(model, inputs)[:, :4].float().cpu()  # the eps channels the sampler uses
+        if reference is None:
+            reference = (out, attn)
+        results[v.label] = dict(
+            times=[],
+            parts=[],
+            error=relative_error(out, reference[0]),
+            attn_error=statistics.mean(map(relative_error, attn, reference[1])),
+        )
     return results
 
 
 def describe_device(device) -> str:
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def use_mmap_for_large_blocks():
@@ -253,40 +286,45 @@ def use_mmap_for_large_blocks():
 
 def report(size, latent_hw, results, variants, batch, blocks):
     """Markdown tables. The 28-block column scales the in-block time (median minus the time outside the blocks,
-    the least seen in the untimed passes) by 28 / blocks; it is an estimate, not a measurement."""
+    the least of the variants' medians) by 28 / blocks; it is an estimate, not a measurement."""
     tokens = latent_hw[0] * latent_hw[1] // 4
     base = results[variants[0].label]
     outside = min(outside_blocks(r["parts"]) for r in results.values())  # the same work in every variant
     scale = 28 / blocks
     base_28 = outside + scale * (base["median"] - outside)
     print(f"\n### {size} (latent {latent_hw[0]}x{latent_hw[1]}, {tokens} tokens, batch {batch})\n")
-    print("| variant | median s | merged/unmerged | est. ratio at 28 blocks | peak MiB (+ during forward) "
-          "| rel. error output | rel. error attn1 | runs s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| variant | median s | merged/unmerged | min s | min/min | est. ratio at 28 blocks "
+          "| peak MiB (+ during forward) | rel. error output | rel. error attn1 | runs s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for v in variants:
         r = results[v.label]
         runs = ", ".join(f"{t:.2f}" for t in r["times"])
         mem = f"{r['mem'].peak_mib:.0f} (+{r['mem'].extra_mib:.0f})"
         est = (outside + scale * (r["median"] - outside)) / base_28
-        print(f"| {v.label} | {r['median']:.3f} | {r['median'] / base['median']:.2f} | {est:.2f} | {mem} "
+        fastest = min(r["times"])
+        print(f"| {v.label} | {r['median']:.3f} | {r['median'] / base['median']:.2f} | {fastest:.3f} "
+              f"| {fastest / min(base['times']):.2f} | {est:.2f} | {mem} "
               f"| {r['error']:.4f} | {r['attn_error']:.3f} | {runs} |")
-    print("\nwhere the time goes (untimed pass with per-module sync, seconds summed over blocks):\n")
-    print("| variant | attn1 (incl. merge) | attn2 | ff | outside blocks | total |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\nwhere the time goes (medians of the timed runs on a CPU, one synchronised run on a GPU; seconds summed "
+          "over blocks; glue = norms, modulation, gates and residual adds inside the blocks):\n")
+    print("| variant | attn1 (incl. merge) | attn2 | ff (incl. merge) | glue | outside blocks | total |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         p = results[v.label]["parts"]
-        print(f"| {v.label} | {p['attn1']:.3f} | {p['attn2']:.3f} | {p['ff']:.3f} | {outside_blocks(p):.3f} "
-              f"| {p['total']:.3f} |")
+        glue = p["block"] - p["attn1"] - p["attn2"] - p["ff"]
+        print(f"| {v.label} | {p['attn1']:.3f} | {p['attn2']:.3f} | {p['ff']:.3f} | {glue:.3f} "
+              f"| {outside_blocks(p):.3f} | {p['total']:.3f} |")
     sys.stdout.flush()
 
 
 def outside_blocks(parts: dict) -> float:
-    """Patch/caption/timestep embedding, final layer, norms and residuals: the untimed pass minus the modules."""
-    return parts["total"] - parts["attn1"] - parts["attn2"] - parts["ff"]
+    """Patch, caption and timestep embedding, final layer, unpatchify: the whole forward minus the blocks."""
+    return parts["total"] - parts["block"]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # the "keep in float32" notice on .to(dtype) of a random model
     dtype = getattr(torch, args.dtype)
     if torch.device(args.device).type == "cpu":
         use_mmap_for_large_blocks()
@@ -299,7 +337,8 @@ def main(argv=None) -> int:
     ]
     print(f"# token merging benchmark\n\ndevice: {describe_device(args.device)}, dtype {args.dtype}")
     print(f"PixArt-XL-2 architecture, random weights, {args.blocks} of 28 blocks (per-block ratios are what carry "
-          f"over to 28), merge stride {stride}, self-attention (attn1) merged in every block")
+          f"over to 28), merge stride {stride}, self-attention (attn1) merged in every block, each batch row "
+          f"planned from its own tokens")
     print(f"command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     models = {}
     for size in args.sizes:

@@ -12,6 +12,7 @@ from dit4edit.merging import (
     apply_token_merging,
     identity,
     layer_seed,
+    merged_self_attention,
     plan_for_batch,
     plan_merge,
     plan_merge_per_row,
@@ -219,9 +220,10 @@ def test_processor_merges_and_restores(transformer):
     before = dict(transformer.attn_processors)
     reference = run(transformer, latent_hw)
     with apply_token_merging(transformer, MergeConfig(ratio=0.8), token_grid(latent_hw), blocks=[1]) as installed:
-        assert list(installed) == ["transformer_blocks.1.attn1.processor"]
-        assert isinstance(transformer.attn_processors["transformer_blocks.1.attn1.processor"], TokenMergingAttnProcessor)
-        assert transformer.attn_processors["transformer_blocks.0.attn1.processor"] is before["transformer_blocks.0.attn1.processor"]
+        merged_name, other_name = "transformer_blocks.1.attn1.processor", "transformer_blocks.0.attn1.processor"
+        assert list(installed) == [merged_name]
+        assert isinstance(transformer.attn_processors[merged_name], TokenMergingAttnProcessor)
+        assert transformer.attn_processors[other_name] is before[other_name]
         merged = run(transformer, latent_hw)
     assert merged.shape == reference.shape and not torch.allclose(merged, reference)
     assert transformer.attn_processors == before
@@ -279,3 +281,19 @@ def test_unknown_block_and_missing_grid(transformer):
     attn = transformer.transformer_blocks[0].attn1
     with pytest.raises(ValueError, match="needs the token grid"):
         TokenMergingAttnProcessor(MergeConfig())(attn, torch.randn(1, 16, 16))
+
+
+def test_merged_self_attention_takes_a_custom_attention(transformer):
+    """The hook the attention-control processors use: their own attention on merged q/k/v."""
+
+    def explicit(query, key, value):
+        weights = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(dim=-1)  # (B, heads, N', N')
+        return weights @ value
+
+    attn = transformer.transformer_blocks[0].attn1
+    hidden = torch.randn(2, 36, 16, generator=gen(2))
+    merge, unmerge = plan_merge(hidden[0], (6, 6), MergeConfig(ratio=0.5), gen())
+    with torch.no_grad():
+        got = merged_self_attention(attn, hidden, merge, unmerge, attention=explicit)
+        expected = merged_self_attention(attn, hidden, merge, unmerge)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

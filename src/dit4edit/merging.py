@@ -45,7 +45,8 @@ class MergeConfig:
     stride: (rows, cols) of the cell that contributes one destination; bounds the ratio (see module docstring).
     seed:   seeds the destination draw (one generator per layer in `apply_token_merging`; the plan functions
             use it when they get no generator).
-    merge_ff: also merge the feed-forward input of the same blocks (own plan per block, computed from that input).
+    merge_ff: also merge the feed-forward input of the same blocks (own plan per block, computed from that input;
+            not with diffusers' feed-forward chunking, which feeds the FF slices of the grid).
     """
 
     ratio: float = 0.8
@@ -108,16 +109,27 @@ def _partition(grid: Grid, stride: tuple[int, int], generator: torch.Generator) 
     return (~is_dst).nonzero().squeeze(1), is_dst.nonzero().squeeze(1)
 
 
+def _best_match(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """For each source: the cosine similarity of its most similar destination and that destination's index
+    (ToMe, Bolya & Hoffman 2023, Sec. 3: bipartite soft matching). metric: (B, N, C); returns two (B, Ns)."""
+    metric = metric.to(_acc_dtype(metric))
+    dst_unit = F.normalize(metric[:, dst], dim=-1)  # (B, Nd, C)
+    # x_i . d_j / |d_j| for every token i: its argmax over j is the cosine one, and dividing the maximum by |x_i|
+    # makes it the cosine. Scoring all N rows costs Nd/N more flops than scoring the sources only, and saves
+    # normalising and gathering the (B, Ns, C) source features, which is slower on memory-bound machines.
+    best, best_dst = (metric @ dst_unit.transpose(1, 2)).max(dim=-1)  # (B, N)
+    best = best / metric.norm(dim=-1).clamp_min(1e-12)
+    return best[:, src], best_dst[:, src]
+
+
 def _match(metric: Tensor, src: Tensor, dst: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Bipartite soft matching (ToMe, Bolya & Hoffman 2023, Sec. 3). metric: (B, N, C).
+    """Merge the r best-matched sources into their destinations. metric: (B, N, C).
 
     Returns `slot` (B, N): the row of the merged sequence each token goes to (kept sources first, in grid order,
     then the destinations), and `size` (B, N - r): how many tokens each merged row averages.
     """
     batch, n = metric.shape[:2]
-    unit = F.normalize(metric.to(_acc_dtype(metric)), dim=-1)  # (B, N, C), cosine similarity below
-    scores = unit[:, src] @ unit[:, dst].transpose(1, 2)  # (B, Ns, Nd)
-    best, best_dst = scores.max(dim=-1)  # (B, Ns)
+    best, best_dst = _best_match(metric, src, dst)  # (B, Ns)
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices  # (B, Ns), most similar first
     merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values  # (B, r), (B, Ns - r)
     n_kept = src.numel() - r
@@ -180,21 +192,25 @@ def plan_merge_per_row(
 
     metric: (B, N, C), one row per batch row (pass `x[rows]` to let rows borrow another row's plan, e.g.
     `x[layout.source_of()]` gives every branch its source row's plan). The destination cells are drawn once for the
-    batch; the matching is per row. Same shapes and ratio-0 identity as `plan_merge`.
+    batch; the matching is per row. Same shapes and ratio-0 identity as `plan_merge`; merge/unmerge take batches of
+    exactly B rows.
     """
     plan = _plan(metric, grid, config, generator)
     if plan is None:
         return identity, identity
     slot, size = plan  # (B, N), (B, N - r)
+    batch, n, kept = slot.shape[0], slot.shape[1], size.shape[1]
+    # one flat index over the batch: row b's token t goes to merged row b * (N - r) + slot[b, t]
+    flat = (slot + kept * torch.arange(batch, device=slot.device)[:, None]).flatten()  # (B * N,)
 
     def merge(x: Tensor) -> Tensor:
-        index = slot[..., None].expand(-1, -1, x.shape[-1])  # (B, N, C)
-        acc = x.new_zeros(x.shape[0], size.shape[1], x.shape[-1], dtype=_acc_dtype(x))  # (B, N - r, C)
-        acc.scatter_add_(1, index, x.to(acc.dtype))
+        acc = x.new_zeros(1, batch * kept, x.shape[-1], dtype=_acc_dtype(x))  # (1, B * (N - r), C)
+        acc.index_add_(1, flat, x.reshape(1, batch * n, -1).to(acc.dtype))
+        acc = acc.view(batch, kept, -1)  # (B, N - r, C)
         return (acc / size.to(acc.dtype)[..., None]).to(x.dtype)
 
     def unmerge(y: Tensor) -> Tensor:
-        return y.gather(1, slot[..., None].expand(-1, -1, y.shape[-1]))  # (B, N, C)
+        return y.reshape(1, batch * kept, -1).index_select(1, flat).view(batch, n, -1)  # (B, N, C)
 
     return merge, unmerge
 
