@@ -229,6 +229,7 @@ def test_cross_attention_probs_equal_softmax():
     probs = edits.cross_attention_probs(q, k, None, rows)
     expected = (q[rows] @ k[rows].transpose(-1, -2) / 8**0.5).softmax(-1).mean(1)
     torch.testing.assert_close(probs, expected.float())
+    torch.testing.assert_close(edits.cross_attention_probs(q, k, None, rows, [5, 2]), expected[..., [5, 2]].float())
 
 
 # ---- whole-transformer invariants -------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def test_blend_mask_from_synthetic_attention_map():
     inner[3:5, 4:6] = 1  # the dog, in the target, inside the cat's square (the mask is the union)
     probs[1, :, 3] += 0.9 * inner.flatten()
     for step in range(3):
-        ctrl.record(step, probs)
+        ctrl.record(step, probs[..., ctrl.record_columns])  # (R, N, C): the recorded key columns
     assert ctrl.blend_mask(1) is None  # before local_blend_start (2 of 10 steps)
     mask = ctrl.blend_mask(2)
     expected = torch.nn.functional.interpolate(square[None, None], scale_factor=2, mode="nearest")[0, 0]
@@ -338,7 +339,7 @@ def test_blend_mask_from_synthetic_attention_map():
         dataclasses.replace(config, local_blend_dilate=1), layout, num_steps=NUM_STEPS, num_blocks=4, grid=grid,
         words=[{"cat": [1, 2]}, {"dog": [3]}],
     )  # fmt: skip
-    dilated.record(2, probs)
+    dilated.record(2, probs[..., dilated.record_columns])
     assert dilated.blend_mask(2)[2 * 1 : 2 * 6, 2 * 2 : 2 * 7].eq(1).all()
     assert dilated.blend_mask(2).sum() == (2 * 5) * (2 * 5)
 
@@ -447,7 +448,9 @@ def test_for_edit_resolves_words_to_tokens(tokenizer):
     config = AttentionControl(
         reweight={"elephant": 2.0}, cross_replace_words={"elephant": 0.3}, local_blend_words=("cat", "elephant")
     )
-    ctrl = AttentionController.for_edit(config, tokenizer, source, [target], num_steps=NUM_STEPS, num_blocks=4, grid=GRID)
+    ctrl = AttentionController.for_edit(
+        config, tokenizer, source, [target], num_steps=NUM_STEPS, num_blocks=4, grid=GRID
+    )
     elephant = word_token_indices(tokenizer, target, "elephant")
     assert len(elephant) > 1  # a multi-piece word
     assert ctrl.words == [{"cat": word_token_indices(tokenizer, source, "cat")}, {"elephant": elephant}]

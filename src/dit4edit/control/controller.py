@@ -55,10 +55,23 @@ class TokenEdit:
             if tokenizer is None or target_prompt is None:
                 raise ValueError("cross_replace_words and reweight need the tokenizer and the target prompt")
             for word, fraction in config.cross_replace_words.items():
-                cross_steps[word_token_indices(tokenizer, target_prompt, word, length)] = steps_before(fraction, num_steps)
+                columns = word_token_indices(tokenizer, target_prompt, word, length)
+                cross_steps[columns] = steps_before(fraction, num_steps)
             if config.reweight:
                 weights = reweight_vector(tokenizer, target_prompt, dict(config.reweight), length).float()
         return cls(mapper, alignment.from_source.float(), cross_steps, weights)
+
+
+def prompt_words(tokenizer, prompt: str) -> dict[str, list[int]]:
+    """`{word: token indices}` for every word of `prompt` as T5 pieces it (a repeated word is named `word#i`, with
+    `i` its position among the words)."""
+    from ..prompts import tokenize
+
+    tokens = tokenize(tokenizer, prompt)
+    words = {}
+    for index, word in enumerate(tokens.words):
+        words[word if word not in words else f"{word}#{index}"] = tokens.word_tokens(index)
+    return words
 
 
 class AttentionController:
@@ -143,6 +156,10 @@ class AttentionController:
         cond = layout.split_guidance(torch.arange(layout.rows))[1]  # cond rows: source, targets
         self._record_branches = [b for b, tokens in enumerate(self._tokens) if tokens]
         self._record_rows = cond[self._record_branches]
+        # Only the recorded key columns leave the processor: their union, and each branch's positions in it.
+        self.record_columns = sorted({t for tokens in self._tokens for t in tokens})
+        position = {t: i for i, t in enumerate(self.record_columns)}
+        self._branch_columns = [[position[t] for t in tokens] for tokens in self._tokens]
 
     # ---- construction from prompts -------------------------------------------------------------------------
     @classmethod
@@ -157,34 +174,41 @@ class AttentionController:
         num_blocks: int,
         grid: tuple[int, int],
         alignments: Sequence | None = None,
+        record_words: bool = False,
         **kwargs,
     ) -> "AttentionController":
-        """A controller for editing `source_prompt` into each of `target_prompts` (T5 alignment by `prompts.align`).
+        """A controller for editing `source_prompt` into each of `target_prompts` (T5 alignment by `prompts.align`
+        with `config.edit_mode`, unless `alignments` are given).
 
-        Pass prompts exactly as the text encoder sees them. Local-blend words are looked up in every prompt; a word
-        must occur in at least one of them.
+        Pass prompts exactly as the text encoder sees them. Local-blend words are looked up in every prompt; each must
+        occur in at least one. `record_words=True` also records every word of every prompt, for pictures.
+        Other keyword arguments go to the constructor (`user_mask`, `patch_size`, `record_layers`, `merge_planner`).
         """
         from ..prompts import align, word_token_indices
 
         layout = BatchLayout(len(target_prompts))
         if alignments is None:
             alignments = [align(tokenizer, source_prompt, t, mode=config.edit_mode) for t in target_prompts]
-        edits = [TokenEdit.from_alignment(a, config, num_steps, tokenizer, t) for a, t in zip(alignments, target_prompts)]
-        words = []
-        if config.local_blend_words:
-            prompts = [source_prompt, *target_prompts]
-            for prompt in prompts:
-                branch = {}
-                for word in config.local_blend_words:
-                    try:
-                        branch[word] = word_token_indices(tokenizer, prompt, word)
-                    except DiT4EditError:
-                        continue
-                words.append(branch)
-            missing = [w for w in config.local_blend_words if not any(w in branch for branch in words)]
-            if missing:
-                raise DiT4EditError(f"local-blend word(s) {', '.join(missing)} are in neither the source nor the target prompt")
-        return cls(config, layout, num_steps=num_steps, num_blocks=num_blocks, grid=grid, token_edits=edits, words=words, **kwargs)
+        edits = [
+            TokenEdit.from_alignment(a, config, num_steps, tokenizer, t) for a, t in zip(alignments, target_prompts)
+        ]
+        prompts = [source_prompt, *target_prompts]
+        words = [prompt_words(tokenizer, p) if record_words else {} for p in prompts]
+        for branch, prompt in zip(words, prompts):
+            for word in config.local_blend_words:
+                try:
+                    branch[word] = word_token_indices(tokenizer, prompt, word)
+                except DiT4EditError:
+                    continue  # a source-only or target-only word
+        missing = [w for w in config.local_blend_words if not any(w in branch for branch in words)]
+        if missing:
+            raise DiT4EditError(
+                f"local-blend word(s) {', '.join(missing)} are in neither the source nor the target prompt"
+            )
+        return cls(
+            config, layout, num_steps=num_steps, num_blocks=num_blocks, grid=grid, token_edits=edits, words=words,
+            **kwargs,
+        )  # fmt: skip
 
     @classmethod
     def recorder(
@@ -192,16 +216,9 @@ class AttentionController:
     ) -> "AttentionController":
         """Records every word of `prompt` during a plain (no-edit) pass on a `BatchLayout(0)` batch
         `[uncond, cond]`; read the pictures with `word_maps()` afterwards."""
-        from ..prompts import tokenize
-
-        tokens = tokenize(tokenizer, prompt)
-        words = {}
-        for index, word in enumerate(tokens.words):
-            name = word if word not in words else f"{word}#{index}"
-            words[name] = tokens.word_tokens(index)
         return cls(
             AttentionControl(enabled=False), BatchLayout(0), num_steps=num_steps, num_blocks=num_blocks,
-            grid=grid, words=[words], **kwargs,
+            grid=grid, words=[prompt_words(tokenizer, prompt)], **kwargs,
         )  # fmt: skip
 
     # ---- what the processors ask -----------------------------------------------------------------------------
@@ -239,9 +256,9 @@ class AttentionController:
         return self._record_rows
 
     def record(self, step_index: int, probs: torch.Tensor) -> None:
-        """Accumulate `(R, N, L)` head-averaged probabilities of `record_rows` (only the recorded tokens are kept)."""
+        """Accumulate `(R, N, C)` head-averaged probabilities of `record_rows` on the `record_columns` keys."""
         for branch, row_probs in zip(self._record_branches, probs):
-            kept = row_probs[:, self._tokens[branch]].T.float()  # (n_tokens, N)
+            kept = row_probs[:, self._branch_columns[branch]].T.float()  # (n_tokens, N)
             slot = self._maps[branch].setdefault(step_index, [torch.zeros_like(kept), 0])
             slot[0] += kept
             slot[1] += 1
@@ -308,7 +325,9 @@ class AttentionController:
         Returns the same tensor when no blending applies at this step.
         """
         if latents.shape[0] != self.layout.branches:
-            raise ValueError(f"local_blend takes one latent per branch ({self.layout.branches}), got {latents.shape[0]}")
+            raise ValueError(
+                f"local_blend takes one latent per branch ({self.layout.branches}), got {latents.shape[0]}"
+            )
         out = latents
         for target in range(self.layout.num_targets):
             mask = self.blend_mask(step_index, target)

@@ -76,7 +76,8 @@ def union_self_attention(query, key, value, layout: BatchLayout, attention_mask=
     mask_u = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(~attention_mask, float("-inf"))
+            blocked = torch.zeros_like(attention_mask, dtype=query.dtype)
+            attention_mask = blocked.masked_fill(~attention_mask, float("-inf"))
         attention_mask = attention_mask.expand(query.shape[0], -1, query.shape[2], -1)
         mask_u = torch.cat([attention_mask[src[targets]], attention_mask[targets]], dim=-1)
     out[targets] = sdpa(query[targets], key_u, value_u, mask_u)
@@ -110,11 +111,13 @@ def cross_attention_edit(query, key, value, layout: BatchLayout, attention_mask,
     mapper `(T, L, L)`, source_coef and own_coef `(T, L)` (or None) with `T = layout.num_targets`.
     """
     out = sdpa(query, key, value, attention_mask)
-    cond = layout.split_guidance(torch.arange(layout.rows, device=query.device))[1]  # (branches,) source, targets
-    source, targets = cond[:1], cond[1:]
-    n_targets = targets.shape[0]
+    # The conditional half's rows, source then targets: a contiguous block, so plain slices (views, no copies).
+    cond = layout.split_guidance(torch.arange(layout.rows))[1].tolist()
+    source, targets = slice(cond[0], cond[0] + 1), slice(cond[1], cond[-1] + 1)
+    n_targets = len(cond) - 1
     value_t = value[targets]  # (T, H, L, d)
-    mapped = torch.einsum("tij,thjd->thid", mapper.to(value.dtype), source_coef.to(value.dtype)[:, None, :, None] * value_t)
+    scaled = source_coef.to(value.dtype)[:, None, :, None] * value_t  # c_src * V_t
+    mapped = torch.einsum("tij,thjd->thid", mapper.to(value.dtype), scaled)  # M (c_src * V_t), rows source tokens
     edited = sdpa(
         query[source].expand(n_targets, -1, -1, -1),
         key[source].expand(n_targets, -1, -1, -1),
@@ -124,20 +127,21 @@ def cross_attention_edit(query, key, value, layout: BatchLayout, attention_mask,
     if own_coef is not None:
         own_v = own_coef.to(value.dtype)[:, None, :, None] * value_t
         edited = edited + sdpa(query[targets], key[targets], own_v, _rows(attention_mask, targets))
-    out = out.clone()
     out[targets] = edited.to(out.dtype)
     return out
 
 
-def cross_attention_probs(query, key, attention_mask, rows):
-    """Explicit cross-attention probabilities of chosen rows, averaged over heads: `(R, N, L)`.
+def cross_attention_probs(query, key, attention_mask, rows, columns=None):
+    """Explicit cross-attention probabilities of chosen rows and key columns, averaged over heads: `(R, N, C)`.
 
-    `softmax(Q K^T / sqrt(d) + bias)` on `(R, H, N, L)`, then the mean over heads. Only cross-attention
-    (L = 120 keys) is ever made explicit, and only for the rows being recorded.
+    `softmax(Q K^T / sqrt(d) + bias)` on `(R, H, N, L)`, then `[..., columns]` (default: all L) and the mean over
+    heads. Only cross-attention (L = 120 keys) is ever made explicit, and only for the rows being recorded.
     """
     scale = query.shape[-1] ** -0.5
-    scores = (query[rows].float() @ key[rows].float().transpose(-1, -2)) * scale  # (R, H, N, L)
+    scores = (query[rows].float() * scale) @ key[rows].float().transpose(-1, -2)  # (R, H, N, L)
     if attention_mask is not None:
         scores = scores + _rows(attention_mask, rows).float()
     probs = scores.softmax(dim=-1)
-    return probs.mean(dim=1)  # (R, N, L)
+    if columns is not None:
+        probs = probs[..., columns]  # (R, H, N, C)
+    return probs.mean(dim=1)  # (R, N, C)

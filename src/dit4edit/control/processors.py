@@ -69,7 +69,8 @@ class ControlledAttnProcessor:
             edit = controller.self_edit(self.block, step_index)
             record_rows = None
             planner = controller.merge_planner
-        if (edit is not None or record_rows is not None or planner is not None) and batch_size != controller.layout.rows:
+        uses_layout = edit is not None or record_rows is not None or planner is not None
+        if uses_layout and batch_size != controller.layout.rows:
             raise ValueError(
                 f"attention control expects the {controller.layout.rows}-row batch of {controller.layout}, "
                 f"got {batch_size} rows"
@@ -105,7 +106,8 @@ class ControlledAttnProcessor:
         if record_rows is not None:
             # The maps of each branch's own prompt, before any edit (Prompt-to-Prompt's AttentionStore).
             rows = record_rows.to(query.device)
-            controller.record(step_index, cross_attention_probs(query, key, attention_mask, rows))  # (R, N, L)
+            probs = cross_attention_probs(query, key, attention_mask, rows, controller.record_columns)  # (R, N, C)
+            controller.record(step_index, probs)
 
         layout = controller.layout
         if edit is None:
