@@ -153,3 +153,17 @@ def test_mask_of_wrong_size_and_control_flags_end_to_end(files, tiny_model_dir, 
     ok = main([*base, "--self-replace-steps", "0.5", "--self-layers", "1:2", "--cross-replace-steps", "0.5",
                "--edit-mode", "replace", "--reweight", "blue=2", "--local-blend", "blue"])
     assert ok == 0 and Image.open(output).size == (32, 32)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--merge-ratio", "0.9"], "use stride (4, 4) or larger"),
+    (["--merge-ratio", "0.8", "--merge-stride", "2x2"], "too high for stride (2, 2)"),
+    (["--merge-stride", "three"], "ROWSxCOLS"),
+])
+def test_merge_flag_errors(flags, message, files, tiny_model_dir, capsys):
+    output = files["dir"] / "out.png"
+    code = main(["edit", str(files["good"]), "-s", SOURCE, "-t", TARGET, "-o", str(output), "--model",
+                 str(tiny_model_dir), "--steps", "2", "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not output.exists()

@@ -186,3 +186,23 @@ def test_sdedit_keeps_size_and_depends_on_strength(tiny_pipe):
     assert psnr(weak, image) > psnr(strong, image)
     with pytest.raises(DiT4EditError, match="strength"):
         tiny_pipe.sdedit(image, TARGET, strength=0)
+
+
+def test_patch_merging_in_edit(tiny_pipe):
+    from dit4edit.merging import MergeConfig
+
+    inversion = tiny_pipe.invert(random_image(96, 96), SOURCE, STEPS, method="ddim")  # 6x6 token grid
+    before = dict(tiny_pipe.transformer.attn_processors)
+    plain = tiny_pipe.edit(inversion, TARGET, merge=None)
+    default = tiny_pipe.edit(inversion, TARGET)  # 36 tokens: under min_tokens, so nothing merges
+    assert torch.equal(default.latents, plain.latents)
+    zero = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.0, min_tokens=0))
+    assert torch.equal(zero.latents, plain.latents)
+    merged = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, merge_ff=True))
+    assert not torch.allclose(merged.latents[1], plain.latents[1], atol=1e-4)
+    assert torch.equal(merged.latents[0], plain.latents[0])  # pinned source
+    # one plan shared by the branches: with identical prompts the target still equals the free source
+    free = tiny_pipe.edit(inversion, SOURCE, pin_source=False, merge=MergeConfig(ratio=0.5, min_tokens=0))
+    assert torch.equal(free.latents[0], free.latents[1])
+    assert dict(tiny_pipe.transformer.attn_processors) == before
+    assert all(not block.ff._forward_hooks for block in tiny_pipe.transformer.transformer_blocks)

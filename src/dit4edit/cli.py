@@ -103,6 +103,15 @@ def control_options(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--local-blend", default=None, metavar="WORDS",
                        help="edit only where these words attend (comma- or space-separated)")
     group.add_argument("--mask", default=None, help="mask image, white = editable (overrides --local-blend)")
+    merging = sub.add_argument_group("patch merging (ToMe)")
+    merging.add_argument("--no-merge", action="store_true", help="no patch merging")
+    merging.add_argument("--merge-ratio", type=float, default=None, metavar="R",
+                         help="fraction of tokens removed before self-attention (default 0.8)")
+    merging.add_argument("--merge-stride", default=None, metavar="ROWSxCOLS",
+                         help="cell giving one destination token (default 3x3; 0.8 needs 3x3)")
+    merging.add_argument("--merge-ff", action="store_true", help="also merge the feed-forward input (faster)")
+    merging.add_argument("--merge-min-tokens", type=int, default=None, metavar="N",
+                         help="merge only latent grids with at least N tokens (default 1024, i.e. 512² and up)")
 
 
 def control_from_args(args):
@@ -126,6 +135,28 @@ def control_from_args(args):
         fields["local_blend_words"] = tuple(args.local_blend.replace(",", " ").split())
     try:
         return AttentionControl(**fields)
+    except (TypeError, ValueError) as error:
+        raise DiT4EditError(str(error)) from None
+
+
+def merge_from_args(args):
+    """A `MergeConfig` from the CLI flags, or None for --no-merge."""
+    from .merging import MergeConfig
+
+    if args.no_merge:
+        return None
+    fields = {"merge_ff": args.merge_ff}
+    if args.merge_ratio is not None:
+        fields["ratio"] = args.merge_ratio
+    if args.merge_stride is not None:
+        try:
+            fields["stride"] = tuple(int(part) for part in args.merge_stride.lower().split("x"))
+        except ValueError:
+            raise DiT4EditError(f"--merge-stride takes ROWSxCOLS, got {args.merge_stride!r}") from None
+    if args.merge_min_tokens is not None:
+        fields["min_tokens"] = args.merge_min_tokens
+    try:
+        return MergeConfig(**fields)
     except (TypeError, ValueError) as error:
         raise DiT4EditError(str(error)) from None
 
@@ -178,7 +209,7 @@ def _edit(args) -> int:
     _check_inversion_path(args.save_inversion, args.input, args.output)
     is_inversion = str(args.input).endswith(".safetensors")
     _check_nonempty(args.target, "target prompt")
-    control = control_from_args(args)
+    control, merge = control_from_args(args), merge_from_args(args)
     if args.mask is not None:
         imgs.load_image(args.mask)  # readable before any work
     # Everything that can be checked without the model is checked before loading it.
@@ -197,7 +228,7 @@ def _edit(args) -> int:
     if args.save_inversion:
         inversion.save(args.save_inversion)
     result = pipe.edit(inversion, args.target, guidance_scale=args.guidance, pin_source=not args.free_source,
-                       control=control, mask=args.mask)
+                       control=control, mask=args.mask, merge=merge)
     imgs.save_image(result.images[0], output)
     _say(args, f"wrote {output}")
     return 0
@@ -260,7 +291,7 @@ def _attention(args) -> int:
         raise DiT4EditError(f"output must be a folder: {out} is a file")
     is_inversion = str(args.input).endswith(".safetensors")
     window = _range(args.steps_window, "--steps-window") if args.steps_window else None
-    control = control_from_args(args)
+    control, merge = control_from_args(args), merge_from_args(args)
     if is_inversion:
         inversion = Inversion.load(args.input)
         image = None
@@ -272,7 +303,7 @@ def _attention(args) -> int:
         inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol)
     target = args.target or inversion.source_prompt
     result = pipe.edit(inversion, target, guidance_scale=args.guidance, control=control, mask=args.mask,
-                       record_words=True)
+                       merge=merge, record_words=True)
     controller = result.controller
     steps = range(*window) if window else None
     if steps is not None and not (0 <= steps.start < steps.stop <= inversion.num_inference_steps):

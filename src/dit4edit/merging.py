@@ -47,12 +47,16 @@ class MergeConfig:
             use it when they get no generator).
     merge_ff: also merge the feed-forward input of the same blocks (own plan per block, computed from that input;
             not with diffusers' feed-forward chunking, which feeds the FF slices of the grid).
+    min_tokens: the pipeline merges only token grids at least this large (the functions here merge what they
+            are given). Below ~1024 tokens (512² images) merging saves
+            little (measured 0.86x of a forward at 1024 tokens on the CPU) and costs detail; see BENCHMARKS.md.
     """
 
     ratio: float = 0.8
     stride: tuple[int, int] = (3, 3)
     seed: int = 0
     merge_ff: bool = False
+    min_tokens: int = 1024
 
     def __post_init__(self):
         if len(self.stride) != 2 or any(int(s) != s or s < 1 for s in self.stride):
@@ -66,6 +70,10 @@ class MergeConfig:
                 f"{self.max_ratio:.3f} of the tokens (1 - 1/{self.stride[0] * self.stride[1]}); "
                 f"use stride {required_stride(self.ratio)} or larger"
             )
+
+    def applies(self, grid: Grid) -> bool:
+        """Whether this config merges anything on a token grid of this size."""
+        return self.ratio > 0 and grid[0] * grid[1] >= self.min_tokens
 
     @property
     def max_ratio(self) -> float:
@@ -371,6 +379,38 @@ def layer_seed(seed: int, block: int, ff: bool = False) -> int:
     return 2 * (seed * 1009 + block) + int(ff)
 
 
+def merge_planner(config: MergeConfig, grid: Grid):
+    """The attention controller's hook: `planner(metric (N, C), block, step_index) -> (merge, unmerge)`, one plan
+    per (step, block) computed from the source branch's tokens and shared by every row, reproducible from
+    `config.seed`. None when the config does not merge on this grid."""
+    if not config.applies(grid):
+        return None
+
+    def planner(metric: Tensor, block: int, step_index: int | None):
+        generator = torch.Generator(device=metric.device)
+        generator.manual_seed(layer_seed(config.seed, block) * 1009 + (step_index or 0))
+        return plan_merge(metric, grid, config, generator)
+
+    return planner
+
+
+@contextmanager
+def merged_feed_forward(transformer, config: MergeConfig, grid: Grid, blocks: Sequence[int] | None = None):
+    """Merge the feed-forward input of the chosen blocks (per-row plans: the FF is per token) while in the block;
+    the hooks are removed on exit, even after an exception. Does nothing unless `config.merge_ff` is set and
+    the ratio is above 0 (`min_tokens` is the caller's decision, see `MergeConfig.applies`)."""
+    handles = []
+    try:
+        if config.merge_ff and config.ratio > 0:
+            for i in range(len(transformer.transformer_blocks)) if blocks is None else blocks:
+                generator = torch.Generator().manual_seed(layer_seed(config.seed, i, ff=True))
+                handles += _merge_feed_forward(transformer.transformer_blocks[i].ff, config, grid, generator)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def apply_token_merging(
     transformer,
@@ -393,15 +433,9 @@ def apply_token_merging(
             raise ValueError(f"the transformer has no layer {name}")
         generator = torch.Generator().manual_seed(layer_seed(config.seed, i))
         installed[name] = TokenMergingAttnProcessor(config, grid, generator, plan_rows)
-    handles = []
     transformer.set_attn_processor({**saved, **installed})  # a fresh dict: diffusers empties the one it gets
     try:
-        if config.merge_ff and config.ratio > 0:
-            for i in blocks:
-                generator = torch.Generator().manual_seed(layer_seed(config.seed, i, ff=True))
-                handles += _merge_feed_forward(transformer.transformer_blocks[i].ff, config, grid, generator)
-        yield installed
+        with merged_feed_forward(transformer, config, grid, blocks):
+            yield installed
     finally:
-        for handle in handles:
-            handle.remove()
         transformer.set_attn_processor(dict(saved))

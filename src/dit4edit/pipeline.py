@@ -19,7 +19,7 @@ from transformers import T5EncoderModel
 from . import images as imgs
 from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
-from .layout import BatchLayout
+from .merging import MergeConfig, merge_planner, merged_feed_forward
 from .solvers import INVERSIONS, Schedule, sampler_for
 from .tokenizer import MAX_TOKENS
 
@@ -114,6 +114,8 @@ class EditResult:
 
 #: What `edit` does by default: DiT4Edit's unified attention control with its documented defaults.
 DEFAULT_CONTROL = AttentionControl()
+#: Patch merging by default: the paper's ratio 0.8 (stride 3x3), on grids of 1024 tokens (512² images) and up.
+DEFAULT_MERGE = MergeConfig()
 
 
 class DiT4EditPipeline(DiffusionPipeline):
@@ -345,6 +347,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         pin_source: bool = True,
         control: AttentionControl | None = DEFAULT_CONTROL,
         mask: Image.Image | str | os.PathLike | torch.Tensor | None = None,
+        merge: MergeConfig | None = DEFAULT_MERGE,
         record_words: bool = False,
         disable_progress: bool | None = None,
     ) -> EditResult:
@@ -355,7 +358,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         local-blend mask. `pin_source=True` resets the source branch to the stored trajectory after every step, so
         it reproduces the input whatever the guidance or precision; `False` lets it run free (it still reproduces
         the input when the inversion was exact and made at this guidance). `guidance_scale` defaults to the
-        inversion's. `record_words` keeps every word's cross-attention maps in `result.controller`.
+        inversion's. `merge` is patch merging around self-attention (ToMe; one plan per step and block from the
+        source branch, shared by all branches; None = off); it applies to grids of `merge.min_tokens` and up.
+        `record_words` keeps every word's cross-attention maps in `result.controller`.
         """
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
         if not targets:
@@ -367,7 +372,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
         latent_hw = tuple(trajectory.shape[-2:])
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
-        controller = self.make_controller(control, inversion, targets, mask, record_words)
+        controller = self.make_controller(control, inversion, targets, mask, merge, record_words)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], guidance, schedule, size,
                                      step_kwargs=controller is not None)
         x = trajectory[:1].expand(1 + len(targets), -1, -1, -1).clone()  # (branches, C, h, w), source first
@@ -379,29 +384,39 @@ class DiT4EditPipeline(DiffusionPipeline):
                 x_next = controller.local_blend(x_next, i)
             return x_next
 
+        grid = self._token_grid(latent_hw)
         installed = install(self.transformer, controller) if controller is not None else contextlib.nullcontext()
-        with installed:
+        feed_forward = (merged_feed_forward(self.transformer, merge, grid)
+                        if merge is not None and merge.applies(grid) else contextlib.nullcontext())
+        with installed, feed_forward:
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
         return EditResult(images=decoded[1:], reconstruction=decoded[0], latents=final.cpu(), controller=controller)
 
     def make_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
-                        mask=None, record_words: bool = False) -> AttentionController | None:
-        """The attention controller of one edit, or None when nothing is controlled, masked or recorded."""
+                        mask=None, merge: MergeConfig | None = None,
+                        record_words: bool = False) -> AttentionController | None:
+        """The attention controller of one edit (it also carries token merging), or None when nothing is
+        controlled, masked, merged or recorded."""
+        latent_hw = tuple(inversion.trajectory.shape[-2:])
+        grid = self._token_grid(latent_hw)
+        planner = merge_planner(merge, grid) if merge is not None else None
         if control is None:
-            if mask is None and not record_words:
+            if mask is None and planner is None and not record_words:
                 return None
             control = AttentionControl(enabled=False)
-        latent_hw = tuple(inversion.trajectory.shape[-2:])
-        patch = self.transformer.config.patch_size
         user_mask = None if mask is None else self._latent_mask(mask, inversion.original_size, latent_hw)
         return AttentionController.for_edit(
             control, self.tokenizer, inversion.source_prompt, list(targets),
             num_steps=inversion.num_inference_steps, num_blocks=len(self.transformer.transformer_blocks),
-            grid=(latent_hw[0] // patch, latent_hw[1] // patch), patch_size=patch, user_mask=user_mask,
-            record_words=record_words,
+            grid=grid, patch_size=self.transformer.config.patch_size, user_mask=user_mask,
+            record_words=record_words, merge_planner=planner,
         )
+
+    def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        patch = self.transformer.config.patch_size
+        return latent_hw[0] // patch, latent_hw[1] // patch
 
     @staticmethod
     def _latent_mask(mask, original_size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -467,12 +482,13 @@ class DiT4EditPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, image, source_prompt: str, target_prompt: str | Sequence[str], num_inference_steps: int = 30,
                  guidance_scale: float = 4.5, inversion_method: str = "dpm-exact",
-                 control: AttentionControl | None = DEFAULT_CONTROL, mask=None, pin_source: bool = True,
+                 control: AttentionControl | None = DEFAULT_CONTROL, mask=None,
+                 merge: MergeConfig | None = DEFAULT_MERGE, pin_source: bool = True,
                  max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> EditResult:
         """Invert `image` under `source_prompt`, then edit it towards `target_prompt` (see `invert`, `edit`)."""
         inversion = self.invert(image, source_prompt, num_inference_steps, guidance_scale, inversion_method,
                                 max_pixels=max_pixels, disable_progress=disable_progress)
-        return self.edit(inversion, target_prompt, guidance_scale, pin_source, control, mask,
+        return self.edit(inversion, target_prompt, guidance_scale, pin_source, control, mask, merge,
                          disable_progress=disable_progress)
 
 
