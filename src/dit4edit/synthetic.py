@@ -151,17 +151,19 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------------------------------- rendering
-def _coverage(obj: SceneObject, width: int, height: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
-    """The object's box (x0, y0, x1, y1) in pixels and its supersampled inside-mask (S*h, S*w) bool there."""
-    r, s = obj.radius, SUPERSAMPLE
-    x0, y0 = max(int(np.floor(obj.cx - r)) - 1, 0), max(int(np.floor(obj.cy - r)) - 1, 0)
-    x1, y1 = min(int(np.ceil(obj.cx + r)) + 2, width), min(int(np.ceil(obj.cy + r)) + 2, height)
+def _coverage(
+    shape: str, cx: float, cy: float, r: float, width: int, height: int
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """A shape's box (x0, y0, x1, y1) in pixels and its supersampled inside-mask (S*h, S*w) bool there."""
+    s = SUPERSAMPLE
+    x0, y0 = max(int(np.floor(cx - r)) - 1, 0), max(int(np.floor(cy - r)) - 1, 0)
+    x1, y1 = min(int(np.ceil(cx + r)) + 2, width), min(int(np.ceil(cy + r)) + 2, height)
     canvas = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
     draw = ImageDraw.Draw(canvas)
     # Supersampled pixel (i, j) has its centre at ((j + 0.5) / s, (i + 0.5) / s) in box pixels; PIL fills the pixels
     # whose integer coordinates lie inside, so shift the outline by -0.5 sub-pixel.
-    ccx, ccy = (obj.cx - x0) * s - 0.5, (obj.cy - y0) * s - 0.5
-    poly = _outline(obj.shape)
+    ccx, ccy = (cx - x0) * s - 0.5, (cy - y0) * s - 0.5
+    poly = _outline(shape)
     if poly is None:
         rad = _CIRCLE_RADIUS * r * s
         draw.ellipse([ccx - rad, ccy - rad, ccx + rad, ccy + rad], fill=255)
@@ -201,7 +203,7 @@ def render(
     alphas = np.zeros((len(objects), height, width), dtype=np.float32)
     s = SUPERSAMPLE
     for k, obj in enumerate(objects):
-        box, inside = _coverage(obj, width, height)
+        box, inside = _coverage(obj.shape, obj.cx, obj.cy, obj.radius, width, height)
         x0, y0, x1, y1 = box
         h, w = y1 - y0, x1 - x0
         ink = _ink(obj, box, inside.shape)
@@ -342,7 +344,7 @@ def apply_edit(scene: Scene, edit: Edit) -> EditPair:
         if not 0 <= edit.index < len(scene.objects):
             raise ValueError(f"edit index {edit.index} out of range for {len(scene.objects)} objects")
         obj = scene.objects[edit.index]
-        attribute = {"colour": "colour", "shape": "shape", "pattern": "pattern", "size": "size"}[edit.kind]
+        attribute = edit.kind  # SceneObject fields are named after the edit kinds
         value: str | None = None if (edit.kind == "pattern" and edit.value == "none") else edit.value
         allowed = {"colour": tuple(COLOURS), "shape": SHAPES, "pattern": PATTERNS + (None,), "size": SIZES}[edit.kind]
         if value not in allowed or getattr(obj, attribute) == value:
@@ -424,23 +426,13 @@ def _template(shape: str, bbox: tuple[int, int, int, int], height: int, width: i
     r = 0.5 * ((x1 - x0 + 1) / (ex1 - ex0) + (y1 - y0 + 1) / (ey1 - ey0))
     cx = (x0 + x1 + 1) / 2 - r * (ex0 + ex1) / 2
     cy = (y0 + y1 + 1) / 2 - r * (ey0 + ey1) / 2
-    size = min(SIZE_RADIUS, key=lambda k: abs(SIZE_RADIUS[k] - r))
-    obj = SceneObject(shape, "red", size, None, cx, cy)
-    obj = _WithRadius(obj, r)
-    box, inside = _coverage(obj, width, height)  # type: ignore[arg-type]
+    box, inside = _coverage(shape, cx, cy, r, width, height)
     bx0, by0, bx1, by1 = box
     s = SUPERSAMPLE
     cover = inside.reshape(by1 - by0, s, bx1 - bx0, s).mean(axis=(1, 3))
     mask = np.zeros((height, width), dtype=bool)
     mask[by0:by1, bx0:bx1] = cover >= 0.5
     return mask
-
-
-class _WithRadius:
-    """A SceneObject look-alike with a free radius (for fitting templates)."""
-
-    def __init__(self, obj: SceneObject, radius: float):
-        self.shape, self.cx, self.cy, self.radius = obj.shape, obj.cx, obj.cy, radius
 
 
 def _components(fg: np.ndarray) -> list[np.ndarray]:

@@ -1,0 +1,297 @@
+"""Stages 1 and 3: the T5 tokenizer, then a small T5 encoder + PixArtTransformer2DModel trained jointly on VAE latents.
+
+Needs the VAE from `train_vae.py` (`--out/vae`). Latents of a fixed set of training scenes are encoded once and cached
+(`--out/latents_<n>.pt`), so training never runs the VAE. Epsilon-prediction MSE on PixArt's schedule (linear betas
+1e-4..0.02, 1000 steps) on the first 4 of the 8 output channels; the caption is dropped 10% of the time (the empty
+prompt, encoded exactly as the pipeline encodes it) for classifier-free guidance; 128x128 plus 256x128 / 128x256
+buckets. Resumable: rerun the same command to continue from `--out/dit.ckpt`. Saves the whole pipeline at the end.
+
+    python training/train_dit.py --out training/runs/shapes --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+from tqdm import tqdm
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from common import LossLog, load_checkpoint, log, lr_at, save_checkpoint, scene_pool, setup, to_tensor
+from dit4edit.synthetic import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, SceneObject, caption_for
+from dit4edit.tiny import PIXART_SCHEDULER_CONFIG, pixart_scheduler
+from dit4edit.tokenizer import MAX_TOKENS, train_t5_tokenizer
+
+
+def grammar_captions(extra_scenes=()) -> list[str]:
+    """Every one-object caption (with and without size), the captions of `extra_scenes`, and each word alone 200
+    times (without those, sentencepiece's unigram trainer on this tiny corpus keeps only ~40 character-like pieces;
+    with them every word but "background" is one piece)."""
+    captions = []
+    for bg, colour, shape, size, pattern, mention in itertools.product(
+        BACKGROUNDS, COLOURS, SHAPES, SIZES, PATTERNS + (None,), (False, True)
+    ):
+        captions.append(caption_for([SceneObject(shape, colour, size, pattern, 0, 0)], bg, mention))
+    captions = sorted(set(captions + [s.caption for s in extra_scenes]))
+    words = sorted({w for c in captions for w in c.split()})
+    return captions + words * 200
+
+
+def build_text_encoder(vocab_size: int, d_model: int, layers: int) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=d_model // 4,
+            d_ff=2 * d_model,
+            num_layers=layers,
+            num_heads=4,
+            relative_attention_num_buckets=16,
+            relative_attention_max_distance=32,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def build_transformer(width: int, layers: int, caption_channels: int, sample_size: int = 16) -> PixArtTransformer2DModel:
+    heads = width // 32
+    return PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=width // heads,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        cross_attention_dim=width,
+        caption_channels=caption_channels,
+        sample_size=sample_size,
+        patch_size=2,
+        norm_num_groups=32,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+
+
+def tokenize(tokenizer, captions):
+    """Exactly as the pipeline: max_length 120, padded to it, truncated, with the attention mask."""
+    enc = tokenizer(list(captions), max_length=MAX_TOKENS, padding="max_length", truncation=True,
+                    add_special_tokens=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, scenes, device, batch: int = 32) -> dict:
+    """{(width, height): (latents (n, 4, h/8, w/8) scaled, [captions])} of the posterior means."""
+    by_size: dict = {}
+    for s in scenes:
+        by_size.setdefault((s.width, s.height), []).append(s)
+    out = {}
+    vae.eval()
+    for size, group in by_size.items():
+        lats = []
+        for i in tqdm(range(0, len(group), batch), desc=f"encode {size}", leave=False):
+            x = to_tensor(np.stack([s.image for s in group[i : i + batch]])).to(device)
+            lats.append(vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode().cpu())
+        out[size] = (torch.cat(lats) * vae.config.scaling_factor, [s.caption for s in group])
+    return out
+
+
+def object_weights(scenes, dilate: int = 1) -> dict:
+    """{(width, height): (n, 1, h/8, w/8) float}: 1 on latent pixels an object touches (grown by `dilate`), else 0.
+    Same scene order as `encode_latents`."""
+    by_size: dict = {}
+    for s in scenes:
+        cover = torch.from_numpy(s.alphas.max(axis=0) if len(s.objects) else np.zeros(s.image.shape[:2], np.float32))
+        m = torch.nn.functional.max_pool2d(cover[None, None], 8)  # (1, 1, h/8, w/8)
+        if dilate:
+            m = torch.nn.functional.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+        by_size.setdefault((s.width, s.height), []).append((m > 0).float()[0])
+    return {size: torch.stack(ms) for size, ms in by_size.items()}
+
+
+class EMA:
+    def __init__(self, modules: dict, decay: float):
+        self.decay = decay
+        self.shadow = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, m in modules.items():
+            for e, p in zip(self.shadow[k].parameters(), m.parameters()):
+                e.lerp_(p, 1 - d)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("training/runs/shapes"))
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=64, help="128x128 samples per step (non-square buckets: half)")
+    p.add_argument("--nonsquare-share", type=float, default=0.25, help="share of steps on 256x128 / 128x256")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--text-lr-mult", type=float, default=2.0, help="T5 and caption projection learn faster")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--drop-caption", type=float, default=0.1)
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="extra loss weight on latent pixels near objects (most of a scene is flat background)")
+    p.add_argument("--high-noise-share", type=float, default=0.0,
+                   help="share of timesteps drawn from [500, 1000) instead of [0, 1000): layout, colour and count "
+                        "are decided at high noise")
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--t5-width", type=int, default=128)
+    p.add_argument("--t5-layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=128)
+    p.add_argument("--scenes", type=int, default=6000, help="training scenes encoded once (seeds 0..)")
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--stop-at", type=int, default=None, help="stop (checkpoint saved) at this step; the schedule keeps --steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fp16", action="store_true", help="store the saved pipeline's weights as float16")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    device = setup(args.threads)
+    torch.manual_seed(args.seed)
+
+    # Stage 1: tokenizer on the caption grammar.
+    tok_dir = args.out / "tokenizer"
+    if tok_dir.exists():
+        tokenizer = T5Tokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_t5_tokenizer(grammar_captions(scene_pool(0, 300)), vocab_size=args.vocab)
+        tokenizer.save_pretrained(tok_dir)
+    log.info("tokenizer: %d pieces; %s", len(tokenizer), tokenizer.tokenize("a large red striped circle and a "
+                                                                          "small blue dotted star on a beige background"))
+
+    vae = AutoencoderKL.from_pretrained(args.out / "vae").to(device, memory_format=torch.channels_last)
+    cache = args.out / f"latents_{args.scenes}.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        t0 = time.time()
+        data = encode_latents(vae, scene_pool(0, args.scenes), device)
+        torch.save(data, cache)
+        log.info("encoded %d scenes in %.0fs", args.scenes, time.time() - t0)
+    del vae
+    weights_by_bucket = object_weights(scene_pool(0, args.scenes)) if args.object_weight else None
+    buckets = sorted(data)  # [(128, 128), (128, 256), (256, 128)]
+    square = (128, 128)
+    others = [b for b in buckets if b != square]
+    ids_by_bucket = {b: tokenize(tokenizer, data[b][1]) for b in buckets}
+    empty_ids, empty_mask = tokenize(tokenizer, [""])
+
+    text_encoder = build_text_encoder(len(tokenizer), args.t5_width, args.t5_layers).to(device)
+    transformer = build_transformer(args.width, args.layers, args.t5_width).to(device)
+    log.info("T5: %.2fM, transformer: %.2fM parameters",
+             sum(q.numel() for q in text_encoder.parameters()) / 1e6,
+             sum(q.numel() for q in transformer.parameters()) / 1e6)
+    text_params = list(text_encoder.parameters()) + list(transformer.caption_projection.parameters())
+    text_ids = {id(q) for q in text_params}
+    main_params = [q for q in transformer.parameters() if id(q) not in text_ids]
+    opt = torch.optim.AdamW([{"params": main_params, "mult": 1.0},
+                             {"params": text_params, "mult": args.text_lr_mult}], lr=args.lr, weight_decay=0.01)
+    modules = {"text_encoder": text_encoder, "transformer": transformer}
+    ema = EMA(modules, args.ema)
+    noise_sched = DDPMScheduler(**{k: PIXART_SCHEDULER_CONFIG[k] for k in
+                                   ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+    abar = noise_sched.alphas_cumprod.to(device)
+
+    ckpt_path = args.out / "dit.ckpt"
+    start = 0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        text_encoder.load_state_dict(state["text_encoder"])
+        transformer.load_state_dict(state["transformer"])
+        for k in modules:
+            ema.shadow[k].load_state_dict(state["ema"][k])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log.info("resumed from step %d", start)
+
+    loss_log = LossLog(args.out / "dit_loss.jsonl")
+    text_encoder.train()
+    transformer.train()
+    stop = args.stop_at or args.steps
+    bar = tqdm(range(start, stop), initial=start, total=stop, disable=args.no_progress)
+    for step in bar:
+        rng = np.random.default_rng([args.seed, step])  # per-step data: resuming replays the same batches
+        if others and rng.random() < args.nonsquare_share:
+            bucket, batch = others[int(rng.integers(len(others)))], args.batch // 2
+        else:
+            bucket, batch = square, args.batch
+        latents_all, _ = data[bucket]
+        idx = torch.from_numpy(rng.choice(len(latents_all), size=batch, replace=False))
+        x0 = latents_all[idx].to(device)
+        ids, mask = ids_by_bucket[bucket][0][idx], ids_by_bucket[bucket][1][idx]
+        drop = torch.from_numpy(rng.random(batch) < args.drop_caption)
+        ids = torch.where(drop[:, None], empty_ids, ids)
+        mask = torch.where(drop[:, None], empty_mask, mask)
+        # Padding is masked out of T5 and of the cross-attention, so cutting it is exact (and much faster).
+        length = int(mask.sum(1).max())
+        ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
+        t = rng.integers(0, 1000, size=batch)
+        high = rng.random(batch) < args.high_noise_share
+        t = torch.from_numpy(np.where(high, rng.integers(500, 1000, size=batch), t)).to(device)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        a = abar[t].sqrt()[:, None, None, None]
+        s = (1 - abar[t]).sqrt()[:, None, None, None]
+        xt = a * x0 + s * noise
+
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup) * group["mult"]
+        emb = text_encoder(input_ids=ids, attention_mask=mask)[0]
+        out = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        eps = out.chunk(2, dim=1)[0]  # PixArt's second half is the learned-sigma output; unused here
+        if weights_by_bucket is not None:
+            w = 1.0 + args.object_weight * weights_by_bucket[bucket][idx].to(device)  # (B, 1, h, w)
+            loss = ((eps - noise) ** 2 * w).mean() / w.mean()
+        else:
+            loss = torch.nn.functional.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(text_encoder.parameters()) + list(transformer.parameters()), 1.0)
+        opt.step()
+        ema.update(modules, step)
+        loss_log.write(step=step + 1, loss=loss.item(), grad_norm=float(grad_norm), bucket=list(bucket),
+                       lr=opt.param_groups[0]["lr"])
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == stop:
+            save_checkpoint(ckpt_path, text_encoder=text_encoder.state_dict(), transformer=transformer.state_dict(),
+                            ema={k: m.state_dict() for k, m in ema.shadow.items()}, opt=opt.state_dict(),
+                            step=step + 1, args=vars(args))
+
+    if stop < args.steps:
+        return 0
+    vae = AutoencoderKL.from_pretrained(args.out / "vae")
+    for name, weights in (("pipeline", modules), ("pipeline_ema", ema.shadow)):
+        save_pipeline(args.out / name, tokenizer, weights["text_encoder"], vae, weights["transformer"], args.fp16)
+    log.info("saved %s and %s", args.out / "pipeline", args.out / "pipeline_ema")
+    return 0
+
+
+def save_pipeline(folder: Path, tokenizer, text_encoder, vae, transformer, fp16: bool = False) -> None:
+    dtype = torch.float16 if fp16 else torch.float32
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=copy.deepcopy(text_encoder).to("cpu", dtype).eval(),
+        vae=copy.deepcopy(vae).to("cpu", dtype).eval(),
+        transformer=copy.deepcopy(transformer).to("cpu", dtype).eval(),
+        scheduler=pixart_scheduler(),
+    )
+    pipe.save_pretrained(folder)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
