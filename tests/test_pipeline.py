@@ -206,3 +206,20 @@ def test_patch_merging_in_edit(tiny_pipe):
     assert torch.equal(free.latents[0], free.latents[1])
     assert dict(tiny_pipe.transformer.attn_processors) == before
     assert all(not block.ff._forward_hooks for block in tiny_pipe.transformer.transformer_blocks)
+
+
+def test_embedded_model_loads_and_generates():
+    from dit4edit.pipeline import default_model
+
+    pipe = DiT4EditPipeline.from_pretrained(default_model(), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    from diffusers import PixArtTransformer2DModel
+
+    assert isinstance(pipe.transformer, PixArtTransformer2DModel) and pipe.default_size() == 128
+    image, trajectory = pipe.generate("a red circle on a white background", 128, 128, 4,
+                                      generator=torch.Generator().manual_seed(0))
+    assert image.size == (128, 128) and trajectory.trajectory.shape == (5, 4, 16, 16)
+    import numpy as np
+
+    corner = np.asarray(image, dtype=float)[:8, :8].mean(axis=(0, 1))
+    assert corner.min() > 150  # even 4 steps give a light background for "white background"
