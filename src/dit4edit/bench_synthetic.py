@@ -45,8 +45,8 @@ def default_methods() -> dict[str, Method]:
         Method("dit4edit"),
         Method("ddim-inversion", inversion="ddim"),
         Method("no-control", control=None),
-        Method("cross-only", control=AttentionControl(self_layers=(0, 1), self_replace_steps=0.0,
-                                                      self_mode_early="p2p", mutual="union")),
+        # "target" early mode for the whole schedule = the edit branch keeps its own self-attention: no self control
+        Method("cross-only", control=AttentionControl(self_mode_early="target", self_replace_steps=1.0)),
         Method("self-only", control=AttentionControl(cross_replace_steps=0.0)),
         Method("sdedit-0.6", control=None, sdedit_strength=0.6),
     ]
@@ -127,13 +127,18 @@ def score(output: Image.Image, pair, seconds: float) -> dict:
 
 
 def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Sequence[str] | None = None,
-                steps: int = 30, guidance: float = 4.5, grid_pairs: int = 8, disable_progress: bool = False) -> dict:
-    """Run (or resume) the editing benchmark; returns the summary."""
+                steps: int = 30, guidance: float = 4.5, grid_pairs: int = 8, disable_progress: bool = False,
+                inversion: str | None = None) -> dict:
+    """Run (or resume) the editing benchmark; returns the summary. `inversion` replaces the methods' default
+    inversion (dpm-exact) except where a method is defined by its inversion (ddim-inversion)."""
     import torch
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     available = default_methods()
+    if inversion is not None:
+        available = {n: m if m.inversion != "dpm-exact" else Method(m.name, inversion, m.control, m.sdedit_strength)
+                     for n, m in available.items()}
     names = list(methods or available)
     unknown = [n for n in names if n not in available]
     if unknown:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-o", "--output", default="bench-synthetic", help="results folder (resumes if it exists)")
     bench.add_argument("--pairs", type=int, default=200, help="held-out (scene, edit) pairs (default 200)")
     bench.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    bench.add_argument("--inversion", default=None, choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
+                       help="inversion for the methods that default to dpm-exact")
     common(bench, image=False)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
@@ -339,7 +341,7 @@ def _bench_synthetic(args) -> int:
     pipe = _load(args)
     names = args.methods.split(",") if args.methods else None
     summary = run_editing(pipe, args.output, args.pairs, names, args.steps, args.guidance,
-                          disable_progress=args.quiet)
+                          disable_progress=args.quiet, inversion=args.inversion)
     print(summary_table(summary, list(summary)), end="")
     _say(args, f"results in {args.output}/ (results.jsonl, summary.json, summary.md, grid.png)")
     return 0
