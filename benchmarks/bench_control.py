@@ -38,6 +38,7 @@ from dit4edit.control import (
     steps_before,
 )
 from dit4edit.layout import BatchLayout
+from dit4edit.tiny import pixart_xl_transformer
 
 L = 120
 NUM_STEPS = 30
@@ -46,18 +47,7 @@ NUM_STEPS = 30
 def build_model(blocks: int, device, dtype) -> PixArtTransformer2DModel:
     """PixArt-XL-2-512x512 architecture (16 heads x 72, caption_channels 4096, sample_size 64), `blocks` blocks."""
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=16,
-        attention_head_dim=72,
-        in_channels=4,
-        out_channels=8,
-        num_layers=blocks,
-        cross_attention_dim=1152,
-        caption_channels=4096,
-        sample_size=64,
-        patch_size=2,
-        use_additional_conditions=False,
-    )
+    model = pixart_xl_transformer(blocks, sample_size=64)
     return model.to(device=device, dtype=dtype).eval()
 
 

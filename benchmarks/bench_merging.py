@@ -30,6 +30,7 @@ from diffusers import PixArtTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
 from dit4edit.merging import MergeConfig, apply_token_merging, token_grid
+from dit4edit.tiny import pixart_xl_transformer
 
 #: latent (h, w) per image size; PixArt's VAE downsamples 8x.
 SIZES = {"512": (64, 64), "1024": (128, 128), "1024x2048": (128, 256)}
@@ -60,19 +61,7 @@ def parse_args(argv):
 
 def build_transformer(sample_size: int, blocks: int, device, dtype) -> PixArtTransformer2DModel:
     """PixArt-XL-2 (16 heads x 72 = 1152 wide, T5-XXL captions) with `blocks` blocks and random weights."""
-    model = PixArtTransformer2DModel(
-        num_attention_heads=16,
-        attention_head_dim=72,
-        in_channels=4,
-        out_channels=8,
-        num_layers=blocks,
-        cross_attention_dim=1152,
-        caption_channels=4096,
-        sample_size=sample_size,
-        patch_size=2,
-        norm_type="ada_norm_single",
-        use_additional_conditions=sample_size == 128,  # the 1024-MS model takes resolution/aspect conditions
-    )
+    model = pixart_xl_transformer(blocks, sample_size)
     return model.to(device=device, dtype=dtype).eval()
 
 

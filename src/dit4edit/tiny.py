@@ -41,6 +41,24 @@ TINY_CAPTIONS = [
 ]
 
 
+def pixart_xl_transformer(blocks: int = 28, sample_size: int = 64) -> PixArtTransformer2DModel:
+    """The PixArt-XL-2 transformer architecture (16 heads x 72 = 1152 wide, T5-XXL captions) with random weights and
+    `blocks` of its 28 blocks, for speed benchmarks (weights do not change speed). `sample_size` 64 is the 512 model,
+    128 the 1024-MS model, which also takes resolution / aspect-ratio conditions."""
+    return PixArtTransformer2DModel(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        num_layers=blocks,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        sample_size=sample_size,
+        patch_size=2,
+        use_additional_conditions=sample_size == 128,
+    )
+
+
 def pixart_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)
 
