@@ -24,6 +24,8 @@ def setup(threads: int | None = 2) -> torch.device:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = True  # on a GPU: TF32 matmuls and convolutions
+    torch.backends.cudnn.allow_tf32 = True
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -42,15 +44,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
+def pool_scene(seed: int, k: int, sizes=CANVAS_SIZES, square_share: float = 0.7):
+    """The k-th scene of a pool: `square_share` of them 128x128, the rest split over the other buckets."""
+    bucket = 0 if (k % 10) < round(10 * square_share) else 1 + (k % 2)
+    width, height = sizes[bucket]
+    return generate_scene(seed, width, height)
+
+
 def scene_pool(start: int, count: int, sizes=CANVAS_SIZES, square_share: float = 0.7):
-    """Scenes with seeds start.. : `square_share` of them 128x128, the rest split over the other buckets."""
-    scenes = []
-    for k in range(count):
-        seed = start + k
-        bucket = 0 if (k % 10) < round(10 * square_share) else 1 + (k % 2)
-        width, height = sizes[bucket]
-        scenes.append(generate_scene(seed, width, height))
-    return scenes
+    """Scenes with seeds start.. (see `pool_scene`)."""
+    return [pool_scene(start + k, k, sizes, square_share) for k in range(count)]
 
 
 class LossLog:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import multiprocessing
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtT
 from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from common import LossLog, load_checkpoint, log, lr_at, save_checkpoint, scene_pool, setup, to_tensor
+from common import LossLog, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
 from dit4edit.synthetic import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, SceneObject, caption_for
 from dit4edit.tiny import PIXART_SCHEDULER_CONFIG, pixart_scheduler
 from dit4edit.tokenizer import MAX_TOKENS, train_t5_tokenizer
@@ -105,16 +107,49 @@ def encode_latents(vae: AutoencoderKL, scenes, device, batch: int = 32) -> dict:
     return out
 
 
-def object_weights(scenes, dilate: int = 1) -> dict:
-    """{(width, height): (n, 1, h/8, w/8) float}: 1 on latent pixels an object touches (grown by `dilate`), else 0.
+@dataclass
+class TrainScene:
+    """What training keeps of a scene: image, caption and `cover`, the (h/8, w/8) latent pixels an object touches
+    (grown by one latent pixel), for the object-weighted loss."""
+
+    width: int
+    height: int
+    image: np.ndarray
+    caption: str
+    cover: np.ndarray
+
+
+def latent_cover(alphas: np.ndarray, height: int, width: int, dilate: int = 1) -> np.ndarray:
+    """(h/8, w/8) float32: 1 where any object covers part of the 8x8 pixel cell or a neighbour within `dilate`."""
+    any_alpha = alphas.max(axis=0) if len(alphas) else np.zeros((height, width), np.float32)
+    cells = (any_alpha.reshape(height // 8, 8, width // 8, 8).max(axis=(1, 3)) > 0).astype(np.float32)
+    padded = np.pad(cells, dilate)
+    grown = np.zeros_like(cells)
+    for dy in range(2 * dilate + 1):
+        for dx in range(2 * dilate + 1):
+            grown = np.maximum(grown, padded[dy : dy + cells.shape[0], dx : dx + cells.shape[1]])
+    return grown
+
+
+def _train_scene(k: int) -> TrainScene:
+    s = pool_scene(k, k)  # seed k, as scene_pool(0, n)
+    return TrainScene(s.width, s.height, s.image, s.caption, latent_cover(s.alphas, s.height, s.width))
+
+
+def training_scenes(count: int, workers: int = 1) -> list[TrainScene]:
+    """The first `count` training scenes (seeds 0..count-1), rendered by `workers` processes."""
+    if workers <= 1:
+        return [_train_scene(k) for k in tqdm(range(count), desc="render", leave=False)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_train_scene, range(count), chunksize=256)
+
+
+def object_weights(scenes) -> dict:
+    """{(width, height): (n, 1, h/8, w/8) float}: 1 on latent pixels an object touches, else 0.
     Same scene order as `encode_latents`."""
     by_size: dict = {}
     for s in scenes:
-        cover = torch.from_numpy(s.alphas.max(axis=0) if len(s.objects) else np.zeros(s.image.shape[:2], np.float32))
-        m = torch.nn.functional.max_pool2d(cover[None, None], 8)  # (1, 1, h/8, w/8)
-        if dilate:
-            m = torch.nn.functional.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
-        by_size.setdefault((s.width, s.height), []).append((m > 0).float()[0])
+        by_size.setdefault((s.width, s.height), []).append(torch.from_numpy(s.cover)[None])
     return {size: torch.stack(ms) for size, ms in by_size.items()}
 
 
@@ -126,9 +161,9 @@ class EMA:
     @torch.no_grad()
     def update(self, modules: dict, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, m in modules.items():
-            for e, p in zip(self.shadow[k].parameters(), m.parameters()):
-                e.lerp_(p, 1 - d)
+        shadow = [e for k in modules for e in self.shadow[k].parameters()]
+        live = [q for m in modules.values() for q in m.parameters()]
+        torch._foreach_lerp_(shadow, live, 1 - d)
 
 
 def main(argv=None) -> int:
@@ -152,6 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--t5-layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=128)
     p.add_argument("--scenes", type=int, default=6000, help="training scenes encoded once (seeds 0..)")
+    p.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training steps: --steps is set from the speed of steps 10-40 (logged; rerun "
+                        "with that --steps to replay the run)")
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--stop-at", type=int, default=None, help="stop (checkpoint saved) at this step; the schedule keeps --steps")
@@ -175,15 +214,23 @@ def main(argv=None) -> int:
 
     vae = AutoencoderKL.from_pretrained(args.out / "vae").to(device, memory_format=torch.channels_last)
     cache = args.out / f"latents_{args.scenes}.pt"
-    if cache.exists():
+    covers = args.out / f"covers_{args.scenes}.pt"
+    if cache.exists() and covers.exists():
         data = torch.load(cache, weights_only=False)
+        weights_by_bucket = torch.load(covers)
     else:
         t0 = time.time()
-        data = encode_latents(vae, scene_pool(0, args.scenes), device)
+        scenes = training_scenes(args.scenes, args.workers)
+        log.info("rendered %d scenes in %.0fs", args.scenes, time.time() - t0)
+        data = encode_latents(vae, scenes, device)
+        weights_by_bucket = object_weights(scenes)
+        del scenes
         torch.save(data, cache)
-        log.info("encoded %d scenes in %.0fs", args.scenes, time.time() - t0)
+        torch.save(weights_by_bucket, covers)
+        log.info("rendered and encoded %d scenes in %.0fs", args.scenes, time.time() - t0)
     del vae
-    weights_by_bucket = object_weights(scene_pool(0, args.scenes)) if args.object_weight else None
+    if not args.object_weight:
+        weights_by_bucket = None
     buckets = sorted(data)  # [(128, 128), (128, 256), (256, 128)]
     square = (128, 128)
     others = [b for b in buckets if b != square]
@@ -199,7 +246,8 @@ def main(argv=None) -> int:
     text_ids = {id(q) for q in text_params}
     main_params = [q for q in transformer.parameters() if id(q) not in text_ids]
     opt = torch.optim.AdamW([{"params": main_params, "mult": 1.0},
-                             {"params": text_params, "mult": args.text_lr_mult}], lr=args.lr, weight_decay=0.01)
+                             {"params": text_params, "mult": args.text_lr_mult}], lr=args.lr, weight_decay=0.01,
+                            fused=device.type == "cuda")
     modules = {"text_encoder": text_encoder, "transformer": transformer}
     ema = EMA(modules, args.ema)
     noise_sched = DDPMScheduler(**{k: PIXART_SCHEDULER_CONFIG[k] for k in
@@ -216,14 +264,27 @@ def main(argv=None) -> int:
             ema.shadow[k].load_state_dict(state["ema"][k])
         opt.load_state_dict(state["opt"])
         start = state["step"]
+        if args.time_budget:
+            args.steps = state["args"]["steps"]  # the schedule the budget fixed when the run started
         log.info("resumed from step %d", start)
 
     loss_log = LossLog(args.out / "dit_loss.jsonl")
     text_encoder.train()
     transformer.train()
     stop = args.stop_at or args.steps
-    bar = tqdm(range(start, stop), initial=start, total=stop, disable=args.no_progress)
-    for step in bar:
+    bar = tqdm(total=stop, initial=start, disable=args.no_progress)
+    calibrate = (start + 10, start + 40) if args.time_budget and start == 0 else None
+    t_begin = time.time()
+    step = start
+    while step < stop:
+        if calibrate and step == calibrate[0]:
+            t_cal = time.time()
+        elif calibrate and step == calibrate[1]:
+            per_step = (time.time() - t_cal) / (calibrate[1] - calibrate[0])
+            args.steps = stop = max(step + 1, step + int((args.time_budget - (time.time() - t_begin)) / per_step))
+            bar.total = stop
+            log.info("time budget %.0fs at %.1f ms/step: --steps %d", args.time_budget, 1e3 * per_step, stop)
+            calibrate = None
         rng = np.random.default_rng([args.seed, step])  # per-step data: resuming replays the same batches
         if others and rng.random() < args.nonsquare_share:
             bucket, batch = others[int(rng.integers(len(others)))], args.batch // 2
@@ -267,10 +328,14 @@ def main(argv=None) -> int:
         loss_log.write(step=step + 1, loss=loss.item(), grad_norm=float(grad_norm), bucket=list(bucket),
                        lr=opt.param_groups[0]["lr"])
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == stop:
+        bar.update(1)
+        step += 1
+        if step % args.ckpt_every == 0 or step == stop:
             save_checkpoint(ckpt_path, text_encoder=text_encoder.state_dict(), transformer=transformer.state_dict(),
                             ema={k: m.state_dict() for k, m in ema.shadow.items()}, opt=opt.state_dict(),
-                            step=step + 1, args=vars(args))
+                            step=step, args=vars(args))
+    bar.close()
+    log.info("%d steps in %.0fs", step - start, time.time() - t_begin)
 
     if stop < args.steps:
         return 0
