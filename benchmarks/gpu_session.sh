@@ -24,7 +24,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     BENCH="--device cuda --dtype bfloat16 --blocks 28"
     MERGE="--repeats 10 --repeats-small 10 --repeats-large 10"
-    EDIT="--steps 30 --rounds 3 --t5-layers 2"
+    EDIT="--steps 30 --rounds 2 --t5-layers 2"
     TRAIN="--scenes 40000 --workers 14 --batch 256" EVAL="--n 200 --batch 100" RESERVE=110
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
@@ -34,7 +34,7 @@ timeout 80 $PY benchmarks/bench_merging.py $BENCH $MERGE > "$OUT/merging.md" 2>&
 echo "merging benchmark: exit $? at ${SECONDS}s"
 timeout 60 $PY benchmarks/bench_edit.py $BENCH $EDIT > "$OUT/edit.md" 2>&1
 echo "edit benchmark 1024: exit $? at ${SECONDS}s"
-timeout 45 $PY benchmarks/bench_edit.py $BENCH $EDIT --size 2048x1024 --rounds 2 >> "$OUT/edit.md" 2>&1
+timeout 45 $PY benchmarks/bench_edit.py $BENCH $EDIT --size 2048x1024 --rounds 1 >> "$OUT/edit.md" 2>&1
 echo "edit benchmark 2048x1024: exit $? at ${SECONDS}s"
 fi
 
