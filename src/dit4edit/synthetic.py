@@ -529,3 +529,30 @@ def oracle(image: np.ndarray | Image.Image, masks: np.ndarray | None = None) -> 
                 object_masks.append(m)
     objects = sorted((_describe(image, m) for m in object_masks), key=lambda o: o.cx)
     return OracleReport(background, tuple(objects))
+
+
+#: What `caption_hits` scores: exact per-object reads (objects matched left to right) and the lenient `*_any` ones.
+HIT_KEYS = ("background", "count", "colour", "shape", "pattern", "size", "colour_any", "shape_any")
+
+
+def caption_hits(report: OracleReport, scene: Scene) -> dict:
+    """Did an image generated for `scene.caption` show what the caption asks, as the oracle read it (`report`)?
+
+    `background` and `count` are one bool each; the other keys a bool per caption object. Objects are matched left
+    to right (when more are detected than asked, the largest ones); if the count is still off, no object matches.
+    `size` is scored only when the caption names sizes. `colour_any` / `shape_any` are lenient: the object's colour /
+    shape is found on some detected object, wherever it is.
+    """
+    found = list(report.objects)
+    if len(found) > len(scene.objects):
+        found = sorted(sorted(found, key=lambda o: -o.area)[: len(scene.objects)], key=lambda o: o.cx)
+    hits = {"background": report.background == scene.background, "count": len(report.objects) == len(scene.objects),
+            "colour": [], "shape": [], "pattern": [], "size": [],
+            "colour_any": [obj.colour in {o.colour for o in report.objects} for obj in scene.objects],
+            "shape_any": [obj.shape in {o.shape for o in report.objects} for obj in scene.objects]}
+    aligned = len(found) == len(scene.objects)
+    for k, obj in enumerate(scene.objects):
+        got = found[k] if aligned else None
+        for attribute in ("colour", "shape", "pattern") + (("size",) if scene.mention_size else ()):
+            hits[attribute].append(got is not None and getattr(got, attribute) == getattr(obj, attribute))
+    return hits
