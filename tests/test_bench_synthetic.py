@@ -56,3 +56,91 @@ def test_run_resumes_without_repeating(tiny_pipe, tmp_path):
     assert sorted((r["pair"], r["method"]) for r in rows) == sorted(
         (k, m) for k in range(2) for m in ("no-control", "sdedit-0.6"))
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "summary.md").read_text().count("| no-control |") >= 2
+
+
+class GroundTruthPipe:
+    """Stands in for a perfect generator: returns the held-out scene its caption was written for."""
+
+    def __init__(self, scenes):
+        self.scenes = {scene.caption: scene for scene in scenes}
+        self.prompts = []
+
+    def generate(self, prompt, height, width, steps, guidance, generator=None, disable_progress=None):
+        scene = self.scenes[prompt]
+        assert (scene.width, scene.height) == (width, height)
+        self.prompts.append(prompt)
+        return scene.pil(), None
+
+
+def test_held_out_scenes_are_deterministic_and_cover_the_canvases():
+    scenes = bench.held_out_scenes(10)
+    assert [s.caption for s in scenes] == [s.caption for s in bench.held_out_scenes(10)]
+    assert all(s.seed >= bench.HELD_OUT_SEED for s in scenes)
+    assert {(s.width, s.height) for s in scenes} == {(128, 128), (256, 128), (128, 256)}
+
+
+def test_caption_hits_miss_what_is_not_there():
+    from dit4edit import synthetic as world
+
+    scene = next(s for s in bench.held_out_scenes(20) if len(s.objects) == 2)
+    blank = np.full_like(scene.image, world.BACKGROUNDS[scene.background])
+    hits = world.caption_hits(world.oracle(blank), scene)
+    assert hits["background"] and not hits["count"]
+    assert hits["colour"] == [False, False] and hits["shape"] == [False, False]
+    swapped = np.ascontiguousarray(scene.image[:, ::-1])  # mirrored: the objects' left-to-right order is reversed
+    hits = world.caption_hits(world.oracle(swapped), scene)
+    assert hits["count"] and all(hits["colour_any"]) and all(hits["shape_any"])
+
+
+def test_generation_scores_ground_truth_perfectly_and_resumes(tmp_path):
+    pipe = GroundTruthPipe(bench.held_out_scenes(10))
+    bench.run_generation(pipe, tmp_path, count=6, disable_progress=True)
+    log = tmp_path / "generation.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:5]) + '\n{"scene": 5, "si')  # a crash mid-line: scene 5 is redone
+    summary = bench.run_generation(pipe, tmp_path, count=10, disable_progress=True)
+    assert len(pipe.prompts) == 6 + 5 and len(set(pipe.prompts)) == 10
+    assert summary["n"] == 10 and summary["items"]["colour"] == sum(
+        len(s.objects) for s in bench.held_out_scenes(10))
+    assert all(value == 1.0 for value in summary["accuracy"].values() if value is not None)
+    assert summary["accuracy"]["colour"] == summary["accuracy"]["shape"] == summary["accuracy"]["background"] == 1.0
+    assert set(summary["accuracy_by_canvas"]) == {"128x128", "256x128", "128x256"}
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "## Generation check" in markdown and "| colour | 100.0% |" in markdown and "90% met" in markdown
+    assert "## Editing" not in markdown and (tmp_path / "generation.png").is_file()
+
+
+def test_reconstruction_exact_beats_naive_and_resumes(tiny_pipe, tmp_path):
+    first = bench.run_reconstruction(tiny_pipe, tmp_path, count=1, methods=["dpm-exact", "dpm"], steps=4,
+                                     disable_progress=True)
+    exact, naive = first["methods"]["dpm-exact"], first["methods"]["dpm"]
+    assert exact["latent_nmse"] < 1e-3 * naive["latent_nmse"] and exact["nfe"] > naive["nfe"] == 4
+    assert exact["gap"] < naive["gap"] and first["target"]["met"] is not None
+    rows = [json.loads(line) for line in (tmp_path / "reconstruction.jsonl").read_text().splitlines()]
+    again = bench.run_reconstruction(tiny_pipe, tmp_path, count=1, methods=["dpm-exact", "dpm", "ddim"], steps=4,
+                                     disable_progress=True)
+    more = [json.loads(line) for line in (tmp_path / "reconstruction.jsonl").read_text().splitlines()]
+    assert more[:2] == rows and [r["method"] for r in more[2:]] == ["ddim"]  # only the new method ran
+    assert list(again["methods"]) == ["dpm-exact", "dpm", "ddim"]
+    assert "| dpm-exact | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_cli_runs_the_sections_asked_for(tiny_model_dir, tmp_path, capsys):
+    from dit4edit.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench-synthetic", "--model", str(tiny_model_dir), "-o", str(out), "--sections",
+                 "generation,reconstruction", "--generation-n", "2", "--generation-steps", "2",
+                 "--reconstruction-n", "1", "--reconstruction-methods", "dpm,ddim", "--steps", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "## Generation check" in printed and "## Reconstruction" in printed and "## Editing" not in printed
+    assert {p.name for p in out.iterdir()} >= {"generation.jsonl", "generation.json", "generation.png",
+                                                 "reconstruction.jsonl", "reconstruction.json", "summary.md"}
+    assert not (out / "results.jsonl").exists()
+    assert json.loads((out / "generation.json").read_text())["steps"] == 2
+    assert list(json.loads((out / "reconstruction.json").read_text())["methods"]) == ["dpm", "ddim"]
+    assert (out / "summary.md").read_text().count("## ") == 2
+    for bad in (["--sections", "editing,bogus"], ["--reconstruction-methods", "dpm,nope"], ["--generation-n", "0"]):
+        assert main(["bench-synthetic", "--model", str(tiny_model_dir), "-o", str(out), *bad]) == 2
+    assert "dit4edit: error:" in capsys.readouterr().err

@@ -5,6 +5,16 @@ edit category: PSNR and SSIM against the ground-truth edited scene, background P
 (source vs output: what the edit should keep), edit success read back by the oracle, and seconds per edit.
 Results go to `results.jsonl` one line per (pair, method) as they are made, so a crashed run resumes where it
 stopped without repeating or losing work; `summary.json`, `summary.md` and `grid.png` are rebuilt from it.
+
+Two more sections run on request, on held-out scenes (`held_out_scenes`), each resumable the same way:
+
+- generation: images generated for held-out captions, read back by the oracle (`synthetic.caption_hits`): accuracy
+  of background, count, and each caption object's colour, shape, pattern and size (`generation.jsonl` ->
+  `generation.json`, `generation.png`);
+- reconstruction: invert then regenerate (`pipe.reconstruct`) with each inversion method: latent NMSE, PSNR vs the
+  input, the VAE round trip's PSNR (the floor), NFE and seconds (`reconstruction.jsonl` -> `reconstruction.json`).
+
+`summary.md` has one section per part whose results are in the folder.
 """
 
 from __future__ import annotations
@@ -28,6 +38,13 @@ from .errors import DiT4EditError
 
 HELD_OUT_SEED = 10**9
 SIZES = ((128, 128), (256, 128))  # (width, height): the square base and the 2:1 multi-aspect bucket
+SECTIONS = ("editing", "generation", "reconstruction")
+GENERATION_STEPS = 20
+#: The issue's targets for the generation check: oracle accuracy on held-out captions.
+GENERATION_TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80}
+RECONSTRUCTION_METHODS = ("dpm-exact", "dpm", "ddim-exact", "ddim")
+#: The issue's reconstruction target: dpm-exact within this many dB of the VAE round trip.
+RECONSTRUCTION_GAP_DB = 1.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,13 @@ def make_pairs(count: int, sizes: Sequence[tuple[int, int]] = SIZES, seed: int =
             edit = world.random_edit(scene, seed + k)
         pairs.append(world.apply_edit(scene, edit))
     return pairs
+
+
+def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> list:
+    """`count` held-out scenes, deterministic: 80% 128x128, 10% 256x128, 10% 128x256 (width x height), the same as
+    training/eval_generation.py's."""
+    sizes = [(128, 128)] * 8 + [(256, 128), (128, 256)]
+    return [world.generate_scene(seed + k, *sizes[k % 10]) for k in range(count)]
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
@@ -126,6 +150,45 @@ def score(output: Image.Image, pair, seconds: float) -> dict:
 # --- running ---------------------------------------------------------------------------------------------------
 
 
+class ResultLog:
+    """An append-only JSONL file of results, one line per item, keyed by the row fields `key`: `done` maps each
+    key already there to its row. A line cut by a crash is dropped on loading (that item is simply redone), and the
+    next result starts on a line of its own; every result is flushed to disk as it is written."""
+
+    def __init__(self, path: Path, key: Sequence[str]):
+        self.path, self.key = Path(path), tuple(key)
+        self.done: dict[tuple, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.done[self.key_of(row)] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def key_of(self, row: dict) -> tuple:
+        return tuple(row[name] for name in self.key)
+
+    def __enter__(self) -> ResultLog:
+        self._file = self.path.open("a")
+        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done[self.key_of(row)] = row
+
+    def rows(self, keys) -> list[dict]:
+        """The rows done, in the order of `keys`."""
+        return [self.done[key] for key in keys if key in self.done]
+
+
 def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Sequence[str] | None = None,
                 steps: int = 30, guidance: float = 4.5, grid_pairs: int = 8, disable_progress: bool = False,
                 inversion: str | None = None) -> dict:
@@ -140,19 +203,13 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
         available = {n: m if m.inversion != "dpm-exact" else Method(m.name, inversion, m.control, m.sdedit_strength)
                      for n, m in available.items()}
     names = list(methods or available)
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise DiT4EditError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}")
-    results_path = out / "results.jsonl"
-    done = _load_results(results_path)
+    check_known(names, available, "method")
     pairs = make_pairs(count)
-    todo = [(k, n) for k in range(count) for n in names if (k, n) not in done]
-    bar = tqdm(total=len(todo), desc="editing benchmark", disable=disable_progress)
-    with results_path.open("a") as log:
-        if results_path.stat().st_size and not results_path.read_bytes().endswith(b"\n"):
-            log.write("\n")  # a line cut by a crash: start the next result on a line of its own
+    with ResultLog(out / "results.jsonl", ("pair", "method")) as log:
+        todo = [(k, n) for k in range(count) for n in names if (k, n) not in log.done]
+        bar = tqdm(total=len(todo), desc="editing benchmark", disable=disable_progress)
         for k, pair in enumerate(pairs):
-            wanted = [n for n in names if (k, n) not in done]
+            wanted = [n for n in names if (k, n) not in log.done]
             if not wanted:
                 continue
             inversions = {}
@@ -173,32 +230,95 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                 seconds = time.perf_counter() - start
                 if k < grid_pairs:
                     output.save(out / "images" / f"{k:04d}-{name}.png")
-                row = dict(pair=k, method=name, kind=pair.edit.kind, size=f"{pair.source.width}x{pair.source.height}",
-                           source=pair.source_caption, target=pair.target_caption, **score(output, pair, seconds))
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-                done[(k, name)] = row
+                log.write(dict(pair=k, method=name, kind=pair.edit.kind, size=_size(pair.source),
+                               source=pair.source_caption, target=pair.target_caption,
+                               **score(output, pair, seconds)))
                 bar.update()
-    bar.close()
-    rows = [done[(k, n)] for k in range(count) for n in names if (k, n) in done]
-    summary = summarise(rows, names)
+        bar.close()
+    summary = summarise(log.rows((k, n) for k in range(count) for n in names), names)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summary_table(summary, names))
+    write_summary(out)
     make_grid(pairs[:grid_pairs], names, out)
     return summary
 
 
-def _load_results(path: Path) -> dict:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                done[(row["pair"], row["method"])] = row
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by a crash: that edit is simply redone
-    return done
+def run_generation(pipe, out_dir: str | os.PathLike, count: int = 200, steps: int = GENERATION_STEPS,
+                   guidance: float = 4.5, grid_items: int = 8, disable_progress: bool = False) -> dict:
+    """Run (or resume) the generation check: generate an image for each of `count` held-out captions (seed = its
+    index) and read it back with the oracle; returns the summary (also in generation.json)."""
+    import torch
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    scenes = held_out_scenes(count)
+    with ResultLog(out / "generation.jsonl", ("scene",)) as log:
+        for k in tqdm([k for k in range(count) if (k,) not in log.done], desc="generation check",
+                      disable=disable_progress):
+            scene = scenes[k]
+            start = time.perf_counter()
+            image, _ = pipe.generate(scene.caption, scene.height, scene.width, steps, guidance,
+                                     generator=torch.Generator().manual_seed(k), disable_progress=True)
+            seconds = time.perf_counter() - start
+            if k < grid_items:
+                image.save(out / "images" / f"generated-{k:04d}.png")
+            report = world.oracle(image)
+            log.write(dict(scene=k, size=_size(scene), caption=scene.caption, seen=_seen(report), seconds=seconds,
+                           hits=world.caption_hits(report, scene)))
+    summary = dict(steps=steps, guidance=guidance, **summarise_generation(log.rows((k,) for k in range(count))))
+    (out / "generation.json").write_text(json.dumps(summary, indent=1))
+    write_summary(out)
+    make_generation_grid(scenes[:grid_items], out)
+    return summary
+
+
+def run_reconstruction(pipe, out_dir: str | os.PathLike, count: int = 20,
+                       methods: Sequence[str] = RECONSTRUCTION_METHODS, steps: int = 30, guidance: float = 4.5,
+                       disable_progress: bool = False) -> dict:
+    """Run (or resume) the reconstruction check: invert each of `count` held-out scenes under its caption with each
+    inversion method and regenerate it; returns the summary (also in reconstruction.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(methods)
+    check_known(methods, RECONSTRUCTION_METHODS, "inversion method")
+    scenes = held_out_scenes(count)
+    with ResultLog(out / "reconstruction.jsonl", ("scene", "method")) as log:
+        todo = [(k, m) for k in range(count) for m in methods if (k, m) not in log.done]
+        for k, method in tqdm(todo, desc="reconstruction", disable=disable_progress):
+            scene = scenes[k]
+            start = time.perf_counter()
+            _, stats = pipe.reconstruct(scene.pil(), scene.caption, steps, guidance, method, disable_progress=True)
+            log.write(dict(scene=k, size=_size(scene), caption=scene.caption, **stats,
+                           seconds=time.perf_counter() - start))
+    rows = log.rows((k, m) for k in range(count) for m in methods)
+    summary = dict(steps=steps, guidance=guidance, **summarise_reconstruction(rows, methods))
+    (out / "reconstruction.json").write_text(json.dumps(summary, indent=1))
+    write_summary(out)
+    return summary
+
+
+def check_known(names: Sequence[str], available, what: str) -> None:
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise DiT4EditError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+
+
+def _size(scene) -> str:
+    return f"{scene.width}x{scene.height}"
+
+
+def _seen(report) -> str:
+    """The oracle's reading in caption words, e.g. "small red striped circle and large blue star on white"."""
+    objects = " and ".join(" ".join(w for w in (o.size, o.colour, o.pattern, o.shape) if w) for o in report.objects)
+    return f"{objects or 'nothing'} on {report.background}"
+
+
+# --- summaries -------------------------------------------------------------------------------------------------
+
+
+def _mean(values) -> float:
+    """Mean of the finite values (nan if none)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def summarise(rows: list[dict], names: Sequence[str]) -> dict:
@@ -209,16 +329,47 @@ def summarise(rows: list[dict], names: Sequence[str]) -> dict:
         groups[(row["method"], "all")].append(row)
     summary = {}
     for (method, kind), group in groups.items():
-        finite = lambda key: [r[key] for r in group if np.isfinite(r[key])]  # noqa: E731
         summary.setdefault(method, {})[kind] = dict(
-            n=len(group),
-            psnr=float(np.mean(finite("psnr"))) if finite("psnr") else float("nan"),
-            ssim=float(np.mean([r["ssim"] for r in group])),
-            background_psnr=float(np.mean(finite("background_psnr"))) if finite("background_psnr") else float("nan"),
-            success=float(np.mean([r["success"] for r in group])),
-            seconds=float(np.mean([r["seconds"] for r in group])),
-        )
+            n=len(group), **{key: _mean(r[key] for r in group)
+                             for key in ("psnr", "ssim", "background_psnr", "success", "seconds")})
     return {name: summary[name] for name in names if name in summary}
+
+
+def summarise_generation(rows: list[dict]) -> dict:
+    """Accuracy of each `synthetic.HIT_KEYS` entry over all its items (a caption's background and count, each caption
+    object's attributes), overall and per canvas; None where there was nothing to score (no sizes named)."""
+    hits = {key: [] for key in world.HIT_KEYS}
+    by_canvas = defaultdict(lambda: {key: [] for key in world.HIT_KEYS})
+    for row in rows:
+        for key, value in row["hits"].items():
+            values = value if isinstance(value, list) else [value]
+            hits[key] += values
+            by_canvas[row["size"]][key] += values
+    rate = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    return dict(n=len(rows), accuracy={key: rate(v) for key, v in hits.items()},
+                items={key: len(v) for key, v in hits.items()},
+                accuracy_by_canvas={size: {key: rate(v) for key, v in by_canvas[size].items()}
+                                    for size in sorted(by_canvas)},
+                targets=GENERATION_TARGETS, seconds=_mean(r["seconds"] for r in rows))
+
+
+def summarise_reconstruction(rows: list[dict], methods: Sequence[str]) -> dict:
+    """{"methods": {method: means of latent NMSE, PSNR, VAE PSNR, their gap, NFE, seconds}, "target": ...}: the target
+    is met when dpm-exact's PSNR is within RECONSTRUCTION_GAP_DB of the VAE round trip's."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["method"]].append(row)
+    summary = {}
+    for method in methods:
+        group = groups.get(method)
+        if group:
+            summary[method] = dict(n=len(group), **{key: _mean(r[key] for r in group)
+                                                    for key in ("latent_nmse", "psnr", "vae_psnr", "nfe", "seconds")})
+            summary[method]["gap"] = _mean(r["vae_psnr"] - r["psnr"] for r in group)
+    exact = summary.get("dpm-exact")
+    target = dict(method="dpm-exact", max_gap_db=RECONSTRUCTION_GAP_DB,
+                  met=None if exact is None else bool(exact["gap"] <= RECONSTRUCTION_GAP_DB))
+    return dict(methods=summary, target=target)
 
 
 def summary_table(summary: dict, names: Sequence[str]) -> str:
@@ -234,6 +385,65 @@ def summary_table(summary: dict, names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generation_table(summary: dict) -> str:
+    canvases = list(summary["accuracy_by_canvas"])
+    percent = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"{summary['n']} held-out captions, {summary['steps']} steps, guidance {summary['guidance']}, "
+             f"{summary['seconds']:.2f} s / image. Oracle accuracy; colour, shape, pattern and size per caption "
+             "object (objects matched left to right), `*_any`: found on any detected object.", "",
+             "| attribute | accuracy | items | target | " + " | ".join(canvases) + " |",
+             "|---|---|---|---|" + "---|" * len(canvases)]
+    for key, value in summary["accuracy"].items():
+        target = summary["targets"].get(key)
+        verdict = "" if target is None or value is None else f"{100 * target:.0f}% " + ("met" if value >= target
+                                                                                      else "missed")
+        by_canvas = " | ".join(percent(summary["accuracy_by_canvas"][c].get(key)) for c in canvases)
+        lines.append(f"| {key} | {percent(value)} | {summary['items'][key]} | {verdict} | {by_canvas} |")
+    return "\n".join(lines) + "\n"
+
+
+def reconstruction_table(summary: dict) -> str:
+    lines = [f"Held-out scenes, {summary['steps']} steps, guidance {summary['guidance']}: invert, then regenerate "
+             "with the matching sampler. Gap = VAE-only PSNR minus PSNR.", "",
+             "| inversion | n | latent NMSE | PSNR vs input | VAE-only PSNR | gap | NFE | s / image |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, m in summary["methods"].items():
+        lines.append(f"| {method} | {m['n']} | {m['latent_nmse']:.2e} | {m['psnr']:.2f} | {m['vae_psnr']:.2f} | "
+                     f"{m['gap']:.2f} | {m['nfe']:.0f} | {m['seconds']:.2f} |")
+    target = summary["target"]
+    if target["met"] is not None:
+        lines += ["", f"Target ({target['method']} within {target['max_gap_db']:g} dB of the VAE round trip): "
+                      + ("met." if target["met"] else "missed.")]
+    return "\n".join(lines) + "\n"
+
+
+#: What each part writes in the results folder (all of them also write their section of summary.md).
+SECTION_FILES = {
+    "editing": ("results.jsonl", "summary.json", "grid.png"),
+    "generation": ("generation.jsonl", "generation.json", "generation.png"),
+    "reconstruction": ("reconstruction.jsonl", "reconstruction.json"),
+}
+#: summary.md's sections: (heading, the section's summary file, its markdown).
+MARKDOWN_SECTIONS = {
+    "editing": ("Editing", "summary.json", lambda summary: summary_table(summary, list(summary))),
+    "generation": ("Generation check", "generation.json", generation_table),
+    "reconstruction": ("Reconstruction", "reconstruction.json", reconstruction_table),
+}
+
+
+def section_markdown(out: str | os.PathLike, section: str) -> str:
+    """One section of summary.md from its summary file in `out` ("" when that part has not run there)."""
+    heading, filename, table = MARKDOWN_SECTIONS[section]
+    path = Path(out) / filename
+    return f"## {heading}\n\n{table(json.loads(path.read_text()))}" if path.exists() else ""
+
+
+def write_summary(out: Path) -> None:
+    """summary.md: a section for each part whose results are in `out`."""
+    sections = [section_markdown(out, section) for section in SECTIONS]
+    (out / "summary.md").write_text("\n".join(s for s in sections if s))
+
+
 def make_grid(pairs, names: Sequence[str], out: Path) -> None:
     """input | ground truth | each method, one row per pair, from the saved outputs."""
     from .pictures import grid
@@ -247,3 +457,16 @@ def make_grid(pairs, names: Sequence[str], out: Path) -> None:
         tiles.extend(row)
     if tiles:
         imgs.save_image(grid(tiles, columns=2 + len(names)), out / "grid.png")
+
+
+def make_generation_grid(scenes, out: Path) -> None:
+    """Each caption's ground-truth scene next to the image generated for it, from the saved outputs."""
+    from .pictures import grid
+
+    tiles = []
+    for k, scene in enumerate(scenes):
+        path = out / "images" / f"generated-{k:04d}.png"
+        if path.exists():
+            tiles += [(scene.caption, scene.pil()), ("generated", Image.open(path).convert("RGB"))]
+    if tiles:
+        imgs.save_image(grid(tiles, columns=8), out / "generation.png")

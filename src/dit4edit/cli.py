@@ -78,10 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench-synthetic", help="editing benchmark on the synthetic world (ground truth known)")
     bench.add_argument("-o", "--output", default="bench-synthetic", help="results folder (resumes if it exists)")
-    bench.add_argument("--pairs", type=int, default=200, help="held-out (scene, edit) pairs (default 200)")
-    bench.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    bench.add_argument("--sections", default="editing",
+                       help="comma-separated: editing, generation, reconstruction (default: editing)")
+    bench.add_argument("--pairs", type=int, default=200, help="editing: held-out (scene, edit) pairs (default 200)")
+    bench.add_argument("--methods", default=None, help="editing: comma-separated subset of the methods (default: all)")
     bench.add_argument("--inversion", default=None, choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
-                       help="inversion for the methods that default to dpm-exact")
+                       help="editing: inversion for the methods that default to dpm-exact")
+    bench.add_argument("--generation-n", type=int, default=200, help="generation: held-out captions (default 200)")
+    bench.add_argument("--generation-steps", type=int, default=20, help="generation: sampling steps (default 20)")
+    bench.add_argument("--reconstruction-n", type=int, default=20, help="reconstruction: held-out scenes (default 20)")
+    bench.add_argument("--reconstruction-methods", default=None,
+                       help="reconstruction: comma-separated inversion methods (default: all four)")
     common(bench, image=False)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
@@ -334,16 +341,32 @@ def _attention(args) -> int:
 
 
 def _bench_synthetic(args) -> int:
-    from .bench_synthetic import run_editing, summary_table
+    from . import bench_synthetic as bench
 
-    if args.pairs < 1:
-        raise DiT4EditError(f"--pairs must be >= 1, got {args.pairs}")
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in sections if name not in bench.SECTIONS]
+    if unknown or not sections:
+        raise DiT4EditError(f"--sections takes a comma-separated subset of {', '.join(bench.SECTIONS)}, "
+                            f"got {args.sections!r}")
+    for flag, value in (("--pairs", args.pairs), ("--generation-n", args.generation_n),
+                        ("--generation-steps", args.generation_steps), ("--reconstruction-n", args.reconstruction_n)):
+        if value < 1:
+            raise DiT4EditError(f"{flag} must be >= 1, got {value}")
+    methods = args.reconstruction_methods.split(",") if args.reconstruction_methods else bench.RECONSTRUCTION_METHODS
+    bench.check_known(methods, bench.RECONSTRUCTION_METHODS, "inversion method")
     pipe = _load(args)
-    names = args.methods.split(",") if args.methods else None
-    summary = run_editing(pipe, args.output, args.pairs, names, args.steps, args.guidance,
-                          disable_progress=args.quiet, inversion=args.inversion)
-    print(summary_table(summary, list(summary)), end="")
-    _say(args, f"results in {args.output}/ (results.jsonl, summary.json, summary.md, grid.png)")
+    if "editing" in sections:
+        bench.run_editing(pipe, args.output, args.pairs, args.methods.split(",") if args.methods else None,
+                          args.steps, args.guidance, disable_progress=args.quiet, inversion=args.inversion)
+    if "generation" in sections:
+        bench.run_generation(pipe, args.output, args.generation_n, args.generation_steps, args.guidance,
+                             disable_progress=args.quiet)
+    if "reconstruction" in sections:
+        bench.run_reconstruction(pipe, args.output, args.reconstruction_n, methods, args.steps, args.guidance,
+                                 disable_progress=args.quiet)
+    print("\n".join(bench.section_markdown(args.output, name) for name in bench.SECTIONS if name in sections), end="")
+    files = [name for section in sections for name in bench.SECTION_FILES[section]]
+    _say(args, f"results in {args.output}/ ({', '.join(['summary.md', *files])})")
     return 0
 
 
