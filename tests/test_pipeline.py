@@ -211,7 +211,8 @@ def test_patch_merging_in_edit(tiny_pipe):
 def test_embedded_model_loads_and_generates():
     from dit4edit.pipeline import default_model
 
-    pipe = DiT4EditPipeline.from_pretrained(default_model(), torch_dtype=torch.float32)
+    pipe = DiT4EditPipeline.from_pretrained(default_model())  # weights stored float16, loaded float32
+    assert {m.dtype for m in (pipe.text_encoder, pipe.vae, pipe.transformer)} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
     from diffusers import PixArtTransformer2DModel
 

@@ -138,11 +138,12 @@ class DiT4EditPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DiT4EditPipeline:
         """`DiffusionPipeline.from_pretrained` with a one-line `DiT4EditError` for anything that is not a
-        PixArt-style pipeline (missing folder, no model_index.json, missing components, unreadable weights)."""
+        PixArt-style pipeline (missing folder, no model_index.json, missing components, unreadable weights).
+        Every component loads as `dtype` (default float32): transformers would otherwise keep the stored dtype of
+        the text encoder (float16 in half-precision checkpoints), which is slow and lossy on a CPU."""
         name = str(pretrained_model_name_or_path)
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        if dtype is not None:
-            kwargs[_dtype_kwarg()] = dtype
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
+        kwargs[_dtype_kwarg()] = dtype
         folder = Path(name).expanduser()
         if folder.exists():
             _check_model_folder(folder)
