@@ -114,7 +114,10 @@ def _partition(grid: Grid, stride: tuple[int, int], generator: torch.Generator) 
     is_dst = torch.zeros(h, w, dtype=torch.bool, device=pick.device)
     is_dst[: gh * sh, : gw * sw] = in_cell  # leftover rows/cols stay sources
     is_dst = is_dst.flatten()  # (N,)
-    return (~is_dst).nonzero().squeeze(1), is_dst.nonzero().squeeze(1)
+    # A stable sort puts the sources first and the destinations last, each in grid order. Unlike `nonzero`, it
+    # needs no host sync on a GPU (the number of destinations, one per complete cell, is known in advance).
+    order = torch.sort(is_dst.to(torch.uint8), stable=True).indices
+    return order[: h * w - gh * gw], order[h * w - gh * gw :]
 
 
 def _best_match(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
@@ -394,6 +397,12 @@ def merge_planner(config: MergeConfig, grid: Grid):
     return planner
 
 
+def _generator(transformer, seed: int) -> torch.Generator:
+    """A seeded generator on the model's device, so drawing a plan's destinations needs no host-device copy
+    (plans on a GPU therefore differ from plans on the CPU for the same seed)."""
+    return torch.Generator(device=transformer.device).manual_seed(seed)
+
+
 @contextmanager
 def merged_feed_forward(transformer, config: MergeConfig, grid: Grid, blocks: Sequence[int] | None = None):
     """Merge the feed-forward input of the chosen blocks (per-row plans: the FF is per token) while in the block;
@@ -403,7 +412,7 @@ def merged_feed_forward(transformer, config: MergeConfig, grid: Grid, blocks: Se
     try:
         if config.merge_ff and config.ratio > 0:
             for i in range(len(transformer.transformer_blocks)) if blocks is None else blocks:
-                generator = torch.Generator().manual_seed(layer_seed(config.seed, i, ff=True))
+                generator = _generator(transformer, layer_seed(config.seed, i, ff=True))
                 handles += _merge_feed_forward(transformer.transformer_blocks[i].ff, config, grid, generator)
         yield
     finally:
@@ -431,7 +440,7 @@ def apply_token_merging(
         name = f"transformer_blocks.{i}.attn1.processor"
         if name not in saved:
             raise ValueError(f"the transformer has no layer {name}")
-        generator = torch.Generator().manual_seed(layer_seed(config.seed, i))
+        generator = _generator(transformer, layer_seed(config.seed, i))
         installed[name] = TokenMergingAttnProcessor(config, grid, generator, plan_rows)
     transformer.set_attn_processor({**saved, **installed})  # a fresh dict: diffusers empties the one it gets
     try:
