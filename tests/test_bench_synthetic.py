@@ -58,6 +58,22 @@ def test_run_resumes_without_repeating(tiny_pipe, tmp_path):
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "summary.md").read_text().count("| no-control |") >= 2
 
 
+def test_custom_methods_and_merging_reach_the_edit(tiny_pipe, tmp_path):
+    from dit4edit.merging import MergeConfig
+
+    available = {
+        "plain": bench.Method("plain", inversion="dpm", control=None),
+        "no-merge": bench.Method("no-merge", inversion="dpm", control=None, merge=None),
+        "merged": bench.Method("merged", inversion="dpm", control=None, merge=MergeConfig(ratio=0.5, min_tokens=0)),
+    }
+    bench.run_editing(tiny_pipe, tmp_path, count=1, steps=2, grid_pairs=0, disable_progress=True,
+                      available=available)
+    psnr = {r["method"]: r["psnr"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert set(psnr) == set(available)
+    assert psnr["plain"] == psnr["no-merge"]  # the default config never merges grids this small
+    assert psnr["merged"] != psnr["plain"]
+
+
 class GroundTruthPipe:
     """Stands in for a perfect generator: returns the held-out scene its caption was written for."""
 

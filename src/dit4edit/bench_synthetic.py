@@ -24,7 +24,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from . import images as imgs
 from . import synthetic as world
 from .control import AttentionControl
 from .errors import DiT4EditError
+from .merging import MergeConfig
 
 HELD_OUT_SEED = 10**9
 SIZES = ((128, 128), (256, 128))  # (width, height): the square base and the 2:1 multi-aspect bucket
@@ -49,12 +50,14 @@ RECONSTRUCTION_GAP_DB = 1.0
 
 @dataclass(frozen=True)
 class Method:
-    """One way of editing: inversion, attention control (None = none), or SDEdit at a strength."""
+    """One way of editing: inversion, attention control (None = none), token merging (the pipeline's default
+    merges only grids of >= 1024 tokens, i.e. never on this benchmark's images), or SDEdit at a strength."""
 
     name: str
     inversion: str = "dpm-exact"
     control: AttentionControl | None = field(default_factory=AttentionControl)
     sdedit_strength: float | None = None
+    merge: MergeConfig | None = field(default_factory=MergeConfig)
 
 
 def default_methods() -> dict[str, Method]:
@@ -66,6 +69,8 @@ def default_methods() -> dict[str, Method]:
         Method("cross-only", control=AttentionControl(self_mode_early="target", self_replace_steps=1.0)),
         Method("self-only", control=AttentionControl(cross_replace_steps=0.0)),
         Method("sdedit-0.6", control=None, sdedit_strength=0.6),
+        # The paper's merging (ratio 0.8, 3x3 cells) forced onto these small grids (64-128 tokens).
+        Method("dit4edit-merged", merge=MergeConfig(min_tokens=0)),
     ]
     return {m.name: m for m in methods}
 
@@ -191,16 +196,17 @@ class ResultLog:
 
 def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Sequence[str] | None = None,
                 steps: int = 30, guidance: float = 4.5, grid_pairs: int = 8, disable_progress: bool = False,
-                inversion: str | None = None) -> dict:
+                inversion: str | None = None, available: dict[str, Method] | None = None) -> dict:
     """Run (or resume) the editing benchmark; returns the summary. `inversion` replaces the methods' default
-    inversion (dpm-exact) except where a method is defined by its inversion (ddim-inversion)."""
+    inversion (dpm-exact) except where a method is defined by its inversion (ddim-inversion). `available`: the
+    methods to choose from (default `default_methods()`; a settings sweep passes its own)."""
     import torch
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    available = default_methods()
+    available = available or default_methods()
     if inversion is not None:
-        available = {n: m if m.inversion != "dpm-exact" else Method(m.name, inversion, m.control, m.sdedit_strength)
+        available = {n: m if m.inversion != "dpm-exact" else replace(m, inversion=inversion)
                      for n, m in available.items()}
     names = list(methods or available)
     check_known(names, available, "method")
@@ -226,7 +232,8 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                                                                    guidance, method.inversion,
                                                                    disable_progress=True)
                     output = pipe.edit(inversions[method.inversion], pair.target_caption, guidance,
-                                       control=method.control, disable_progress=True).images[0]
+                                       control=method.control, merge=method.merge,
+                                       disable_progress=True).images[0]
                 seconds = time.perf_counter() - start
                 if k < grid_pairs:
                     output.save(out / "images" / f"{k:04d}-{name}.png")
