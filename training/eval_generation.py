@@ -19,8 +19,9 @@ import torch
 from diffusers import PixArtAlphaPipeline
 from PIL import Image
 
-from common import HELD_OUT_SEED, psnr, setup, to_tensor, to_uint8
-from dit4edit.synthetic import generate_scene, oracle
+from common import psnr, setup, to_tensor, to_uint8
+from dit4edit.bench_synthetic import held_out_scenes
+from dit4edit.synthetic import caption_hits, oracle
 from dit4edit.tiny import pixart_scheduler
 from dit4edit.tokenizer import MAX_TOKENS
 
@@ -53,33 +54,6 @@ def generate(pipe, prompts, width, height, steps=20, guidance=4.5, seed=0, devic
         eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
     return to_uint8(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample)
-
-
-def score(report, scene) -> dict:
-    """Per-caption-object hits: objects matched left to right (if the count is off, the largest detections)."""
-    found = list(report.objects)
-    if len(found) > len(scene.objects):
-        found = sorted(sorted(found, key=lambda o: -o.area)[: len(scene.objects)], key=lambda o: o.cx)
-    res = {"background": report.background == scene.background, "count": len(report.objects) == len(scene.objects),
-           "colour": [], "shape": [], "pattern": [], "size": [],
-           # Lenient: the caption object's colour / shape is found on some detected object, wherever it is.
-           "colour_any": [obj.colour in {o.colour for o in report.objects} for obj in scene.objects],
-           "shape_any": [obj.shape in {o.shape for o in report.objects} for obj in scene.objects]}
-    aligned = len(found) == len(scene.objects)
-    for k, obj in enumerate(scene.objects):
-        got = found[k] if aligned else None
-        res["colour"].append(got is not None and got.colour == obj.colour)
-        res["shape"].append(got is not None and got.shape == obj.shape)
-        res["pattern"].append(got is not None and got.pattern == obj.pattern)
-        if scene.mention_size:
-            res["size"].append(got is not None and got.size == obj.size)
-    return res
-
-
-def held_out_scenes(n: int) -> list:
-    """80% 128x128, 10% 256x128, 10% 128x256 (width x height)."""
-    sizes = [(128, 128)] * 8 + [(256, 128), (128, 256)]
-    return [generate_scene(HELD_OUT_SEED + k, *sizes[k % 10]) for k in range(n)]
 
 
 def main(argv=None) -> int:
@@ -131,7 +105,7 @@ def main(argv=None) -> int:
             "shape_any": []}
     by_bucket: dict = {}
     for k, s in enumerate(scenes):
-        r = score(oracle(images[k]), s)
+        r = caption_hits(oracle(images[k]), s)
         for key in hits:
             vals = r[key] if isinstance(r[key], list) else [r[key]]
             hits[key] += vals
