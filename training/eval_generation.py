@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = setup(args.threads)
     t0 = time.time()
-    pipe = PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=torch.float32).to(device)
+    pipe = PixArtAlphaPipeline.from_pretrained(str(args.model), torch_dtype=torch.float32).to(device)
     load_s = time.time() - t0
     scenes = held_out_scenes(args.n)
 
