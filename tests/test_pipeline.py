@@ -201,6 +201,13 @@ def test_patch_merging_in_edit(tiny_pipe):
     merged = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, merge_ff=True))
     assert not torch.allclose(merged.latents[1], plain.latents[1], atol=1e-4)
     assert torch.equal(merged.latents[0], plain.latents[0])  # pinned source
+    # merging limited to steps or blocks: all steps skipped = no merging; one block merging = something in between
+    skipped = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, skip_steps=99))
+    assert torch.equal(skipped.latents, plain.latents)
+    one_block = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, blocks=(1, 2)))
+    attn_only = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0))
+    assert not torch.equal(one_block.latents[1], plain.latents[1])
+    assert not torch.equal(one_block.latents[1], attn_only.latents[1])
     # one plan shared by the branches: with identical prompts the target still equals the free source
     free = tiny_pipe.edit(inversion, SOURCE, pin_source=False, merge=MergeConfig(ratio=0.5, min_tokens=0))
     assert torch.equal(free.latents[0], free.latents[1])

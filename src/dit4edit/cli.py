@@ -121,6 +121,10 @@ def control_options(sub: argparse.ArgumentParser) -> None:
     merging.add_argument("--merge-ff", action="store_true", help="also merge the feed-forward input (faster)")
     merging.add_argument("--merge-min-tokens", type=int, default=None, metavar="N",
                          help="merge only latent grids with at least N tokens (default 1024, i.e. 512² and up)")
+    merging.add_argument("--merge-blocks", default=None, metavar="START:END",
+                         help="merge only in transformer blocks [START, END) (default: all)")
+    merging.add_argument("--merge-skip-steps", type=int, default=None, metavar="N",
+                         help="leave self-attention unmerged in the first N denoising steps (default 0)")
 
 
 def control_from_args(args):
@@ -164,6 +168,10 @@ def merge_from_args(args):
             raise DiT4EditError(f"--merge-stride takes ROWSxCOLS, got {args.merge_stride!r}") from None
     if args.merge_min_tokens is not None:
         fields["min_tokens"] = args.merge_min_tokens
+    if args.merge_blocks is not None:
+        fields["blocks"] = _range(args.merge_blocks, "--merge-blocks")
+    if args.merge_skip_steps is not None:
+        fields["skip_steps"] = args.merge_skip_steps
     try:
         return MergeConfig(**fields)
     except (TypeError, ValueError) as error:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import DiT4EditError
+
 Grid = tuple[int, int]
 MergeFn = Callable[[Tensor], Tensor]
 
@@ -50,6 +52,9 @@ class MergeConfig:
     min_tokens: the pipeline merges only token grids at least this large (the functions here merge what they
             are given). Below ~1024 tokens (512² images) merging saves
             little (measured 0.86x of a forward at 1024 tokens on the CPU) and costs detail; see BENCHMARKS.md.
+    blocks: `[start, end)` transformer blocks that merge in an edit (None = all).
+    skip_steps: the first `skip_steps` denoising steps of an edit run with unmerged self-attention (the layout is
+            decided early); the feed-forward merging of `merge_ff` is not step-aware and merges in every step.
     """
 
     ratio: float = 0.8
@@ -57,6 +62,8 @@ class MergeConfig:
     seed: int = 0
     merge_ff: bool = False
     min_tokens: int = 1024
+    blocks: tuple[int, int] | None = None
+    skip_steps: int = 0
 
     def __post_init__(self):
         if len(self.stride) != 2 or any(int(s) != s or s < 1 for s in self.stride):
@@ -64,6 +71,12 @@ class MergeConfig:
         object.__setattr__(self, "stride", (int(self.stride[0]), int(self.stride[1])))
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"merge ratio is the fraction of tokens removed, in [0, 1); got {self.ratio}")
+        if self.blocks is not None:
+            if len(self.blocks) != 2 or not 0 <= self.blocks[0] < self.blocks[1]:
+                raise ValueError(f"merge blocks must be [start, end) with 0 <= start < end, got {self.blocks}")
+            object.__setattr__(self, "blocks", (int(self.blocks[0]), int(self.blocks[1])))
+        if self.skip_steps < 0:
+            raise ValueError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
         if self.ratio > self.max_ratio + 1e-9:
             raise ValueError(
                 f"merge ratio {self.ratio} is too high for stride {self.stride}: it removes at most "
@@ -74,6 +87,18 @@ class MergeConfig:
     def applies(self, grid: Grid) -> bool:
         """Whether this config merges anything on a token grid of this size."""
         return self.ratio > 0 and grid[0] * grid[1] >= self.min_tokens
+
+    def merges_block(self, block: int) -> bool:
+        return self.blocks is None or self.blocks[0] <= block < self.blocks[1]
+
+    def block_indices(self, num_blocks: int) -> range:
+        """The blocks that merge in a transformer of `num_blocks` blocks."""
+        if self.blocks is None:
+            return range(num_blocks)
+        if self.blocks[1] > num_blocks:
+            raise DiT4EditError(f"merge blocks {self.blocks[0]}:{self.blocks[1]} are outside the model's "
+                             f"{num_blocks} blocks")
+        return range(*self.blocks)
 
     @property
     def max_ratio(self) -> float:
@@ -390,6 +415,8 @@ def merge_planner(config: MergeConfig, grid: Grid):
         return None
 
     def planner(metric: Tensor, block: int, step_index: int | None):
+        if not config.merges_block(block) or (step_index or 0) < config.skip_steps:
+            return None
         generator = torch.Generator(device=metric.device)
         generator.manual_seed(layer_seed(config.seed, block) * 1009 + (step_index or 0))
         return plan_merge(metric, grid, config, generator)

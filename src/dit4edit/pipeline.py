@@ -387,7 +387,8 @@ class DiT4EditPipeline(DiffusionPipeline):
 
         grid = self._token_grid(latent_hw)
         installed = install(self.transformer, controller) if controller is not None else contextlib.nullcontext()
-        feed_forward = (merged_feed_forward(self.transformer, merge, grid)
+        feed_forward = (merged_feed_forward(self.transformer, merge, grid,
+                                            merge.block_indices(len(self.transformer.transformer_blocks)))
                         if merge is not None and merge.applies(grid) else contextlib.nullcontext())
         with installed, feed_forward:
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
@@ -403,6 +404,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         latent_hw = tuple(inversion.trajectory.shape[-2:])
         grid = self._token_grid(latent_hw)
         planner = merge_planner(merge, grid) if merge is not None else None
+        if planner is not None:
+            merge.block_indices(len(self.transformer.transformer_blocks))  # a range outside the model: one-line error
         if control is None:
             if mask is None and planner is None and not record_words:
                 return None
