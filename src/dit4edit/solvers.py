@@ -22,13 +22,15 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import trange
 
-# invert_dpm_exact: the clean-end last step is solved to this relative residual at best (see solve_coupled), and
-# the sweeps go on past tol, by this factor at a time, while a forward run misses x_N by this factor more than the
-# last step alone explains.
-_LAST_STEP_TOL = 2.5e-3
-_FORWARD_MARGIN = 3.0
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+# invert_dpm_exact (see _ExactInverter.solve_coupled): a slowly converging clean-end last step stops once below
+# _LAST_STEP_TOL; and once the step residuals reach tol, a forward run from x_0 must land on x_N within
+# _FORWARD_MARGIN times what the last step alone explains, else the sweeps go on to tol / _FORWARD_MARGIN (at most
+# three times).
+_LAST_STEP_TOL = 2.5e-3
+_FORWARD_MARGIN = 3.0
 
 
 @dataclass(frozen=True)
@@ -224,20 +226,25 @@ def invert_dpm_exact(
     """Exact DPM-Solver++(2M) inversion: the sampler's own N step equations solved together to `tol`.
 
     Why not per step: 2M step i uses D at point i - 1 (noisier, unknown when walking back), so the step equations
-    form one coupled system, a boundary-value problem: fixed x_N at one end, a first-order first step at the other.
-    Freezing the D_{i-1} term (Hong et al.) leaves an error the sampler then amplifies; Gauss-Seidel sweeps of
-    per-step solves diverge under strong guidance (the backward chain amplifies the frozen term's error), and so
-    does Newton with a scalar dD/dx per point: with classifier-free guidance dD/dx has eigenvalues of both signs
-    spread over two orders of magnitude, and a scalar model's error compounds along the 30-step chain.
+    form one coupled system, a boundary-value problem (x_N fixed at one end, a first-order first step at the
+    other). Freezing the D_{i-1} term (Hong et al.) leaves an error the sampler then amplifies. Under strong
+    classifier-free guidance dD/dx has eigenvalues of both signs spread over two orders of magnitude, and the
+    simple schemes diverge: Gauss-Seidel sweeps of per-step solves (the backward chain amplifies the frozen
+    term's error; spectral radius ~30 on the embedded model at guidance 4.5) and Newton with one scalar dD/dx per
+    point (the model's error compounds along the chain).
 
-    This solver: (1) the first-order exact inversion, solved loosely, as the warm start; the last step, when it is
-    first order, depends on x_{N-1} alone and is solved there once, as tightly as it goes. (2) Quasi-Newton sweeps
-    on the remaining equations with a per-point multisecant model of dD/dx (every evaluation made at a point is a
-    secant pair there; the model reproduces all recent pairs exactly and is a scalar elsewhere): the model's block
-    tridiagonal system is solved by GMRES, preconditioned by its own first-order backward chain (no NFE), then one
-    evaluation per point checks the step. (3) Safeguards: a sweep is accepted only if it lowers the largest step
-    residual, otherwise the step is halved (the rejected evaluations still refine the models); the best trajectory
-    is kept, so the result is never worse than the warm start. `max_sweeps` bounds the sweeps (N - 1 NFE each).
+    This solver: (1) warm start: the first-order exact inversion, solved loosely; a first-order last step depends
+    on x_{N-1} alone and is solved there once, by ddim-exact's secant. (2) Quasi-Newton sweeps on the other
+    equations with a multisecant model of dD/dx per point: every evaluation made at a point is a secant pair
+    there, the model reproduces the recent pairs and is a scalar elsewhere. The model's block-tridiagonal system
+    is solved by GMRES (no NFE), preconditioned by the model's own first-order backward chain; one evaluation per
+    point then tests the step (N - 1 NFE a sweep; the Denoiser takes one point per call). (3) Safeguards: a sweep
+    is accepted only if it lowers the residuals' norm, else the step is halved (the rejected evaluations still
+    refine the models); the trajectory with the smallest largest residual is returned, so the result is never
+    worse than the warm start; the sweeps stop at `max_sweeps` or when progress stalls (the denoiser's float32
+    precision, ~1e-6 here). (4) The 2M sampler under strong guidance amplifies step residuals along the way (by
+    ~1e4 on the embedded model), so reaching tol is checked once by running the sampler from x_0 (N NFE); if it
+    misses x_N by more than the last step explains, the sweeps go on to a tighter tolerance.
     """
     return _ExactInverter(denoise, x, schedule, tol, max_iters, eta).solve_coupled(max_sweeps, disable)
 
@@ -284,10 +291,11 @@ class _ExactInverter:
         for i in trange(n - 1, -1, -1, disable=disable, desc="warm start", leave=False):
             if i == n - 1 and schedule.orders[i] == 1:
                 # A first-order last step depends on x_{N-1} alone: solve it once, here, by ddim-exact's damped
-                # secant. At a clean end it reads x_N = D(x_{N-1}), nearly singular; pushing it far below the
-                # denoiser's own consistency (~1e-3) drives x_{N-1} off the data and leaves the coupled equations
-                # behind it unsolvable, so it stops at _LAST_STEP_TOL.
-                self._solve(i, inner_tol=max(self.tol / 4, _LAST_STEP_TOL))
+                # secant. At a clean end it reads x_N = D(x_{N-1}) with dD/dx nearly singular for a trained model:
+                # the secant crawls (~10% a step), and each further digit moves x_{N-1} a long way along D's
+                # near-null directions, which the coupled equations behind it must then follow (seen to stall
+                # them). So once below _LAST_STEP_TOL, a slowly converging solve stops there.
+                self._solve(i, floor=_LAST_STEP_TOL)
                 continue
             target = self.xs[i + 1]
             ratio, beta, _ = _coefficients(first, i)
@@ -318,7 +326,7 @@ class _ExactInverter:
         damp, rejected, history = self.eta, 0, [best]
         for _ in trange(max_sweeps, disable=disable, desc="exact inversion"):
             if best <= target:
-                if target <= self.tol * _FORWARD_MARGIN**-3 or self._forward_ok(best_state[0]):
+                if target <= self.tol * _FORWARD_MARGIN**-3 or self._forward_ok(*best_state):
                     break
                 target /= _FORWARD_MARGIN  # the sampler amplifies these residuals: solve further
             if rejected >= 4 or (len(history) > 6 and history[-1] > 0.7 * history[-7]):
@@ -343,18 +351,18 @@ class _ExactInverter:
         self.xs[:m], self.ds[:m] = best_state
         return self._result()
 
-    def _forward_ok(self, xs: list[torch.Tensor]) -> bool:
-        """Run the sampler from x_0 (N NFE): does it land on x_N about as well as the last step alone allows?
-        The step residuals are relative to each step; 2M under strong guidance amplifies them along the way."""
+    def _forward_ok(self, xs: list[torch.Tensor], ds: list[torch.Tensor]) -> bool:
+        """Run the sampler from x_0 (N - 1 NFE, D at x_0 is known): does it land on x_N about as well as the last
+        step alone allows? The step residuals are relative to each step; 2M under strong guidance amplifies them
+        along the way."""
         n = self.schedule.num_steps
-        last = self.residual(n - 1)
-        x, d_prev = xs[0], None
+        x, d, d_prev = xs[0], ds[0], None
         for i in range(n):
-            d = self._eval(x, i)
-            x = dpm_step(self.schedule, i, x, d, d_prev)
-            d_prev = d
+            if i:
+                d = self._eval(x, i)
+            x, d_prev = dpm_step(self.schedule, i, x, d, d_prev), d
         defect = ((x - self.xs[n]).norm() / self.xs[n].norm()).item()
-        return defect <= _FORWARD_MARGIN * max(last, self.tol)
+        return defect <= _FORWARD_MARGIN * max(self.residual(n - 1), self.tol)
 
     def _result(self) -> InversionResult:
         residuals = [self.residual(i) for i in range(self.schedule.num_steps)]
@@ -408,14 +416,15 @@ class _ExactInverter:
         self.nfe += 1
         return self.denoise(y, i)
 
-    def _solve(self, i: int, inner_tol: float | None = None) -> None:
+    def _solve(self, i: int, floor: float = 0.0) -> None:
         """Solve step equation i for x_i by a damped secant iteration, warm-started from the current x_i.
 
         F(y) = step_i(y, D(y)) - x_{i+1}. Its derivative is `ratio + beta (1 + c) dD/dy`; dD/dy is modelled as one
         scalar per point, starting from its eps-frozen value 1/a_i (Newton with eps held fixed, the plain
         fixed-point iteration of REFERENCE §1.1) and refined by the secant <dD, dy> / <dy, dy> after each
         evaluation. For a denoiser that acts like a scalar near the solution this converges in two or three
-        evaluations instead of a linear fixed-point rate.
+        evaluations instead of a linear fixed-point rate. Below `floor` it also stops once an evaluation no longer
+        halves the residual (slow convergence: an ill-conditioned step, see `solve_coupled`).
         """
         target = self.xs[i + 1]
         ratio, beta, c = _coefficients(self.schedule, i)
@@ -427,10 +436,10 @@ class _ExactInverter:
         else:
             y, d = self.xs[i], self.ds[i]
         f = self._step(i, y, d) - target
-        inner_tol, eta = self.tol / 4 if inner_tol is None else inner_tol, self.eta
-        res = (f.norm() / target.norm()).item()
+        inner_tol, eta = self.tol / 4, self.eta
+        res, slow = (f.norm() / target.norm()).item(), False
         for _ in range(self.max_iters):
-            if res <= inner_tol:
+            if res <= inner_tol or (res <= floor and slow):
                 break
             slope = ratio + beta * (1.0 + c) * gain
             y_new = y - (eta / slope) * f
@@ -443,6 +452,7 @@ class _ExactInverter:
                 gain = secant
             if res_new > res:
                 eta *= 0.5  # damp when a step overshoots
+            slow = res_new > 0.5 * res
             y, d, f, res = y_new, d_new, f_new, res_new
         self.gains[i] = gain
         self.xs[i], self.ds[i] = y, d
