@@ -170,3 +170,11 @@ def test_merge_flag_errors(flags, message, files, tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not output.exists()
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dit4edit", "edit", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--inversion" in done.stdout
