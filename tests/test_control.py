@@ -131,7 +131,7 @@ def test_no_active_control_equals_default_processor(transformer, case):
         ctrl, step = controller(config), NUM_STEPS - 1
     with install(transformer, ctrl):
         out = forward(transformer, inputs, step)
-    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
 
 
 def test_processors_named_by_block_and_restored(transformer):
@@ -246,7 +246,7 @@ def test_source_rows_untouched_by_every_control(transformer, name, num_targets):
     with install(transformer, ctrl):
         for step in (0, 3, 7, 9):
             out = forward(transformer, inputs, step)
-            torch.testing.assert_close(out[source], reference[source], atol=1e-6, rtol=0)
+            torch.testing.assert_close(out[source], reference[source], atol=1e-6, rtol=1e-5)
             changed |= not torch.allclose(out[~source], reference[~source], atol=1e-4)
     assert changed, "the control never changed a target row"
 
@@ -261,7 +261,7 @@ def test_identical_prompts_give_target_equal_source(transformer, name):
     with install(transformer, ctrl):
         for step in (0, 5, 9):
             out = forward(transformer, inputs, step)
-            torch.testing.assert_close(out, out[src], atol=1e-6, rtol=0)
+            torch.testing.assert_close(out, out[src], atol=1e-6, rtol=1e-5)
 
 
 def test_merge_planner_wraps_self_attention(transformer):
@@ -277,7 +277,7 @@ def test_merge_planner_wraps_self_attention(transformer):
     ctrl = controller(AttentionControl(enabled=False), merge_planner=identity_planner)
     with install(transformer, ctrl):
         out = forward(transformer, inputs, 6)
-    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
     assert calls == [((16, 16), b, 6) for b in range(4)]  # (N, C) of the conditional source row
 
     def pair_planner(hidden_states, block, step_index):  # merge token pairs: (B, N, C) -> (B, N / 2, C)
@@ -473,11 +473,11 @@ def test_for_edit_identical_prompts_and_recorder(transformer, tokenizer):
     with install(transformer, ctrl):
         for step in (0, 6):
             out = forward(transformer, inputs, step)
-            torch.testing.assert_close(out, out[ctrl.layout.source_of()], atol=1e-6, rtol=0)
+            torch.testing.assert_close(out, out[ctrl.layout.source_of()], atol=1e-6, rtol=1e-5)
     assert ctrl.blend_mask(6).shape == (8, 8)
     source_maps, target_maps = ctrl.word_maps(0), ctrl.word_maps(1)
     assert "wooden" in source_maps and list(source_maps) == list(target_maps)
-    torch.testing.assert_close(source_maps["cat"], target_maps["cat"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(source_maps["cat"], target_maps["cat"], atol=1e-6, rtol=1e-5)
 
     recorder = AttentionController.recorder(tokenizer, prompt, num_steps=NUM_STEPS, num_blocks=4, grid=GRID)
     plain = batch(recorder.layout, seed=8)

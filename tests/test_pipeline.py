@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SOURCE, TARGET, random_image
+from conftest import SOURCE, TARGET, random_image, relative_error
 
 from dit4edit.errors import DiT4EditError
 from dit4edit.pipeline import DiT4EditPipeline, Inversion
@@ -20,9 +20,13 @@ def test_save_pretrained_round_trip(tiny_pipe, tiny_model_dir):
     for name in ("transformer", "vae", "text_encoder"):
         ours, theirs = getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    a, _ = tiny_pipe.generate(SOURCE, 64, 64, STEPS, generator=torch.Generator().manual_seed(3))
-    b, _ = loaded.generate(SOURCE, 64, 64, STEPS, generator=torch.Generator().manual_seed(3))
-    assert list(a.getdata()) == list(b.getdata())
+    a, trajectory_a = tiny_pipe.generate(SOURCE, 64, 64, STEPS, generator=torch.Generator().manual_seed(3))
+    b, trajectory_b = loaded.generate(SOURCE, 64, 64, STEPS, generator=torch.Generator().manual_seed(3))
+    # equal weights, other tensors in memory: BLAS may round differently, so equal up to float32 rounding
+    assert relative_error(trajectory_b.trajectory, trajectory_a.trajectory) < 1e-5
+    import numpy as np
+
+    assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 
 def test_model_folder_errors(tmp_path, tiny_model_dir):
@@ -90,8 +94,8 @@ def test_free_source_reproduces_input_after_exact_inversion(tiny_pipe):
         errors.append(((source - inv.input_latent).norm() / inv.input_latent.norm()).item())
     # float32 batch-size effects, amplified by a random model at guidance 4.5, stay far below naive inversion's error
     assert errors[0] < 1e-3 and errors[0] * 100 < errors[1], errors
-    # identical source and target prompts run identical rows of one batch
-    assert torch.equal(result.latents[0], result.latents[1])
+    # identical source and target prompts run identical rows of one batch (rows may round differently)
+    assert relative_error(result.latents[1], result.latents[0]) < 1e-5
     assert len(result.images) == 2
 
 
@@ -99,7 +103,8 @@ def test_generate_then_edit_without_inversion(tiny_pipe):
     image, trajectory = tiny_pipe.generate(SOURCE, 64, 128, STEPS, generator=torch.Generator().manual_seed(0))
     assert image.size == (128, 64) and trajectory.method == "generated"
     result = tiny_pipe.edit(trajectory, SOURCE, pin_source=False)
-    assert torch.allclose(result.latents[1].double(), trajectory.input_latent, atol=1e-6)
+    # the same computation in a batch of two instead of one: equal up to float32 rounding
+    assert relative_error(result.latents[1], trajectory.input_latent) < 1e-5
     import numpy as np
 
     difference = np.abs(np.asarray(result.images[0], dtype=int) - np.asarray(image, dtype=int))
@@ -117,7 +122,7 @@ def test_edit_installs_control_per_step_and_restores(tiny_pipe):
     assert dict(tiny_pipe.transformer.attn_processors) == before
     plain = tiny_pipe.edit(inversion, TARGET, control=None)
     assert plain.controller is None
-    assert torch.allclose(idle.latents, plain.latents, atol=1e-5)
+    assert relative_error(idle.latents, plain.latents) < 1e-5
     controlled = tiny_pipe.edit(inversion, TARGET)  # the default: DiT4Edit's attention control
     assert not torch.allclose(controlled.latents[1], plain.latents[1], atol=1e-3)
     assert torch.equal(controlled.latents[0], plain.latents[0])  # the pinned source branch is untouched
@@ -195,22 +200,22 @@ def test_patch_merging_in_edit(tiny_pipe):
     before = dict(tiny_pipe.transformer.attn_processors)
     plain = tiny_pipe.edit(inversion, TARGET, merge=None)
     default = tiny_pipe.edit(inversion, TARGET)  # 36 tokens: under min_tokens, so nothing merges
-    assert torch.equal(default.latents, plain.latents)
+    assert relative_error(default.latents, plain.latents) < 1e-6
     zero = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.0, min_tokens=0))
-    assert torch.equal(zero.latents, plain.latents)
+    assert relative_error(zero.latents, plain.latents) < 1e-6
     merged = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, merge_ff=True))
     assert not torch.allclose(merged.latents[1], plain.latents[1], atol=1e-4)
     assert torch.equal(merged.latents[0], plain.latents[0])  # pinned source
     # merging limited to steps or blocks: all steps skipped = no merging; one block merging = something in between
     skipped = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, skip_steps=99))
-    assert torch.equal(skipped.latents, plain.latents)
+    assert relative_error(skipped.latents, plain.latents) < 1e-6
     one_block = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, blocks=(1, 2)))
     attn_only = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0))
-    assert not torch.equal(one_block.latents[1], plain.latents[1])
-    assert not torch.equal(one_block.latents[1], attn_only.latents[1])
+    assert relative_error(one_block.latents[1], plain.latents[1]) > 1e-4
+    assert relative_error(one_block.latents[1], attn_only.latents[1]) > 1e-4
     # one plan shared by the branches: with identical prompts the target still equals the free source
     free = tiny_pipe.edit(inversion, SOURCE, pin_source=False, merge=MergeConfig(ratio=0.5, min_tokens=0))
-    assert torch.equal(free.latents[0], free.latents[1])
+    assert relative_error(free.latents[1], free.latents[0]) < 1e-5
     assert dict(tiny_pipe.transformer.attn_processors) == before
     assert all(not block.ff._forward_hooks for block in tiny_pipe.transformer.transformer_blocks)
 
