@@ -8,6 +8,7 @@ import pytest
 from dit4edit.synthetic import (
     BACKGROUNDS,
     COLOURS,
+    ALL_EDIT_KINDS,
     EDIT_KINDS,
     PATTERNS,
     SHAPES,
@@ -41,6 +42,7 @@ def test_canvas_sizes(width, height):
 
 
 def test_flat_regions_have_exact_palette_colours():
+    edges = 0
     for seed in range(20):
         scene = generate_scene(seed, pattern_probability=0.0)
         untouched = ~scene.masks.any(axis=0)
@@ -50,7 +52,8 @@ def test_flat_regions_have_exact_palette_colours():
             assert len(inside) > 100
             assert (inside == COLOURS[obj.colour]).all()
         edge = (scene.alphas > 0) & (scene.alphas < 1)  # anti-aliased: edges blend colour and background
-        assert edge.any()
+        edges += bool(edge.any())
+    assert edges >= 15  # a square whose sides fall on pixel boundaries has no blended edge
 
 
 def test_objects_never_overlap_and_captions_follow_the_grammar():
@@ -64,11 +67,11 @@ def test_objects_never_overlap_and_captions_follow_the_grammar():
             left, right = scene.objects
             assert left.cx < right.cx
             assert scene.caption.index(left.phrase(scene.mention_size)) < scene.caption.index(" and ")
-    assert 40 < seen_two < 160
+    assert 20 < seen_two < 100  # a quarter of the scenes have two objects
 
 
 def test_caption_wording():
-    objects = [SceneObject("star", "blue", "small", None, 90, 60), SceneObject("circle", "red", "large", "striped", 35, 60)]
+    objects = [SceneObject("star", "blue", "small", None, 100, 96), SceneObject("circle", "red", "large", "striped", 40, 40)]
     scene = make_scene(objects, "gray")
     assert scene.caption == "a red striped circle and a blue star on a gray background"
     assert make_scene(objects, "gray", mention_size=True).caption == (
@@ -81,7 +84,7 @@ def test_overlapping_objects_are_rejected():
         make_scene(objects, "gray")
 
 
-@pytest.mark.parametrize("kind", EDIT_KINDS)
+@pytest.mark.parametrize("kind", ALL_EDIT_KINDS)
 @pytest.mark.parametrize("width,height", [(128, 128), (128, 256)])
 def test_apply_edit_changes_only_the_edited_region(kind, width, height):
     done = 0
@@ -121,7 +124,8 @@ def test_apply_edit_changes_only_the_edited_region(kind, width, height):
 
 def test_possible_edits_are_all_valid():
     scene = generate_scene(3, n_objects=2)
-    edits = possible_edits(scene)
+    assert {e.kind for e in possible_edits(scene)} >= {"colour", "shape", "background"}
+    edits = possible_edits(scene, ALL_EDIT_KINDS)
     assert {e.kind for e in edits} >= {"colour", "shape", "pattern", "background"}
     for edit in edits:
         apply_edit(scene, edit)

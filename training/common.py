@@ -44,14 +44,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-def pool_scene(seed: int, k: int, sizes=CANVAS_SIZES, square_share: float = 0.7):
+def pool_scene(seed: int, k: int, sizes=CANVAS_SIZES, square_share: float = 0.8):
     """The k-th scene of a pool: `square_share` of them 128x128, the rest split over the other buckets."""
     bucket = 0 if (k % 10) < round(10 * square_share) else 1 + (k % 2)
     width, height = sizes[bucket]
     return generate_scene(seed, width, height)
 
 
-def scene_pool(start: int, count: int, sizes=CANVAS_SIZES, square_share: float = 0.7):
+def scene_pool(start: int, count: int, sizes=CANVAS_SIZES, square_share: float = 0.8):
     """Scenes with seeds start.. (see `pool_scene`)."""
     return [pool_scene(start + k, k, sizes, square_share) for k in range(count)]
 

@@ -65,7 +65,8 @@ def build_text_encoder(vocab_size: int, d_model: int, layers: int) -> T5EncoderM
     )
 
 
-def build_transformer(width: int, layers: int, caption_channels: int, sample_size: int = 16) -> PixArtTransformer2DModel:
+def build_transformer(width: int, layers: int, caption_channels: int, sample_size: int = 16,
+                      patch_size: int = 2) -> PixArtTransformer2DModel:
     heads = width // 32
     return PixArtTransformer2DModel(
         num_attention_heads=heads,
@@ -76,7 +77,7 @@ def build_transformer(width: int, layers: int, caption_channels: int, sample_siz
         cross_attention_dim=width,
         caption_channels=caption_channels,
         sample_size=sample_size,
-        patch_size=2,
+        patch_size=patch_size,
         norm_num_groups=32,
         norm_type="ada_norm_single",
         use_additional_conditions=False,
@@ -186,6 +187,11 @@ def main(argv=None) -> int:
     p.add_argument("--t5-width", type=int, default=128)
     p.add_argument("--t5-layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=128)
+    p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (1: a 16x16 token grid at 128 px)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a pipeline folder to start from: its tokenizer, VAE and T5 are used, and every transformer "
+                        "tensor whose shape matches is copied (width and depth must match to copy the blocks)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (fp32 weights)")
     p.add_argument("--scenes", type=int, default=6000, help="training scenes encoded once (seeds 0..)")
     p.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
     p.add_argument("--time-budget", type=float, default=None,
@@ -204,6 +210,8 @@ def main(argv=None) -> int:
 
     # Stage 1: tokenizer on the caption grammar.
     tok_dir = args.out / "tokenizer"
+    if args.init_from and not tok_dir.exists():
+        T5Tokenizer.from_pretrained(args.init_from / "tokenizer").save_pretrained(tok_dir)
     if tok_dir.exists():
         tokenizer = T5Tokenizer.from_pretrained(tok_dir)
     else:
@@ -212,7 +220,8 @@ def main(argv=None) -> int:
     log.info("tokenizer: %d pieces; %s", len(tokenizer), tokenizer.tokenize("a large red striped circle and a "
                                                                           "small blue dotted star on a beige background"))
 
-    vae = AutoencoderKL.from_pretrained(args.out / "vae").to(device, memory_format=torch.channels_last)
+    vae_dir = args.init_from / "vae" if args.init_from else args.out / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(device, memory_format=torch.channels_last)
     cache = args.out / f"latents_{args.scenes}.pt"
     covers = args.out / f"covers_{args.scenes}.pt"
     if cache.exists() and covers.exists():
@@ -238,7 +247,11 @@ def main(argv=None) -> int:
     empty_ids, empty_mask = tokenize(tokenizer, [""])
 
     text_encoder = build_text_encoder(len(tokenizer), args.t5_width, args.t5_layers).to(device)
-    transformer = build_transformer(args.width, args.layers, args.t5_width).to(device)
+    transformer = build_transformer(args.width, args.layers, args.t5_width, patch_size=args.patch_size).to(device)
+    if args.init_from:
+        copied = warm_start(text_encoder, T5EncoderModel, args.init_from / "text_encoder")
+        copied += warm_start(transformer, PixArtTransformer2DModel, args.init_from / "transformer")
+        log.info("warm start from %s: %d tensors copied", args.init_from, copied)
     log.info("T5: %.2fM, transformer: %.2fM parameters",
              sum(q.numel() for q in text_encoder.parameters()) / 1e6,
              sum(q.numel() for q in transformer.parameters()) / 1e6)
@@ -311,10 +324,11 @@ def main(argv=None) -> int:
 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup) * group["mult"]
-        emb = text_encoder(input_ids=ids, attention_mask=mask)[0]
-        out = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
-                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        eps = out.chunk(2, dim=1)[0]  # PixArt's second half is the learned-sigma output; unused here
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            emb = text_encoder(input_ids=ids, attention_mask=mask)[0]
+            out = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                              added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        eps = out.float().chunk(2, dim=1)[0]  # PixArt's second half is the learned-sigma output; unused here
         if weights_by_bucket is not None:
             w = 1.0 + args.object_weight * weights_by_bucket[bucket][idx].to(device)  # (B, 1, h, w)
             loss = ((eps - noise) ** 2 * w).mean() / w.mean()
@@ -339,11 +353,20 @@ def main(argv=None) -> int:
 
     if stop < args.steps:
         return 0
-    vae = AutoencoderKL.from_pretrained(args.out / "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
     for name, weights in (("pipeline", modules), ("pipeline_ema", ema.shadow)):
         save_pipeline(args.out / name, tokenizer, weights["text_encoder"], vae, weights["transformer"], args.fp16)
     log.info("saved %s and %s", args.out / "pipeline", args.out / "pipeline_ema")
     return 0
+
+
+def warm_start(module: torch.nn.Module, cls, folder: Path) -> int:
+    """Copy into `module` every tensor of the pretrained `cls` in `folder` whose name and shape match."""
+    source = cls.from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+    target = module.state_dict()
+    matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    module.load_state_dict(matched, strict=False)
+    return len(matched)
 
 
 def save_pipeline(folder: Path, tokenizer, text_encoder, vae, transformer, fp16: bool = False) -> None:

@@ -1,13 +1,18 @@
 """A synthetic world of flat shapes with exact ground truth, for training the embedded model and benchmarking edits.
 
-The world is fixed (issue 6) so that every tool and test agrees on it:
+The world is fixed so that every tool and test agrees on it:
 
 - canvases: 128x128 plus the multi-aspect buckets 256x128 and 128x256 (`width x height`);
-- flat backgrounds white / black / gray / beige; one or two non-overlapping, anti-aliased objects;
+- flat backgrounds white / black / gray / beige; one (75% of scenes) or two non-overlapping, anti-aliased objects;
 - shapes circle / square / triangle / star; colours red / green / blue / yellow / purple / orange;
-  sizes small / large (named in the caption only when asked); optional pattern striped / dotted;
-- captions ``a {size} {colour} {pattern} {shape} on a {background} background``, objects listed left to right and
+  sizes small / large (circumradius 24 / 38 px, named in the caption only when asked);
+- captions ``a {size} {colour} {shape} on a {background} background``, objects listed left to right and
   joined with ``and``.
+
+Patterns (striped / dotted, ``a red striped circle``) can still be rendered, edited and read back, but random scenes
+have none: a stripe period of 8 px is one latent pixel of a factor-8 VAE, too fine for a small model to draw, and
+the embedded model is trained without them (`EDIT_KINDS` therefore leaves pattern edits out).
+Objects are big on purpose: a large object spans about five 16-px transformer tokens at patch size 2.
 
 `generate_scene(seed)` is deterministic per seed. `apply_edit(scene, edit)` renders the ground-truth edited scene
 with everything else identical. `oracle(image)` reads colour, shape, pattern, size and background back from pixels,
@@ -43,10 +48,12 @@ SIZES = ("small", "large")
 PATTERNS = ("striped", "dotted")
 #: Canvas buckets as (width, height): the 1:1 base and the 2:1 / 1:2 multi-aspect analogues of 2048x1024.
 CANVAS_SIZES = ((128, 128), (256, 128), (128, 256))
-EDIT_KINDS = ("colour", "shape", "pattern", "size", "background")
+#: The edit kinds of the benchmark; `apply_edit` also renders "pattern" edits.
+EDIT_KINDS = ("colour", "shape", "size", "background")
+ALL_EDIT_KINDS = EDIT_KINDS + ("pattern",)
 
 #: Circumradius in pixels of each size; every shape fits in the circle of this radius around its centre.
-SIZE_RADIUS = {"small": 16.0, "large": 28.0}
+SIZE_RADIUS = {"small": 24.0, "large": 38.0}
 #: Pattern ink: the object's colour times this factor (stripes / dots are a darker shade of the object).
 SHADE = 0.5
 STRIPE_PERIOD, STRIPE_WIDTH = 8.0, 3.0  # horizontal stripes, pixels
@@ -267,15 +274,15 @@ def generate_scene(
     height: int = 128,
     n_objects: int | None = None,
     mention_size: bool | None = None,
-    pattern_probability: float = 0.4,
+    pattern_probability: float = 0.0,
 ) -> Scene:
     """A random scene, deterministic per (seed, arguments).
 
-    `n_objects` (1 or 2) and `mention_size` are drawn from the seed when None (1 object 60% of the time; size named
-    30% of the time). Each object gets a pattern with probability `pattern_probability`.
+    `n_objects` (1 or 2) and `mention_size` are drawn from the seed when None (1 object 75% of the time; size named
+    30% of the time). Each object gets a pattern with probability `pattern_probability` (none by default).
     """
     rng = np.random.default_rng([seed, width, height])
-    count = n_objects if n_objects is not None else (1 if rng.random() < 0.6 else 2)
+    count = n_objects if n_objects is not None else (1 if rng.random() < 0.75 else 2)
     if count not in (1, 2):
         raise ValueError(f"n_objects must be 1 or 2, got {count}")
     mention = bool(rng.random() < 0.3) if mention_size is None else mention_size
@@ -332,8 +339,8 @@ def apply_edit(scene: Scene, edit: Edit) -> EditPair:
 
     Raises ValueError when the edit is a no-op or impossible (e.g. growing an object into its neighbour).
     """
-    if edit.kind not in EDIT_KINDS:
-        raise ValueError(f"unknown edit kind {edit.kind!r}; expected one of {EDIT_KINDS}")
+    if edit.kind not in ALL_EDIT_KINDS:
+        raise ValueError(f"unknown edit kind {edit.kind!r}; expected one of {ALL_EDIT_KINDS}")
     mention = scene.mention_size or edit.kind == "size"
     if edit.kind == "background":
         if edit.value not in BACKGROUNDS or edit.value == scene.background:
@@ -364,24 +371,25 @@ def apply_edit(scene: Scene, edit: Edit) -> EditPair:
     return EditPair(source, target, source_caption, target.caption, edit, region)
 
 
-def possible_edits(scene: Scene) -> list[Edit]:
-    """Every valid single-attribute edit of the scene, in a fixed order."""
+def possible_edits(scene: Scene, kinds: Sequence[str] = EDIT_KINDS) -> list[Edit]:
+    """Every valid single-attribute edit of the scene of the given kinds, in a fixed order."""
     edits = [Edit("background", b) for b in BACKGROUNDS if b != scene.background]
     for k, obj in enumerate(scene.objects):
         edits += [Edit("colour", c, k) for c in COLOURS if c != obj.colour]
         edits += [Edit("shape", s, k) for s in SHAPES if s != obj.shape]
-        edits += [Edit("pattern", p or "none", k) for p in PATTERNS + (None,) if p != obj.pattern]
+        if "pattern" in kinds:
+            edits += [Edit("pattern", p or "none", k) for p in PATTERNS + (None,) if p != obj.pattern]
         other = "large" if obj.size == "small" else "small"
         others = [o for j, o in enumerate(scene.objects) if j != k]
         if _fits(dataclasses.replace(obj, size=other), others, scene.width, scene.height):
             edits.append(Edit("size", other, k))
-    return edits
+    return [e for e in edits if e.kind in kinds]
 
 
 def random_edit(scene: Scene, seed: int, kind: str | None = None) -> Edit:
     """A valid edit drawn deterministically from `seed`, of the given kind if any (ValueError if none exists)."""
     rng = np.random.default_rng([seed, 7])
-    edits = [e for e in possible_edits(scene) if kind is None or e.kind == kind]
+    edits = [e for e in possible_edits(scene, ALL_EDIT_KINDS if kind else EDIT_KINDS) if kind is None or e.kind == kind]
     if not edits:
         raise ValueError(f"no valid {kind or ''} edit for this scene")
     if kind is None:  # equal odds per kind, then per edit
