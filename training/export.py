@@ -1,7 +1,9 @@
 """Assemble the trained parts of a run into a diffusers-layout PixArtAlphaPipeline folder (the shipped model).
 
 Takes the tokenizer (`run/tokenizer`), T5 encoder and transformer from `run/dit.ckpt` (EMA weights by default) and the
-VAE from `run/vae_decoder` (phase-2 decoder) or else `run/vae`; stores float16 weights by default to stay small.
+VAE from `run/vae_decoder` (phase-2 decoder), else `run/vae`, else the VAE of the pipeline the run started from
+(`--init-from`); stores float16 weights by default to stay small. A README.md and the model's editing settings
+(`dit4edit.json`) already in the destination are kept.
 
     python training/export.py --run training/runs/shapes --dest src/dit4edit/models/shapes
 """
@@ -18,6 +20,10 @@ from transformers import T5Tokenizer
 
 from common import log, setup
 from train_dit import build_text_encoder, build_transformer, save_pipeline
+
+
+#: Files of a model folder that an export keeps: its README and its editing settings.
+KEPT_FILES = ("README.md", "dit4edit.json")
 
 
 def folder_size(path: Path) -> int:
@@ -37,21 +43,22 @@ def main(argv=None) -> int:
     state = torch.load(args.run / "dit.ckpt", map_location="cpu", weights_only=False)
     a = state["args"]
     text_encoder = build_text_encoder(len(tokenizer), a["t5_width"], a["t5_layers"])
-    transformer = build_transformer(a["width"], a["layers"], a["t5_width"])
+    transformer = build_transformer(a["width"], a["layers"], a["t5_width"], patch_size=a.get("patch_size", 2))
     weights = state if args.raw else state["ema"]
     text_encoder.load_state_dict(weights["text_encoder"])
     transformer.load_state_dict(weights["transformer"])
-    vae_dir = args.vae or (args.run / "vae_decoder" if (args.run / "vae_decoder").exists() else args.run / "vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    candidates = [args.vae, args.run / "vae_decoder", args.run / "vae"]
+    if a.get("init_from"):
+        candidates.append(Path(a["init_from"]) / "vae")
+    vae_dir = next(c for c in candidates if c is not None and c.exists())
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    kept = {}
     if args.dest.exists():
-        keep = args.dest / "README.md"
-        readme = keep.read_text() if keep.exists() else None
+        kept = {name: (args.dest / name).read_bytes() for name in KEPT_FILES if (args.dest / name).exists()}
         shutil.rmtree(args.dest)
-    else:
-        readme = None
     save_pipeline(args.dest, tokenizer, text_encoder, vae, transformer, fp16=not args.fp32)
-    if readme is not None:
-        (args.dest / "README.md").write_text(readme)
+    for name, data in kept.items():
+        (args.dest / name).write_bytes(data)
     # It must load and generate like a real checkpoint, through diffusers' own pipeline.
     pipe = PixArtAlphaPipeline.from_pretrained(args.dest, torch_dtype=torch.float32)
     image = pipe("a red circle on a white background", height=128, width=128, num_inference_steps=5,
