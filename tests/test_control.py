@@ -209,7 +209,7 @@ def test_cross_attention_edit_equals_explicit_softmax(variant):
 
         probs = (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)  # (B, H, N, L)
         expected = probs @ v
-        cond = layout.split_guidance(torch.arange(layout.rows))[1]
+        cond = torch.tensor(layout.cond_rows)
         for t, edit in enumerate(token_edits):
             window = (step < edit.cross_steps).double()
             f, w = edit.from_source.double(), edit.weights.double()

@@ -19,6 +19,7 @@ from transformers import T5EncoderModel
 from . import images as imgs
 from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
+from .layout import SOURCE, BatchLayout
 from .merging import MergeConfig, merge_planner, merged_feed_forward
 from .solvers import INVERSIONS, Schedule, sampler_for
 from .tokenizer import MAX_TOKENS
@@ -209,37 +210,34 @@ class DiT4EditPipeline(DiffusionPipeline):
     # --- the denoiser ----------------------------------------------------------------------------------------
 
     def make_denoiser(self, prompts: Sequence[str], guidance_scale: float, schedule: Schedule,
-                      size: tuple[int, int], step_kwargs: bool = False):
-        """`denoise(x, i) -> D`: PixArt's data prediction at point i for the latents x (one row per prompt),
-        classifier-free guidance applied; rows run as `[uncond x prompts, cond x prompts]` in one batch (the
-        `BatchLayout` order). With `step_kwargs` the step index reaches the attention processors through
-        `cross_attention_kwargs={"step_index": i}`."""
-        branches = len(prompts)
+                      size: tuple[int, int], step_kwargs: bool = False, layout: BatchLayout | None = None):
+        """`denoise(x, i) -> D`: PixArt's data prediction at point i for the latents x (one row per prompt, the
+        source first), classifier-free guidance applied. The transformer sees the rows of `layout` (default: the
+        prompts as branches, with unconditional rows when `guidance_scale > 1`, as diffusers decides; at 1 or below
+        the conditional prediction alone). With `step_kwargs` the step index reaches the attention processors
+        through `cross_attention_kwargs={"step_index": i}`."""
+        if layout is None:
+            layout = BatchLayout.for_scale(len(prompts) - 1, guidance_scale)
+        if layout.branches != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for a layout of {layout.branches} branches")
         cond, cond_mask = self.encode_prompt(prompts)
-        use_cfg = guidance_scale != 1.0
-        if use_cfg:
-            uncond, uncond_mask = self.encode_prompt([""])
-            embeds = torch.cat([uncond.expand(branches, -1, -1), cond])
-            mask = torch.cat([uncond_mask.expand(branches, -1), cond_mask])
-        else:
-            embeds, mask = cond, cond_mask
-        rows = embeds.shape[0]
-        added = self._micro_conditions(size, rows)
+        uncond, uncond_mask = self.encode_prompt([""]) if layout.guidance else (cond, cond_mask)
+        embeds = layout.join_guidance(uncond, cond)  # (rows, L, D)
+        mask = layout.join_guidance(uncond_mask, cond_mask)  # (rows, L)
+        added = self._micro_conditions(size, layout.rows)
         in_channels = self.transformer.config.in_channels
         device, dtype = self._execution_device, self._dtype
 
         @torch.no_grad()
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
-            model_in = torch.cat([x, x]) if use_cfg else x  # (rows, C, h, w)
-            timestep = schedule.timesteps[i].to(device).expand(rows)
+            model_in = layout.join_guidance(x, x)  # (branches, C, h, w) -> (rows, C, h, w)
+            timestep = schedule.timesteps[i].to(device).expand(layout.rows)
             kwargs = {"cross_attention_kwargs": {"step_index": i}} if step_kwargs else {}
             out = self.transformer(model_in.to(device, dtype), encoder_hidden_states=embeds,
                                    encoder_attention_mask=mask, timestep=timestep, added_cond_kwargs=added,
                                    return_dict=False, **kwargs)[0]
             eps = out[:, :in_channels].to(x.dtype)  # PixArt predicts [eps, learned sigma]: keep eps
-            if use_cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            eps = layout.guide(eps, guidance_scale)  # (rows, ...) -> (branches, ...)
             a, s = schedule.alphas[i].item(), schedule.sigmas[i].item()
             return (x - s * eps.to(x.device)) / a
 
@@ -351,6 +349,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         merge: MergeConfig | None = DEFAULT_MERGE,
         record_words: bool = False,
         disable_progress: bool | None = None,
+        rows: str = "4",
     ) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
@@ -361,7 +360,10 @@ class DiT4EditPipeline(DiffusionPipeline):
         the input when the inversion was exact and made at this guidance). `guidance_scale` defaults to the
         inversion's. `merge` is patch merging around self-attention (ToMe; one plan per step and block from the
         source branch, shared by all branches; None = off); it applies to grids of `merge.min_tokens` and up.
-        `record_words` keeps every word's cross-attention maps in `result.controller`.
+        `record_words` keeps every word's cross-attention maps in `result.controller`. `rows` is the batch layout
+        under guidance (`BatchLayout`): "4" runs the source's unconditional row too, "3" leaves it out (one row
+        fewer; the target's unconditional row is then not controlled, and the source must be pinned). At
+        `guidance_scale <= 1` there are no unconditional rows and the control works on the conditional ones.
         """
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
         if not targets:
@@ -369,18 +371,23 @@ class DiT4EditPipeline(DiffusionPipeline):
         for k, prompt in enumerate(targets):
             self.check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
         guidance = inversion.guidance_scale if guidance_scale is None else guidance_scale
+        if rows not in ("3", "4"):
+            raise DiT4EditError(f'rows must be "3" or "4", got {rows!r}')
+        if rows == "3" and not pin_source:
+            raise DiT4EditError("the 3-row layout has no unconditional source row: it needs pin_source=True")
+        layout = BatchLayout.for_scale(len(targets), guidance, rows)
         schedule = self._schedule(inversion.num_inference_steps)
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
         latent_hw = tuple(trajectory.shape[-2:])
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
-        controller = self.make_controller(control, inversion, targets, mask, merge, record_words)
+        controller = self.make_controller(control, inversion, targets, mask, merge, record_words, layout)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], guidance, schedule, size,
-                                     step_kwargs=controller is not None)
-        x = trajectory[:1].expand(1 + len(targets), -1, -1, -1).clone()  # (branches, C, h, w), source first
+                                     step_kwargs=controller is not None, layout=layout)
+        x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
 
         def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor:
             if pin_source:
-                x_next = torch.cat([trajectory[i + 1 : i + 2], x_next[1:]])
+                x_next = layout.with_source(x_next, trajectory[i + 1 : i + 2])
             if controller is not None:
                 x_next = controller.local_blend(x_next, i)
             return x_next
@@ -394,11 +401,12 @@ class DiT4EditPipeline(DiffusionPipeline):
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
-        return EditResult(images=decoded[1:], reconstruction=decoded[0], latents=final.cpu(), controller=controller)
+        return EditResult(images=decoded[SOURCE + 1 :], reconstruction=decoded[SOURCE], latents=final.cpu(),
+                          controller=controller)
 
     def make_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
-                        mask=None, merge: MergeConfig | None = None,
-                        record_words: bool = False) -> AttentionController | None:
+                        mask=None, merge: MergeConfig | None = None, record_words: bool = False,
+                        layout: BatchLayout | None = None) -> AttentionController | None:
         """The attention controller of one edit (it also carries token merging), or None when nothing is
         controlled, masked, merged or recorded."""
         latent_hw = tuple(inversion.trajectory.shape[-2:])
@@ -415,7 +423,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             control, self.tokenizer, inversion.source_prompt, list(targets),
             num_steps=inversion.num_inference_steps, num_blocks=len(self.transformer.transformer_blocks),
             grid=grid, patch_size=self.transformer.config.patch_size, user_mask=user_mask,
-            record_words=record_words, merge_planner=planner,
+            record_words=record_words, merge_planner=planner, layout=layout,
         )
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:

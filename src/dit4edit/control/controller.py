@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import DiT4EditError
-from ..layout import BatchLayout
+from ..layout import SOURCE, BatchLayout
 from .blend import apply_local_blend, attention_blend_mask
 from .config import AttentionControl, block_range, steps_before
 
@@ -153,7 +153,7 @@ class AttentionController:
         self.words = [dict((w, list(map(int, idx))) for w, idx in branch.items()) for branch in words]
         self._tokens = [sorted({i for idx in branch.values() for i in idx}) for branch in self.words]
         self._maps: list[dict[int, list]] = [{} for _ in self.words]
-        cond = layout.split_guidance(torch.arange(layout.rows))[1]  # cond rows: source, targets
+        cond = torch.tensor(layout.cond_rows)  # the conditional rows, by branch
         self._record_branches = [b for b, tokens in enumerate(self._tokens) if tokens]
         self._record_rows = cond[self._record_branches]
         # Only the recorded key columns leave the processor: their union, and each branch's positions in it.
@@ -175,6 +175,7 @@ class AttentionController:
         grid: tuple[int, int],
         alignments: Sequence | None = None,
         record_words: bool = False,
+        layout: BatchLayout | None = None,
         **kwargs,
     ) -> "AttentionController":
         """A controller for editing `source_prompt` into each of `target_prompts` (T5 alignment by `prompts.align`
@@ -182,11 +183,12 @@ class AttentionController:
 
         Pass prompts exactly as the text encoder sees them. Local-blend words are looked up in every prompt; each must
         occur in at least one. `record_words=True` also records every word of every prompt, for pictures.
-        Other keyword arguments go to the constructor (`user_mask`, `patch_size`, `record_layers`, `merge_planner`).
+        `layout` is the edit batch's (default: the 4-row layout with guidance). Other keyword arguments go to the
+        constructor (`user_mask`, `patch_size`, `record_layers`).
         """
         from ..prompts import align, word_token_indices
 
-        layout = BatchLayout(len(target_prompts))
+        layout = BatchLayout(len(target_prompts)) if layout is None else layout
         if alignments is None:
             alignments = [align(tokenizer, source_prompt, t, mode=config.edit_mode) for t in target_prompts]
         edits = [
@@ -307,7 +309,7 @@ class AttentionController:
             return None
         steps = range(step_index + 1)
         maps = []
-        for branch in (0, 1 + target):
+        for branch in (SOURCE, self.layout.target_branch(target)):
             words = self.word_maps(branch, steps) if branch < len(self.words) else {}
             chosen = [words[w] for w in self.config.local_blend_words if w in words]
             if chosen:
@@ -335,6 +337,6 @@ class AttentionController:
                 continue
             if out is latents:
                 out = latents.clone()
-            # Branch order (BatchLayout.split_guidance): 0 = source, 1 + k = target k.
-            out[1 + target] = apply_local_blend(latents[1 + target], latents[0], mask)
+            branch = self.layout.target_branch(target)
+            out[branch] = apply_local_blend(latents[branch], self.layout.source(latents), mask)
         return out

@@ -5,7 +5,8 @@ All self-attention edits go through `F.scaled_dot_product_attention` (SDPA); no 
 docstring names the identity it relies on, with `A = softmax(Q K^T / sqrt(d) + bias)`; tests check every one of
 them against the explicit softmax form.
 
-Rows follow `dit4edit.layout.BatchLayout`: `[uncond: source, targets..., cond: source, targets...]`.
+Rows follow `dit4edit.layout.BatchLayout` (`source_of` names each row's source row, `cond_rows` the conditional
+half); a row whose half has no source row (the 3-row layout's unconditional targets) keeps its default attention.
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ def _rows(mask, index):
 def source_self_attention(query, key, value, layout: BatchLayout, attention_mask=None):
     """Paper Eq. 11: each target row takes its source row's self-attention output, `Attention(Q_src, K_src, V_src)`.
 
-    Computed on the source rows only, then copied to the rows of the same guidance half (cheaper than default).
+    Computed once per distinct row of `layout.source_of()` (the source rows, and any row without a source in its
+    half), then copied to the rows that read it (cheaper than default).
     """
-    source_rows = torch.tensor(layout.source_rows, device=query.device)
-    out = sdpa(query[source_rows], key[source_rows], value[source_rows], _rows(attention_mask, source_rows))
-    # (2, H, N, d) -> (B, H, N, d): row r gets the output of the source row of its half.
-    position = {row: i for i, row in enumerate(layout.source_rows)}
-    expand = torch.tensor([position[int(r)] for r in layout.source_of()], device=query.device)
-    return out[expand]
+    src = layout.source_of(query.device)
+    computed, expand = src.unique(return_inverse=True)  # (S,) rows computed; (B,) which of them each row takes
+    out = sdpa(query[computed], key[computed], value[computed], _rows(attention_mask, computed))
+    return out[expand]  # (S, H, N, d) -> (B, H, N, d)
 
 
 def p2p_self_attention(query, key, value, layout: BatchLayout, attention_mask=None):
@@ -65,10 +65,9 @@ def union_self_attention(query, key, value, layout: BatchLayout, attention_mask=
 
     Two SDPA calls (source rows over N keys, target rows over 2N keys), no mask added, so the fused kernels stay in use.
     """
-    device = query.device
-    src = layout.source_of(device)
-    is_target = layout.is_target(device)
-    sources, targets = (~is_target).nonzero()[:, 0], is_target.nonzero()[:, 0]
+    src = layout.source_of(query.device)
+    edited = src != torch.arange(layout.rows, device=query.device)  # rows that read a source row
+    sources, targets = (~edited).nonzero()[:, 0], edited.nonzero()[:, 0]
     out = query.new_empty(*query.shape[:-1], value.shape[-1])  # (B, H, N, d)
     out[sources] = sdpa(query[sources], key[sources], value[sources], _rows(attention_mask, sources))
     key_u = torch.cat([key[src[targets]], key[targets]], dim=2)  # (T2, H, 2N, d), T2 = target rows of both halves
@@ -112,7 +111,7 @@ def cross_attention_edit(query, key, value, layout: BatchLayout, attention_mask,
     """
     out = sdpa(query, key, value, attention_mask)
     # The conditional half's rows, source then targets: a contiguous block, so plain slices (views, no copies).
-    cond = layout.split_guidance(torch.arange(layout.rows))[1].tolist()
+    cond = layout.cond_rows
     source, targets = slice(cond[0], cond[0] + 1), slice(cond[1], cond[-1] + 1)
     n_targets = len(cond) - 1
     value_t = value[targets]  # (T, H, L, d)

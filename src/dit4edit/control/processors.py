@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import SOURCE
 from .controller import AttentionController
 from .edits import SELF_EDITS, cross_attention_edit, cross_attention_probs, sdpa
 
@@ -79,7 +80,7 @@ class ControlledAttnProcessor:
         if planner is not None:
             if attention_mask is not None:
                 raise ValueError("token merging does not support a self-attention mask")
-            source_cond = controller.layout.source_rows[1]  # the plan comes from the conditional source row
+            source_cond = controller.layout.row(SOURCE, cond=True)  # the plan comes from the conditional source row
             plan = planner(hidden_states[source_cond], self.block, step_index)
         if plan is not None:
             merge, unmerge = plan
