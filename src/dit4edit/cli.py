@@ -27,30 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(sub: argparse.ArgumentParser, *, image: bool = True):
-        sub.add_argument("--model", default=None, help="PixArt-alpha hub id or local folder in diffusers layout")
-        sub.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-        sub.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
-        sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
-        if image:
-            sub.add_argument("--inversion", default="dpm-exact", choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
-                             help="inversion method (default dpm-exact)")
-            sub.add_argument("--tol", type=float, default=1e-5, help="exact inversion tolerance (default 1e-5)")
-            sub.add_argument("--max-pixels", type=int, default=None, help="largest input accepted (default 2048x2048)")
-
     edit = commands.add_parser("edit", help="edit an image: invert with the source prompt, denoise with the target")
     edit.add_argument("input", help="input image, or an inversion saved with --save-inversion")
     edit.add_argument("-s", "--source", required=False, help="prompt describing the input image")
     edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     edit.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp)")
     edit.add_argument("--save-inversion", default=None, help="also save the inversion (.safetensors) for reuse")
-    edit.add_argument("--free-source", action="store_true",
-                      help="let the source branch run free instead of pinning it to the inversion trajectory")
-    control_options(edit)
-    common(edit)
+    edit_settings(edit)
 
     rec = commands.add_parser("reconstruct", help="invert and regenerate; print how close it came (JSON)")
     rec.add_argument("input")
@@ -91,10 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reconstruction: comma-separated inversion methods (default: all four)")
     common(bench, image=False)
 
+    batch = commands.add_parser("batch", help="edit many images from a JSONL spec (resumable; many processes "
+                                "under accelerate launch / torchrun)")
+    batch.add_argument("spec", help="JSONL, one item a line: image, source, targets, optional id and settings")
+    batch.add_argument("-o", "--output", required=True, help="output folder (a rerun resumes it)")
+    batch.add_argument("--retry-failed", action="store_true", help="redo the items recorded as failed")
+    edit_settings(batch)
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
     tiny.add_argument("output", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
+    """Model, steps, guidance, device options; with `image`, the inversion options too."""
+    sub.add_argument("--model", default=None, help="PixArt-alpha hub id or local folder in diffusers layout")
+    sub.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    sub.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    if image:
+        sub.add_argument("--inversion", default="dpm-exact", choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
+                         help="inversion method (default dpm-exact)")
+        sub.add_argument("--tol", type=float, default=1e-5, help="exact inversion tolerance (default 1e-5)")
+        sub.add_argument("--max-pixels", type=int, default=None, help="largest input accepted (default 2048x2048)")
+
+
+def edit_settings(sub: argparse.ArgumentParser) -> None:
+    """The options of `dit4edit edit` that say how an edit runs (shared by `batch`, `pie-bench` and the per-item
+    settings of a batch spec)."""
+    sub.add_argument("--free-source", action="store_true",
+                     help="let the source branch run free instead of pinning it to the inversion trajectory")
+    control_options(sub)
+    common(sub)
 
 
 def control_options(sub: argparse.ArgumentParser) -> None:
@@ -125,6 +140,61 @@ def control_options(sub: argparse.ArgumentParser) -> None:
                          help="merge only in transformer blocks [START, END) (default: all)")
     merging.add_argument("--merge-skip-steps", type=int, default=None, metavar="N",
                          help="leave self-attention unmerged in the first N denoising steps (default 0)")
+
+
+class _SettingsParser(_Parser):
+    """Parses one batch item's settings: an error is a `DiT4EditError` for that item, not an exit."""
+
+    def error(self, message):
+        raise DiT4EditError(message)
+
+
+#: Options that hold for the whole run, not one item.
+RUN_OPTIONS = ("model", "device", "dtype", "quiet", "seed", "help")
+
+
+def settings_parser() -> argparse.ArgumentParser:
+    parser = _SettingsParser(prog="dit4edit", add_help=False)
+    edit_settings(parser)
+    return parser
+
+
+def item_settings(parser: argparse.ArgumentParser, args, overrides: dict):
+    """`EditSettings` for one batch item: the command's options with the item's settings (keyed by option name,
+    `self_replace_steps` or `self-replace-steps`; true/false for on/off flags) parsed by the same option
+    definitions."""
+    actions = {action.dest: action for action in parser._actions if action.dest not in RUN_OPTIONS}
+    namespace, tokens = argparse.Namespace(**vars(args)), []
+    for key, value in overrides.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            raise DiT4EditError(f"unknown setting {key!r}")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise DiT4EditError(f"setting {key!r} takes true or false, got {value!r}")
+            setattr(namespace, action.dest, value)
+        elif value is None:
+            setattr(namespace, action.dest, action.default)
+        elif isinstance(action, argparse._AppendAction):
+            pairs = value.items() if isinstance(value, dict) else None
+            for item in ([f"{word}={factor}" for word, factor in pairs] if pairs is not None else value):
+                tokens += [flag, str(item)]
+        else:
+            tokens += [flag, str(value)]
+    return settings_from_args(parser.parse_args(tokens, namespace=namespace))
+
+
+def settings_from_args(args):
+    """`EditSettings` from the edit options (validated: bad values are a `DiT4EditError`)."""
+    from . import images as imgs
+    from .batch import EditSettings
+
+    if args.steps < 1:
+        raise DiT4EditError(f"--steps must be >= 1, got {args.steps}")
+    return EditSettings(steps=args.steps, guidance=args.guidance, inversion=args.inversion, tol=args.tol,
+                        max_pixels=args.max_pixels or imgs.MAX_PIXELS, pin_source=not args.free_source,
+                        control=control_from_args(args), merge=merge_from_args(args), mask=args.mask)
 
 
 def control_from_args(args):
@@ -378,7 +448,22 @@ def _bench_synthetic(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": _edit, "attention": _attention, "bench-synthetic": _bench_synthetic, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+def _batch(args) -> int:
+    from . import batch
+
+    out = _output_folder(args.output)
+    settings_from_args(args)  # the command's own options are checked before anything else
+    parser = settings_parser()
+    jobs = batch.read_spec(args.spec, lambda overrides: item_settings(parser, args, overrides))
+    processes = batch.Processes(cpu=_cpu_only(args.device))
+    rows = batch.run_jobs(jobs, out, lambda: _load(args, processes.device), processes,
+                          retry_failed=args.retry_failed, disable_progress=args.quiet)
+    if processes.is_main:
+        print(f"{batch.summary_line(rows)}; results in {out / batch.RESULTS}")
+    return 0
+
+
+COMMANDS = {"batch": _batch, "edit": _edit, "attention": _attention, "bench-synthetic": _bench_synthetic, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -400,7 +485,22 @@ def _check_inversion_path(path, *others) -> None:
         raise DiT4EditError(f"inversion path {path} would overwrite another file of this command")
 
 
-def _load(args):
+def _output_folder(path) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DiT4EditError(f"output must be a folder: {out} is a file")
+    return out
+
+
+def _cpu_only(name: str) -> bool:
+    """Whether the processes of a distributed run work on the CPU (gloo) rather than one accelerator each."""
+    import torch
+
+    return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+
+
+def _load(args, device=None):
+    """The pipeline on `device` (default: the one --device names)."""
     import torch
 
     from .pipeline import DiT4EditPipeline, default_model
@@ -408,8 +508,8 @@ def _load(args):
     model = args.model or default_model()
     if args.quiet:
         _silence_loading_bars()
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
+    device = device or _device(args.device)
+    dtype = _dtype(args.dtype, torch.device(device).type)
     pipe = DiT4EditPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)

@@ -1,0 +1,183 @@
+"""Batch editing from a JSONL spec: per-item settings through the CLI's own options, failures recorded, resume after
+kill -9, and two processes under torchrun splitting the items."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SOURCE, TARGET, random_image
+from PIL import Image
+
+from dit4edit import batch
+from dit4edit.cli import build_parser, item_settings, main, settings_parser
+from dit4edit.errors import DiT4EditError
+
+OTHER = "a green circle on a white background"
+
+
+def write_spec(path, items):
+    path.write_text("".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items))
+    return path
+
+
+def resolver(*extra):
+    args = build_parser().parse_args(["batch", "spec.jsonl", "-o", "out", *extra])
+    parser = settings_parser()
+    return lambda overrides: item_settings(parser, args, overrides)
+
+
+def test_item_settings_use_the_edit_options():
+    resolve = resolver("--steps", "7", "--reweight", "blue=2")
+    base = resolve({})
+    assert (base.steps, base.guidance, base.inversion, base.pin_source) == (7, 4.5, "dpm-exact", True)
+    assert base.control is not None and base.merge is not None
+    item = resolve({"steps": 3, "self-replace-steps": 0.5, "no_merge": True, "free_source": True,
+                    "local_blend": "blue circle", "reweight": {"circle": 1.5}, "inversion": "ddim"})
+    assert (item.steps, item.inversion, item.merge, item.pin_source) == (3, "ddim", None, False)
+    assert item.control.self_replace_steps == 0.5
+    assert item.control.local_blend_words == ("blue", "circle")
+    assert item.control.reweight == {"blue": 2.0, "circle": 1.5}  # the command's reweights, then the item's
+    assert resolve({"no_attention_control": True}).control is None
+    for bad, message in [({"steps": "many"}, "--steps"), ({"inversion": "euler"}, "--inversion"),
+                         ({"colour": 1}, "unknown setting 'colour'"), ({"no_merge": "yes"}, "true or false"),
+                         ({"model": "x"}, "unknown setting 'model'"), ({"self_replace_steps": 3}, "[0, 1]")]:
+        with pytest.raises(DiT4EditError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            resolve(bad)
+
+
+def test_spec_items_ids_paths_and_bad_lines(tmp_path):
+    spec = write_spec(tmp_path / "spec.jsonl", [
+        {"image": "a.png", "source": SOURCE, "targets": [TARGET, OTHER]},
+        "",
+        {"id": "cat", "image": "sub/b.png", "source": SOURCE, "targets": TARGET, "mask": "m.png"},
+        {"id": "cat", "image": "c.png", "source": SOURCE, "targets": [TARGET]},
+        {"id": "../escape", "image": "c.png", "source": SOURCE, "targets": [TARGET]},
+        {"image": "c.png", "targets": [TARGET]},
+        {"image": "c.png", "source": SOURCE, "targets": []},
+        "[1, 2]",
+        "{not json",
+    ])
+    jobs = batch.read_spec(spec, resolver())
+    assert [job.item for job in jobs] == ["00001", "cat", "cat@line4", "00005", "00006", "00007", "00008", "00009"]
+    first, named = jobs[0], jobs[1]
+    assert first.outputs == ("00001-0.png", "00001-1.png") and first.image == tmp_path / "a.png"
+    assert named.outputs == ("cat-0.png",) and named.settings.mask == str(tmp_path / "m.png")
+    assert first.error is None and named.error is None
+    errors = [job.error for job in jobs[2:]]
+    assert "duplicate item id 'cat'" in errors[0] and "may hold only" in errors[1]
+    assert "'source' is missing" in errors[2] and "'targets' must be" in errors[3]
+    assert "not a JSON object" in errors[4] and "not JSON" in errors[5]
+    assert all("\n" not in error for error in errors)
+
+
+def test_batch_command_records_each_output_and_goes_on_after_bad_items(tiny_model_dir, tmp_path, capsys):
+    for name, seed in (("a.png", 0), ("b.png", 1)):
+        random_image(32, 48, seed).save(tmp_path / name)
+    spec = write_spec(tmp_path / "spec.jsonl", [
+        {"image": "a.png", "source": SOURCE, "targets": [TARGET, OTHER, ""]},
+        {"id": "missing", "image": "nope.png", "source": SOURCE, "targets": [TARGET]},
+        {"id": "b", "image": "b.png", "source": SOURCE, "targets": [TARGET], "steps": 2, "no_merge": True},
+        {"id": "bad-setting", "image": "b.png", "source": SOURCE, "targets": [TARGET], "guidance": "high"},
+    ])
+    out = tmp_path / "out"
+    command = ["batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir), "--steps", "3",
+               "--inversion", "ddim", "--quiet"]
+    assert main(command) == 0
+    rows = batch.read_rows(out / "results.jsonl")
+    status = {(row["item"], row["target"]): row["status"] for row in rows}
+    assert status == {("00001", 0): "ok", ("00001", 1): "ok", ("00001", 2): "failed", ("missing", 0): "failed",
+                      ("b", 0): "ok", ("bad-setting", 0): "failed"}
+    for row in rows:
+        if row["status"] == "ok":
+            assert Image.open(out / row["output"]).size == (32, 48) and row["seconds"] > 0
+        else:
+            assert row["output"] is None and row["error"] and "\n" not in row["error"]
+    assert sorted(path.name for path in out.glob("*.png")) == ["00001-0.png", "00001-1.png", "b-0.png"]
+    assert "nope.png" in next(row["error"] for row in rows if row["item"] == "missing")
+
+    # A rerun repeats nothing; with --retry-failed it redoes the failures, which succeed once the image is there.
+    stamps = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
+    assert main(command) == 0
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")} == stamps
+    assert len(batch.read_rows(out / "shards" / "results-00000.jsonl")) == 6
+    random_image(32, 32, 2).save(tmp_path / "nope.png")
+    assert main([*command, "--retry-failed"]) == 0
+    rows = batch.read_rows(out / "results.jsonl")
+    assert len(rows) == 6 and next(row for row in rows if row["item"] == "missing")["status"] == "ok"
+    assert "6 outputs: 4 ok, 2 failed" in capsys.readouterr().out
+
+
+def test_batch_bad_command_is_one_line_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    spec = write_spec(tmp_path / "spec.jsonl", [{"image": "a.png", "source": SOURCE, "targets": [TARGET]}])
+    for args, message in [([str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o")], "batch spec not found"),
+                          ([str(spec), "-o", str(tmp_path / "file")], "output must be a folder"),
+                          ([str(spec), "-o", str(tmp_path / "o"), "--steps", "0"], "--steps must be >= 1"),
+                          ([str(write_spec(tmp_path / "empty.jsonl", [""])), "-o", str(tmp_path / "o")], "no items")]:
+        assert main(["batch", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def _spec_of(tmp_path, count):
+    random_image(32, 32).save(tmp_path / "in.png")
+    items = [{"image": "in.png", "source": SOURCE, "targets": [TARGET, OTHER] if k % 3 == 0 else [TARGET]}
+             for k in range(count)]
+    return write_spec(tmp_path / "spec.jsonl", items), sum(len(item["targets"]) for item in items)
+
+
+def _check_complete(out, expected):
+    rows = batch.read_rows(out / "results.jsonl")
+    keys = [(row["item"], row["target"]) for row in rows]
+    assert len(rows) == expected and len(set(keys)) == expected
+    assert all(row["status"] == "ok" for row in rows)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(row["output"] for row in rows)
+    assert not list(out.rglob("*.tmp"))
+    for row in rows:
+        Image.open(out / row["output"]).load()  # every image whole
+    return rows
+
+
+def test_batch_resumes_after_kill_9_losing_and_repeating_nothing(tiny_model_dir, tmp_path):
+    spec, expected = _spec_of(tmp_path, 16)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dit4edit", "batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir),
+               "--steps", "3", "--inversion", "ddim", "--quiet"]
+    shard = out / "shards" / "results-00000.jsonl"
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (shard.exists() and batch.read_rows(shard)) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first = batch.read_rows(shard)
+    assert 0 < len(first) < expected, "the kill came after the run had finished"
+    assert shard.read_bytes().endswith(b"\n") and not (out / "results.jsonl").exists()
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _check_complete(out, expected)
+    recorded = batch.read_rows(shard)
+    assert len(recorded) == expected and recorded[: len(first)] == first  # nothing redone, nothing lost
+
+
+def test_batch_two_processes_split_the_items_disjointly(tiny_model_dir, tmp_path):
+    spec, expected = _spec_of(tmp_path, 7)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dit4edit", "batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir),
+                           "--steps", "3", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    _check_complete(out, expected)
+    shards = [{(row["item"], row["target"]) for row in batch.read_rows(out / "shards" / f"results-{rank:05d}.jsonl")}
+              for rank in (0, 1)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert len(shards[0] | shards[1]) == expected
