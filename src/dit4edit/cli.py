@@ -15,6 +15,8 @@ from pathlib import Path
 from .errors import DiT4EditError
 
 EXIT_USAGE = 2
+#: --offload choices -> the diffusers pipeline method that installs the offload hooks.
+OFFLOAD = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,6 +98,12 @@ def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
     sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_argument("--offload", default=None, choices=sorted(OFFLOAD),
+                     help="keep the models in CPU memory and move them to the GPU when used: one model at a "
+                          "time (model) or one layer at a time (sequential: least memory, slowest); needs a GPU")
+    sub.add_argument("--vae-tiling", action="store_true",
+                     help="encode and decode in overlapping tiles, one image at a time (less memory for large "
+                          "images; the tiles blend, so results differ slightly)")
     if image:
         sub.add_argument("--inversion", default="dpm-exact", choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
                          help="inversion method (default dpm-exact)")
@@ -510,8 +518,15 @@ def _load(args, device=None):
         _silence_loading_bars()
     device = device or _device(args.device)
     dtype = _dtype(args.dtype, torch.device(device).type)
+    _check_offload(args.offload, torch.device(device).type)
     pipe = DiT4EditPipeline.from_pretrained(model, torch_dtype=dtype)
-    pipe.to(device)
+    if args.offload:
+        getattr(pipe, OFFLOAD[args.offload])(device=device)
+    else:
+        pipe.to(device)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=args.quiet)
     torch.manual_seed(args.seed)
     return pipe
@@ -536,6 +551,12 @@ def _device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise DiT4EditError("--device mps asked for, but MPS is not available")
     return name
+
+
+def _check_offload(offload: str | None, device: str) -> None:
+    if offload and device == "cpu":
+        raise DiT4EditError(f"--offload {offload} needs a GPU (--device cuda or mps); on the CPU the models already "
+                            "sit in CPU memory")
 
 
 def _dtype(name: str, device: str):

@@ -425,9 +425,19 @@ def merge_planner(config: MergeConfig, grid: Grid):
 
 
 def _generator(transformer, seed: int) -> torch.Generator:
-    """A seeded generator on the model's device, so drawing a plan's destinations needs no host-device copy
-    (plans on a GPU therefore differ from plans on the CPU for the same seed)."""
-    return torch.Generator(device=transformer.device).manual_seed(seed)
+    """A seeded generator on the device the model computes on, so drawing a plan's destinations needs no
+    host-device copy (plans on a GPU therefore differ from plans on the CPU for the same seed)."""
+    return torch.Generator(device=execution_device(transformer)).manual_seed(seed)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device `module` computes on: its offload hook's execution device when accelerate's CPU offloading is
+    installed (the weights then wait on the CPU or the meta device), else the device of its parameters."""
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(module.parameters()).device
 
 
 @contextmanager

@@ -124,6 +124,11 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     Loads any PixArt-alpha checkpoint in diffusers layout (`PixArt-alpha/PixArt-XL-2-512x512`,
     `PixArt-alpha/PixArt-XL-2-1024-MS`, or a local folder) with `from_pretrained`.
+
+    Memory: diffusers' `enable_model_cpu_offload()` (one model on the GPU at a time) and
+    `enable_sequential_cpu_offload()` (one layer at a time) work with every method here, as do
+    `vae.enable_tiling()` and `vae.enable_slicing()`; each method sends offloaded models back to the CPU when it
+    returns. `compile_blocks()` compiles the transformer blocks with `torch.compile`.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -298,6 +303,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         latent = self.encode_image(work).to(self._solver_dtype())
         denoise = self.make_denoiser([source_prompt], guidance_scale, schedule, work.size)
         result = INVERSIONS[method](denoise, latent, schedule, tol=tol, disable=self._progress(disable_progress))
+        self.maybe_free_model_hooks()
         return Inversion(
             trajectory=torch.cat(result.trajectory).cpu(),  # (N + 1, C, h, w)
             source_prompt=source_prompt,
@@ -335,7 +341,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         inversion = Inversion(trajectory=torch.cat(trajectory).cpu(), source_prompt=prompt,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               method="generated", original_size=(width, height))
-        return self.decode_latents(trajectory[-1], (width, height))[0], inversion
+        image = self.decode_latents(trajectory[-1], (width, height))[0]
+        self.maybe_free_model_hooks()
+        return image, inversion
 
     @torch.no_grad()
     def edit(
@@ -401,6 +409,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
+        self.maybe_free_model_hooks()
         return EditResult(images=decoded[SOURCE + 1 :], reconstruction=decoded[SOURCE], latents=final.cpu(),
                           controller=controller)
 
@@ -464,7 +473,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         x = tail.alphas[0].item() * latent + tail.sigmas[0].item() * noise
         denoise = self.make_denoiser([target_prompt], guidance_scale, tail, work.size)
         final = sampler_for("dpm")(denoise, x, tail, disable=self._progress(disable_progress))[-1]
-        return self.decode_latents(final, original_size)[0]
+        image = self.decode_latents(final, original_size)[0]
+        self.maybe_free_model_hooks()
+        return image
 
     @torch.no_grad()
     def reconstruct(self, image, source_prompt: str, num_inference_steps: int = 30, guidance_scale: float = 4.5,
@@ -487,6 +498,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         nmse = ((regenerated - target).norm() ** 2 / target.norm() ** 2).item()
         output = self.decode_latents(regenerated, original_size)[0]
         vae_only = self.decode_latents(target, original_size)[0]
+        self.maybe_free_model_hooks()
         stats = dict(method=method, steps=num_inference_steps, guidance=guidance_scale, latent_nmse=nmse,
                      nfe=inversion.nfe, psnr=imgs.psnr(output, original), vae_psnr=imgs.psnr(vae_only, original))
         return output, stats
