@@ -24,12 +24,12 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import T5Config, T5EncoderModel
 
-from bench_merging import describe_device, synchronize
 from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline
-from dit4edit.synthetic import generate_scene
 from dit4edit.tiny import TINY_CAPTIONS, pixart_scheduler, pixart_xl_transformer
 from dit4edit.tokenizer import train_t5_tokenizer
+from dit4edit_research.devices import describe_device, synchronize
+from dit4edit_research.synthetic import generate_scene
 
 SOURCE, TARGET = "a red circle on a white background", "a blue circle on a white background"
 

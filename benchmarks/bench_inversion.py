@@ -1,4 +1,4 @@
-"""Reconstruction benchmark for the inversion methods (issue 3), printed as Markdown tables.
+"""Reconstruction benchmark for the inversion methods, printed as Markdown tables.
 
 1. Round trip `latent_nmse` (||Sample(Invert(x)) - x||^2 / ||x||^2, the sampler matching the method) and NFE for
    ddim / ddim-exact / dpm / dpm-exact at 10 / 20 / 30 steps, on the analytic Gaussian denoiser (exact answer known)

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import ctypes
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -31,6 +30,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from dit4edit.merging import MergeConfig, apply_token_merging, token_grid
 from dit4edit.tiny import pixart_xl_transformer
+from dit4edit_research.devices import describe_device, synchronize
 
 #: latent (h, w) per image size; PixArt's VAE downsamples 8x.
 SIZES = {"512": (64, 64), "1024": (128, 128), "1024x2048": (128, 256)}
@@ -84,11 +84,6 @@ def make_inputs(latent_hw, batch: int, device, dtype, seed: int) -> dict:
             resolution=size.to(device, dtype), aspect_ratio=(size[:, :1] / size[:, 1:]).to(device, dtype)
         ),
     )
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def forward(model, inputs) -> torch.Tensor:
@@ -251,21 +246,6 @@ def error_pass(model, inputs, variants, grid) -> dict:
             attn_error=statistics.mean(map(relative_error, attn, reference[1])),
         )
     return results
-
-
-def describe_device(device) -> str:
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    return f"{cpu_name()}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def use_mmap_for_large_blocks():

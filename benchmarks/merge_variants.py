@@ -1,7 +1,7 @@
 """Where and when to merge, on the embedded model: the synthetic editing benchmark with the paper's merging forced
 onto its small token grids, everywhere vs. after the first steps vs. in the deeper blocks only vs. at ratio 0.5.
 
-Not a test. Uses the same pairs and results folder as `dit4edit bench-synthetic --methods dit4edit,dit4edit-merged`
+Not a test. Uses the same pairs and results folder as `python -m dit4edit_research.bench_synthetic --methods dit4edit,dit4edit-merged`
 (resumable; naive 2M inversion, as in the settings sweep).
 
     python benchmarks/merge_variants.py -o benchmarks/results/synthetic-merging --pairs 20
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dit4edit.bench_synthetic import Method, run_editing
+from dit4edit_research.bench_synthetic import Method, run_editing
 from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline, default_model
 

@@ -1,8 +1,8 @@
-"""Sweep the attention-control settings on the synthetic editing benchmark (issue 4): S (`self_replace_steps`), the
+"""Sweep the attention-control settings on the synthetic editing benchmark: S (`self_replace_steps`), the
 self-attention block range and the cross-attention window, one at a time around the defaults.
 
 Not a test. Every variant edits the same held-out pairs from the same inversion (one inversion per pair, shared),
-through `dit4edit.bench_synthetic.run_editing`, so the results folder resumes after an interruption and has the
+through `dit4edit_research.bench_synthetic.run_editing`, so the results folder resumes after an interruption and has the
 usual summary.md / summary.json / grid.png; this script adds `sweep.md`, one row per variant over all pairs.
 
     python benchmarks/sweep_control.py -o benchmarks/results/sweep-control --pairs 40 --inversion ddim-exact
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from dit4edit.bench_synthetic import Method, run_editing
+from dit4edit_research.bench_synthetic import Method, run_editing
 from dit4edit.control import AttentionControl
 from dit4edit.pipeline import DiT4EditPipeline, default_model
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from dit4edit import bench_synthetic as bench
+from dit4edit_research import bench_synthetic as bench
 
 
 def test_ssim_and_masked_psnr():
@@ -29,7 +29,7 @@ def test_pairs_are_held_out_deterministic_and_cover_kinds():
     pairs = bench.make_pairs(10)
     again = bench.make_pairs(10)
     assert [p.target_caption for p in pairs] == [p.target_caption for p in again]
-    assert {p.edit.kind for p in pairs} == {"colour", "shape", "pattern", "size", "background"}
+    assert {p.edit.kind for p in pairs} == set(bench.world.EDIT_KINDS)
     assert {(p.source.width, p.source.height) for p in pairs} == {(128, 128), (256, 128)}
     assert all(p.source.seed >= bench.HELD_OUT_SEED for p in pairs)
 
@@ -78,13 +78,12 @@ class GroundTruthPipe:
     """Stands in for a perfect generator: returns the held-out scene its caption was written for."""
 
     def __init__(self, scenes):
-        self.scenes = {scene.caption: scene for scene in scenes}
+        self.scenes = {(scene.caption, scene.width, scene.height): scene for scene in scenes}
         self.prompts = []
 
     def generate(self, prompt, height, width, steps, guidance, generator=None, disable_progress=None):
-        scene = self.scenes[prompt]
-        assert (scene.width, scene.height) == (width, height)
-        self.prompts.append(prompt)
+        scene = self.scenes[prompt, width, height]  # captions repeat across canvases: the size tells them apart
+        self.prompts.append((prompt, width, height))
         return scene.pil(), None
 
 
@@ -96,7 +95,7 @@ def test_held_out_scenes_are_deterministic_and_cover_the_canvases():
 
 
 def test_caption_hits_miss_what_is_not_there():
-    from dit4edit import synthetic as world
+    from dit4edit_research import synthetic as world
 
     scene = next(s for s in bench.held_out_scenes(20) if len(s.objects) == 2)
     blank = np.full_like(scene.image, world.BACKGROUNDS[scene.background])
@@ -142,10 +141,8 @@ def test_reconstruction_exact_beats_naive_and_resumes(tiny_pipe, tmp_path):
 
 
 def test_cli_runs_the_sections_asked_for(tiny_model_dir, tmp_path, capsys):
-    from dit4edit.cli import main
-
     out = tmp_path / "bench"
-    code = main(["bench-synthetic", "--model", str(tiny_model_dir), "-o", str(out), "--sections",
+    code = bench.main(["--model", str(tiny_model_dir), "-o", str(out), "--sections",
                  "generation,reconstruction", "--generation-n", "2", "--generation-steps", "2",
                  "--reconstruction-n", "1", "--reconstruction-methods", "dpm,ddim", "--steps", "3"])
     assert code == 0
@@ -158,5 +155,5 @@ def test_cli_runs_the_sections_asked_for(tiny_model_dir, tmp_path, capsys):
     assert list(json.loads((out / "reconstruction.json").read_text())["methods"]) == ["dpm", "ddim"]
     assert (out / "summary.md").read_text().count("## ") == 2
     for bad in (["--sections", "editing,bogus"], ["--reconstruction-methods", "dpm,nope"], ["--generation-n", "0"]):
-        assert main(["bench-synthetic", "--model", str(tiny_model_dir), "-o", str(out), *bad]) == 2
-    assert "dit4edit: error:" in capsys.readouterr().err
+        assert bench.main(["--model", str(tiny_model_dir), "-o", str(out), *bad]) == 2
+    assert "dit4edit-bench: error:" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def rel(a, b):
 
 
 def gaussian_denoiser(schedule: Schedule, c: float):
-    """Exact D(x) for data x0 ~ N(0, c^2 I): D = a c^2 x / (a^2 c^2 + s^2) (REFERENCE §1.1)."""
+    """Exact D(x) for data x0 ~ N(0, c^2 I): D = a c^2 x / (a^2 c^2 + s^2)."""
 
     def denoise(x, i):
         a, s = schedule.alphas[i], schedule.sigmas[i]

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from dit4edit.synthetic import (
+from dit4edit_research.synthetic import (
     BACKGROUNDS,
     COLOURS,
     ALL_EDIT_KINDS,

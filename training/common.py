@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit4edit.synthetic import CANVAS_SIZES, generate_scene
+from dit4edit_research.synthetic import CANVAS_SIZES, generate_scene
 
 log = logging.getLogger("dit4edit.training")
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from common import setup
-from dit4edit import synthetic as world
+from dit4edit_research import synthetic as world
 from dit4edit.pipeline import DiT4EditPipeline
 
 EDIT_CHECK_SEED = 1_500_000_000

@@ -20,8 +20,8 @@ from diffusers import PixArtAlphaPipeline
 from PIL import Image
 
 from common import psnr, setup, to_tensor, to_uint8
-from dit4edit.bench_synthetic import held_out_scenes
-from dit4edit.synthetic import caption_hits, oracle
+from dit4edit_research.bench_synthetic import held_out_scenes
+from dit4edit_research.synthetic import caption_hits, oracle
 from dit4edit.tiny import pixart_scheduler
 from dit4edit.tokenizer import MAX_TOKENS
 

@@ -6,7 +6,7 @@ __all__ = ["DiT4EditPipeline", "Inversion", "DiT4EditError"]
 
 
 def __getattr__(name: str):
-    # Import lazily so `import dit4edit.synthetic` or `dit4edit --help` does not pay for diffusers.
+    # Import lazily so `import dit4edit.errors` or `dit4edit --help` does not pay for diffusers.
     if name in ("DiT4EditPipeline", "Inversion"):
         from . import pipeline
 

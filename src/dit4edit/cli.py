@@ -61,20 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     control_options(att)
     common(att)
 
-    bench = commands.add_parser("bench-synthetic", help="editing benchmark on the synthetic world (ground truth known)")
-    bench.add_argument("-o", "--output", default="bench-synthetic", help="results folder (resumes if it exists)")
-    bench.add_argument("--sections", default="editing",
-                       help="comma-separated: editing, generation, reconstruction (default: editing)")
-    bench.add_argument("--pairs", type=int, default=200, help="editing: held-out (scene, edit) pairs (default 200)")
-    bench.add_argument("--methods", default=None, help="editing: comma-separated subset of the methods (default: all)")
-    bench.add_argument("--inversion", default=None, choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
-                       help="editing: inversion for the methods that default to dpm-exact")
-    bench.add_argument("--generation-n", type=int, default=200, help="generation: held-out captions (default 200)")
-    bench.add_argument("--generation-steps", type=int, default=20, help="generation: sampling steps (default 20)")
-    bench.add_argument("--reconstruction-n", type=int, default=20, help="reconstruction: held-out scenes (default 20)")
-    bench.add_argument("--reconstruction-methods", default=None,
-                       help="reconstruction: comma-separated inversion methods (default: all four)")
-    common(bench, image=False)
 
     batch = commands.add_parser("batch", help="edit many images from a JSONL spec (resumable; many processes "
                                 "under accelerate launch / torchrun)")
@@ -315,7 +301,7 @@ def _edit(args) -> int:
     else:
         _check_nonempty(args.source, "source prompt")
         image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     pipe.check_prompt(args.target, "target prompt")
     if not is_inversion:
         inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol,
@@ -335,7 +321,7 @@ def _reconstruct(args) -> int:
     output = imgs.check_output_path(args.output, args.input)
     _check_nonempty(args.source, "source prompt")
     image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     image, stats = pipe.reconstruct(image, args.source, args.steps, args.guidance, args.inversion, args.tol,
                                     args.max_pixels or imgs.MAX_PIXELS)
     imgs.save_image(image, output)
@@ -351,7 +337,7 @@ def _generate(args) -> int:
     output = imgs.check_output_path(args.output)
     _check_inversion_path(args.save_inversion, None, args.output)
     _check_nonempty(args.prompt, "prompt")
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     native = pipe.default_size()
     width, height = args.width or native, args.height or native
     imgs.check_size((width, height))
@@ -393,7 +379,7 @@ def _attention(args) -> int:
     else:
         _check_nonempty(args.source, "source prompt")
         image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     if not is_inversion:
         inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol)
     target = args.target or inversion.source_prompt
@@ -426,36 +412,6 @@ def _attention(args) -> int:
     return 0
 
 
-def _bench_synthetic(args) -> int:
-    from . import bench_synthetic as bench
-
-    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = [name for name in sections if name not in bench.SECTIONS]
-    if unknown or not sections:
-        raise DiT4EditError(f"--sections takes a comma-separated subset of {', '.join(bench.SECTIONS)}, "
-                            f"got {args.sections!r}")
-    for flag, value in (("--pairs", args.pairs), ("--generation-n", args.generation_n),
-                        ("--generation-steps", args.generation_steps), ("--reconstruction-n", args.reconstruction_n)):
-        if value < 1:
-            raise DiT4EditError(f"{flag} must be >= 1, got {value}")
-    methods = args.reconstruction_methods.split(",") if args.reconstruction_methods else bench.RECONSTRUCTION_METHODS
-    bench.check_known(methods, bench.RECONSTRUCTION_METHODS, "inversion method")
-    pipe = _load(args)
-    if "editing" in sections:
-        bench.run_editing(pipe, args.output, args.pairs, args.methods.split(",") if args.methods else None,
-                          args.steps, args.guidance, disable_progress=args.quiet, inversion=args.inversion)
-    if "generation" in sections:
-        bench.run_generation(pipe, args.output, args.generation_n, args.generation_steps, args.guidance,
-                             disable_progress=args.quiet)
-    if "reconstruction" in sections:
-        bench.run_reconstruction(pipe, args.output, args.reconstruction_n, methods, args.steps, args.guidance,
-                                 disable_progress=args.quiet)
-    print("\n".join(bench.section_markdown(args.output, name) for name in bench.SECTIONS if name in sections), end="")
-    files = [name for section in sections for name in bench.SECTION_FILES[section]]
-    _say(args, f"results in {args.output}/ ({', '.join(['summary.md', *files])})")
-    return 0
-
-
 def _batch(args) -> int:
     from . import batch
 
@@ -464,14 +420,14 @@ def _batch(args) -> int:
     parser = settings_parser()
     jobs = batch.read_spec(args.spec, lambda overrides: item_settings(parser, args, overrides))
     processes = batch.Processes(cpu=_cpu_only(args.device))
-    rows = batch.run_jobs(jobs, out, lambda: _load(args, processes.device), processes,
+    rows = batch.run_jobs(jobs, out, lambda: load_pipeline(args, processes.device), processes,
                           retry_failed=args.retry_failed, disable_progress=args.quiet)
     if processes.is_main:
         print(f"{batch.summary_line(rows)}; results in {out / batch.RESULTS}")
     return 0
 
 
-COMMANDS = {"batch": _batch, "edit": _edit, "attention": _attention, "bench-synthetic": _bench_synthetic, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+COMMANDS = {"batch": _batch, "edit": _edit, "attention": _attention, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -507,7 +463,7 @@ def _cpu_only(name: str) -> bool:
     return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
 
 
-def _load(args, device=None):
+def load_pipeline(args, device=None):
     """The pipeline on `device` (default: the one --device names)."""
     import torch
 
