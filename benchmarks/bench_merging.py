@@ -1,9 +1,12 @@
 """Token merging speed and error on the PixArt-XL-2 architecture (random weights): one transformer forward per size.
 
-Not a test. Times one forward (batch 2, like classifier-free guidance) at 512^2, 1024^2 and 1024x2048 for each merge
-ratio, alternating the variants inside every repeat so machine load hits them alike, and reports medians, the
-ratio merged/unmerged, peak memory, the relative error of the output against the unmerged forward, and where the
-time goes (attn1 / attn2 / feed-forward / outside the blocks).
+Not a test. Times one forward of an edit batch as `DiT4EditPipeline.edit` runs it: the 4 rows of one target under
+classifier-free guidance (`BatchLayout(1)`), DiT4Edit's attention control installed at a mid-schedule step (mutual
+self-attention in the deeper half, Prompt-to-Prompt on cross-attention; `--no-control` leaves diffusers' processors),
+and merging by `token_merging` with one plan from the source's conditional row shared by every row. Sizes 512^2,
+1024^2 and 1024x2048, each merge ratio, variants alternating inside every repeat so machine load hits them alike;
+reports medians, the ratio merged/unmerged, peak memory, the relative error of the output against the unmerged
+forward, and where the time goes (attn1 / attn2 / feed-forward / outside the blocks).
 
     python benchmarks/bench_merging.py                                    # CPU, 2 of the 28 blocks
     python benchmarks/bench_merging.py --device cuda --dtype bfloat16 --blocks 28
@@ -28,12 +31,18 @@ import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
-from dit4edit.merging import MergeConfig, apply_token_merging, token_grid
+from dit4edit.control import AttentionControl, AttentionController, TokenEdit, install, steps_before
+from dit4edit.layout import SOURCE, BatchLayout
+from dit4edit.merging import MergeConfig, token_grid, token_merging
 from dit4edit.tiny import pixart_xl_transformer
 from dit4edit_research.devices import describe_device, synchronize
 
 #: latent (h, w) per image size; PixArt's VAE downsamples 8x.
 SIZES = {"512": (64, 64), "1024": (128, 128), "1024x2048": (128, 256)}
+#: The edit batch: one target, with classifier-free guidance.
+LAYOUT = BatchLayout(1)
+NUM_STEPS = 30
+L = 120  # T5 tokens
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3, help="timed repeats at 1024^2")
     p.add_argument("--repeats-small", type=int, default=5, help="repeats at 512^2")
     p.add_argument("--repeats-large", type=int, default=2, help="repeats at 1024x2048")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--step", type=int, default=15, help=f"the edit step the forward runs at (of {NUM_STEPS})")
+    p.add_argument("--no-control", action="store_true", help="diffusers' processors instead of attention control")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -89,6 +99,13 @@ def make_inputs(latent_hw, batch: int, device, dtype, seed: int) -> dict:
 def forward(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]
+
+
+def make_controller(blocks: int, latent_hw) -> AttentionController:
+    """DiT4Edit's default control for a one-word swap (target token 3 takes source token 3's attention)."""
+    swap = TokenEdit(torch.eye(L), torch.ones(L), torch.full((L,), steps_before(0.8, NUM_STEPS)), torch.ones(L))
+    return AttentionController(AttentionControl(), LAYOUT, num_steps=NUM_STEPS, num_blocks=blocks,
+                               grid=token_grid(latent_hw), token_edits=[swap])
 
 
 class PeakMemory:
@@ -184,7 +201,7 @@ def variant_installed(model, variant: Variant, grid):
     if variant.config is None:
         yield
     else:
-        with apply_token_merging(model, variant.config, grid):
+        with token_merging(model, variant.config, grid, plan_row=LAYOUT.row(SOURCE, cond=True)):
             yield
 
 
@@ -306,9 +323,10 @@ def main(argv=None) -> int:
         for r in args.ff_ratios
     ]
     print(f"# token merging benchmark\n\ndevice: {describe_device(args.device)}, dtype {args.dtype}")
+    control = "no attention control" if args.no_control else f"attention control at step {args.step} of {NUM_STEPS}"
     print(f"PixArt-XL-2 architecture, random weights, {args.blocks} of 28 blocks (per-block ratios are what carry "
-          f"over to 28), merge stride {stride}, self-attention (attn1) merged in every block, each batch row "
-          f"planned from its own tokens")
+          f"over to 28), merge stride {stride}, self-attention (attn1) merged in every block with one plan from "
+          f"the source's conditional row; the {LAYOUT.rows}-row edit batch, {control}")
     print(f"command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     models = {}
     for size in args.sizes:
@@ -317,11 +335,16 @@ def main(argv=None) -> int:
         if sample_size not in models:
             torch.manual_seed(args.seed)
             models = {sample_size: build_transformer(sample_size, args.blocks, args.device, dtype)}
-        inputs = make_inputs(latent_hw, args.batch, args.device, dtype, args.seed)
+        inputs = make_inputs(latent_hw, LAYOUT.rows, args.device, dtype, args.seed)
         repeats = {"512": args.repeats_small, "1024x2048": args.repeats_large}.get(size, args.repeats)
         grid = token_grid(latent_hw)
-        results = measure_size(models[sample_size], inputs, variants, grid, repeats, args.device)
-        report(size, latent_hw, results, variants, args.batch, args.blocks)
+        controlled = contextlib.nullcontext()
+        if not args.no_control:
+            inputs["cross_attention_kwargs"] = {"step_index": args.step}
+            controlled = install(models[sample_size], make_controller(args.blocks, latent_hw))
+        with controlled:
+            results = measure_size(models[sample_size], inputs, variants, grid, repeats, args.device)
+        report(size, latent_hw, results, variants, LAYOUT.rows, args.blocks)
     return 0
 
 

@@ -1,24 +1,11 @@
-"""Token merging: plans, merge/unmerge identities, the attn1 processor on a tiny PixArt, install/restore."""
+"""Token merging: plans, merge/unmerge identities, the hooks around attn1/ff on a tiny PixArt, install/restore."""
 
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dit4edit.layout import BatchLayout
-from dit4edit.merging import (
-    MergeConfig,
-    TokenMergingAttnProcessor,
-    _partition,
-    apply_token_merging,
-    identity,
-    layer_seed,
-    merged_self_attention,
-    plan_for_batch,
-    plan_merge,
-    plan_merge_per_row,
-    required_stride,
-    token_grid,
-)
+from dit4edit.errors import DiT4EditError
+from dit4edit.merging import MergeConfig, _partition, identity, plan_merge, required_stride, token_merging
 from dit4edit.tiny import tiny_components
 
 
@@ -39,8 +26,6 @@ def test_ratio_zero_is_identity():
     x = torch.randn(2, 64, 8)
     merge, unmerge = plan_merge(x[0], (8, 8), MergeConfig(ratio=0.0), gen())
     assert merge is identity and unmerge is identity and merge(x) is x
-    merge, unmerge = plan_merge_per_row(x, (8, 8), MergeConfig(ratio=0.0), gen())
-    assert merge(x) is x and unmerge(x) is x
 
 
 @pytest.mark.parametrize("grid", [(8, 16), (7, 13), (33, 65), (3, 3), (9, 4)])
@@ -101,31 +86,6 @@ def test_shared_plan_applies_to_every_row():
     assert all(torch.equal(members[0], members[b]) for b in range(1, 4))
 
 
-def test_per_row_plans_differ_and_match_the_shared_plan_of_each_row():
-    n, grid, config = 72, (8, 9), MergeConfig(ratio=0.6)
-    metric = torch.randn(2, n, 8)
-    merge, unmerge = plan_merge_per_row(metric, grid, config, gen(3))
-    members = groups_of(merge, unmerge, n, batch=2)
-    assert not torch.equal(members[0], members[1])
-    for b in range(2):
-        one = groups_of(*plan_merge(metric[b], grid, config, gen(3)), n)[0]
-        assert torch.equal(members[b], one)
-
-
-def test_plan_rows_let_targets_borrow_the_source_plan():
-    layout, n, grid = BatchLayout(num_targets=1), 36, (6, 6)
-    hidden = torch.randn(layout.rows, n, 8)
-    merge, unmerge = plan_for_batch(hidden, grid, MergeConfig(ratio=0.7), gen(), layout.source_of())
-    members = groups_of(merge, unmerge, n, batch=layout.rows)
-    for row in layout.target_rows:
-        source = layout.source_of()[row]
-        assert torch.equal(members[row], members[source])
-    assert not torch.equal(members[layout.source_rows[0]], members[layout.source_rows[1]])
-    merge, unmerge = plan_for_batch(hidden, grid, MergeConfig(ratio=0.7), gen(), plan_rows=0)
-    members = groups_of(merge, unmerge, n, batch=layout.rows)
-    assert all(torch.equal(members[0], m) for m in members)
-
-
 def test_seed_determinism():
     metric, grid, config = torch.randn(96, 8), (8, 12), MergeConfig(ratio=0.5)
     first = groups_of(*plan_merge(metric, grid, config, gen(7)), 96)
@@ -151,7 +111,7 @@ def test_half_precision_keeps_dtype():
 
 
 def test_ratio_needs_a_large_enough_stride():
-    with pytest.raises(ValueError, match=r"too high for stride \(2, 2\).*use stride \(3, 3\)"):
+    with pytest.raises(DiT4EditError, match=r"too high for stride \(2, 2\).*use stride \(3, 3\)"):
         MergeConfig(ratio=0.8, stride=(2, 2))
     MergeConfig(ratio=0.75, stride=(2, 2))
     MergeConfig(ratio=0.8, stride=(2, 3))  # 1 - 1/6 = 0.833
@@ -169,7 +129,7 @@ def test_ratio_needs_a_large_enough_stride():
     ],
 )
 def test_config_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DiT4EditError, match=message):
         MergeConfig(**kwargs)
 
 
@@ -206,94 +166,85 @@ def processors(transformer):
     return {k: type(v) for k, v in transformer.attn_processors.items()}
 
 
-@pytest.mark.parametrize("latent_hw", [(8, 8), (16, 26)])
-def test_processor_at_ratio_zero_equals_default(transformer, latent_hw):
+def hooks(transformer) -> int:
+    modules = [transformer, *(m for b in transformer.transformer_blocks for m in (b.attn1, b.ff))]
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules)
+
+
+def test_ratio_zero_equals_default(transformer):
     assert set(processors(transformer).values()) == {AttnProcessor2_0}
-    reference = run(transformer, latent_hw)
-    with apply_token_merging(transformer, MergeConfig(ratio=0.0), token_grid(latent_hw)):
-        merged = run(transformer, latent_hw)
-    assert torch.equal(merged, reference)  # bit-identical, well inside the 1e-6 asked for
+    reference = run(transformer, (16, 26))
+    with token_merging(transformer, MergeConfig(ratio=0.0), (8, 13)):
+        assert hooks(transformer) == 0
+        merged = run(transformer, (16, 26))
+    assert torch.equal(merged, reference)
 
 
-def test_processor_merges_and_restores(transformer):
+def test_merges_chosen_blocks_and_restores(transformer):
     latent_hw = (16, 26)  # an 8x13 token grid, not a multiple of the stride
     before = dict(transformer.attn_processors)
     reference = run(transformer, latent_hw)
-    with apply_token_merging(transformer, MergeConfig(ratio=0.8), token_grid(latent_hw), blocks=[1]) as installed:
-        merged_name, other_name = "transformer_blocks.1.attn1.processor", "transformer_blocks.0.attn1.processor"
-        assert list(installed) == [merged_name]
-        assert isinstance(transformer.attn_processors[merged_name], TokenMergingAttnProcessor)
-        assert transformer.attn_processors[other_name] is before[other_name]
-        merged = run(transformer, latent_hw)
-    assert merged.shape == reference.shape and not torch.allclose(merged, reference)
-    assert transformer.attn_processors == before
-
-
-def test_same_seed_same_output(transformer):
-    outs = []
-    for _ in range(2):
-        with apply_token_merging(transformer, MergeConfig(ratio=0.5, seed=3), (4, 4)):
-            outs.append(run(transformer))
-    assert torch.equal(outs[0], outs[1])
-
-
-def test_grid_through_cross_attention_kwargs(transformer):
-    config = MergeConfig(ratio=0.5)
-    with apply_token_merging(transformer, config, (4, 4), blocks=[0]):
-        expected = run(transformer)
-    saved = dict(transformer.attn_processors)
-    name = "transformer_blocks.0.attn1.processor"
+    seen = []
+    probe = transformer.transformer_blocks[1].attn1.register_forward_hook(
+        lambda module, args, output: seen.append(args[0].shape[1]))
     try:
-        transformer.set_attn_processor(
-            {**saved, name: TokenMergingAttnProcessor(config, generator=gen(layer_seed(config.seed, 0)))}
-        )
-        # diffusers hands `grid` only to processors that name it; the others log a warning and ignore it
-        got = run(transformer, cross_attention_kwargs={"grid": (4, 4)})
+        with token_merging(transformer, MergeConfig(ratio=0.8, blocks=(1, 2)), (8, 13)):
+            merged = run(transformer, latent_hw)
+            assert transformer.transformer_blocks[0].attn1._forward_pre_hooks == {}  # block 0 is not merged
     finally:
-        transformer.set_attn_processor(dict(saved))
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        probe.remove()
+    assert seen == [104 - MergeConfig(ratio=0.8).removed(104)]  # attn1 of block 1 saw the merged tokens
+    assert merged.shape == reference.shape and not torch.allclose(merged, reference)
+    assert transformer.attn_processors == before and hooks(transformer) == 0
+    assert torch.equal(run(transformer, latent_hw), reference)
+
+
+def test_one_plan_from_the_plan_row_for_every_row(transformer):
+    """Rows whose inputs equal the plan row's come out equal to it: every row is grouped by the same plan."""
+    g = gen(4)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    latents[2] = latents[1]  # row 2 repeats the plan row
+    text = torch.randn(1, 6, 32, generator=g).expand(3, -1, -1)
+    with token_merging(transformer, MergeConfig(ratio=0.5), (4, 4), plan_row=1), torch.no_grad():
+        out = transformer(latents, encoder_hidden_states=text, timestep=torch.full((3,), 500),
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    torch.testing.assert_close(out[2], out[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_same_seed_same_output_and_steps(transformer):
+    config = MergeConfig(ratio=0.5, seed=3, skip_steps=2)
+    outs = {}
+    for step in (0, 1, 2, 2, 3):
+        with token_merging(transformer, config, (4, 4)):
+            outs.setdefault(step, []).append(run(transformer, cross_attention_kwargs={"step_index": step}))
+    assert torch.equal(outs[2][0], outs[2][1])  # the same seed and step draw the same plan
+    reference = run(transformer)
+    assert torch.equal(outs[0][0], reference) and torch.equal(outs[1][0], reference)  # skipped steps: unmerged
+    assert not torch.allclose(outs[2][0], reference) and not torch.equal(outs[2][0], outs[3][0])  # a plan a step
 
 
 def test_restored_after_exception(transformer):
     before = dict(transformer.attn_processors)
     with pytest.raises(RuntimeError, match="boom"):
-        with apply_token_merging(transformer, MergeConfig(ratio=0.8, merge_ff=True), (4, 4)):
+        with token_merging(transformer, MergeConfig(ratio=0.8, merge_ff=True), (4, 4)):
+            assert hooks(transformer) > 0
             raise RuntimeError("boom")
-    assert transformer.attn_processors == before
-    assert not transformer.transformer_blocks[0].ff._forward_pre_hooks
-    assert not transformer.transformer_blocks[0].ff._forward_hooks
+    assert transformer.attn_processors == before and hooks(transformer) == 0
 
 
 def test_feed_forward_merging_is_reversible(transformer):
     reference = run(transformer)
-    with apply_token_merging(transformer, MergeConfig(ratio=0.5), (4, 4)):
+    with token_merging(transformer, MergeConfig(ratio=0.5), (4, 4)):
         attn_only = run(transformer)
-    with apply_token_merging(transformer, MergeConfig(ratio=0.5, merge_ff=True), (4, 4)):
+    with token_merging(transformer, MergeConfig(ratio=0.5, merge_ff=True), (4, 4)):
         with_ff = run(transformer)
     assert with_ff.shape == reference.shape and not torch.allclose(with_ff, attn_only)
     torch.testing.assert_close(run(transformer), reference, rtol=0, atol=0)
 
 
-def test_unknown_block_and_missing_grid(transformer):
-    with pytest.raises(ValueError, match="no layer transformer_blocks.5.attn1"):
-        with apply_token_merging(transformer, MergeConfig(), (4, 4), blocks=[5]):
+def test_blocks_outside_the_model(transformer):
+    with pytest.raises(DiT4EditError, match="outside the model's 2 blocks"):
+        with token_merging(transformer, MergeConfig(blocks=(1, 5)), (4, 4)):
             pass
-    attn = transformer.transformer_blocks[0].attn1
-    with pytest.raises(ValueError, match="needs the token grid"):
-        TokenMergingAttnProcessor(MergeConfig())(attn, torch.randn(1, 16, 16))
-
-
-def test_merged_self_attention_takes_a_custom_attention(transformer):
-    """The hook the attention-control processors use: their own attention on merged q/k/v."""
-
-    def explicit(query, key, value):
-        weights = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(dim=-1)  # (B, heads, N', N')
-        return weights @ value
-
-    attn = transformer.transformer_blocks[0].attn1
-    hidden = torch.randn(2, 36, 16, generator=gen(2))
-    merge, unmerge = plan_merge(hidden[0], (6, 6), MergeConfig(ratio=0.5), gen())
-    with torch.no_grad():
-        got = merged_self_attention(attn, hidden, merge, unmerge, attention=explicit)
-        expected = merged_self_attention(attn, hidden, merge, unmerge)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert hooks(transformer) == 0

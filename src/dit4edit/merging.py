@@ -1,8 +1,10 @@
 """Token merging (ToMe) around PixArt self-attention: merge similar patches, attend over fewer tokens, unmerge.
 
 Bipartite soft matching over the 2-D patch grid, after Bolya & Hoffman 2023, "Token Merging for Fast Stable
-Diffusion" (tomesd), written for PixArt-alpha: merging happens inside the `attn1` processor (merge before
-`to_q/k/v`, unmerge after `to_out`), so the `ada_norm_single` block, its modulation and its gates stay untouched.
+Diffusion" (tomesd), written for PixArt-alpha: `token_merging(transformer, ...)` merges the input of each chosen
+block's self-attention `attn1` (and, optionally, its feed-forward `ff`) and unmerges their output, by forward hooks
+on those modules, so the `ada_norm_single` block, its modulation and its gates stay untouched, and whichever attention
+processor is installed (diffusers' own, or attention control's) runs on the merged tokens unaware of merging.
 
 How a plan is made (`plan_merge`):
 1. Partition. The `(h, w)` token grid is cut into `stride = (sh, sw)` cells; each complete cell gives one
@@ -16,7 +18,9 @@ How a plan is made (`plan_merge`):
 4. Unmerge. Every token of a group receives the group's output; kept tokens get their own output back exactly.
 
 A plan is one index vector `slot` of length `N` (token -> row of the merged sequence) and the group sizes, so
-`merge` is one `index_add` and a division, `unmerge` one `index_select`.
+`merge` is one `index_add` and a division, `unmerge` one `index_select`. One plan serves every row of the batch,
+computed from one row (for an edit, the source branch's conditional row): row i of every merged row is then the same
+group of patches, which attention control needs (target queries against source keys and values).
 
 `ratio` is the fraction of ALL tokens removed. A cell keeps at least its destination, so at most
 `1 - 1/(sh*sw)` can go: 0.75 with a 2x2 stride, 0.889 with 3x3 (the paper's 0.8 needs 3x3).
@@ -24,10 +28,11 @@ A plan is one index vector `slot` of length `N` (token -> row of the merged sequ
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +50,15 @@ class MergeConfig:
 
     ratio:  fraction of all tokens removed before self-attention (0 = off; the paper uses 0.8).
     stride: (rows, cols) of the cell that contributes one destination; bounds the ratio (see module docstring).
-    seed:   seeds the destination draw (one generator per layer in `apply_token_merging`; the plan functions
-            use it when they get no generator).
+    seed:   seeds the destination draw (one draw per block, part and step in `token_merging`; `plan_merge` uses
+            it when it gets no generator).
     merge_ff: also merge the feed-forward input of the same blocks (own plan per block, computed from that input;
             not with diffusers' feed-forward chunking, which feeds the FF slices of the grid).
     min_tokens: the pipeline merges only token grids at least this large (the functions here merge what they
             are given). Below ~1024 tokens (512² images) merging saves
             little (measured 0.86x of a forward at 1024 tokens on the CPU) and costs detail; see BENCHMARKS.md.
     blocks: `[start, end)` transformer blocks that merge in an edit (None = all).
-    skip_steps: the first `skip_steps` denoising steps of an edit run with unmerged self-attention (the layout is
-            decided early); the feed-forward merging of `merge_ff` is not step-aware and merges in every step.
+    skip_steps: the first `skip_steps` denoising steps of an edit run unmerged (the layout is decided early).
     """
 
     ratio: float = 0.8
@@ -67,18 +71,18 @@ class MergeConfig:
 
     def __post_init__(self):
         if len(self.stride) != 2 or any(int(s) != s or s < 1 for s in self.stride):
-            raise ValueError(f"merge stride must be two positive integers (rows, cols), got {self.stride}")
+            raise DiT4EditError(f"merge stride must be two positive integers (rows, cols), got {self.stride}")
         object.__setattr__(self, "stride", (int(self.stride[0]), int(self.stride[1])))
         if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"merge ratio is the fraction of tokens removed, in [0, 1); got {self.ratio}")
+            raise DiT4EditError(f"merge ratio is the fraction of tokens removed, in [0, 1); got {self.ratio}")
         if self.blocks is not None:
             if len(self.blocks) != 2 or not 0 <= self.blocks[0] < self.blocks[1]:
-                raise ValueError(f"merge blocks must be [start, end) with 0 <= start < end, got {self.blocks}")
+                raise DiT4EditError(f"merge blocks must be [start, end) with 0 <= start < end, got {self.blocks}")
             object.__setattr__(self, "blocks", (int(self.blocks[0]), int(self.blocks[1])))
         if self.skip_steps < 0:
-            raise ValueError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
+            raise DiT4EditError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
         if self.ratio > self.max_ratio + 1e-9:
-            raise ValueError(
+            raise DiT4EditError(
                 f"merge ratio {self.ratio} is too high for stride {self.stride}: it removes at most "
                 f"{self.max_ratio:.3f} of the tokens (1 - 1/{self.stride[0] * self.stride[1]}); "
                 f"use stride {required_stride(self.ratio)} or larger"
@@ -221,181 +225,9 @@ def plan_merge(
     return merge, unmerge
 
 
-def plan_merge_per_row(
-    metric: Tensor, grid: Grid, config: MergeConfig, generator: torch.Generator | None = None
-) -> tuple[MergeFn, MergeFn]:
-    """Each batch row its own ToMe plan (Bolya & Hoffman 2023), for plain generation without editing.
-
-    metric: (B, N, C), one row per batch row (pass `x[rows]` to let rows borrow another row's plan, e.g.
-    `x[layout.source_of()]` gives every branch its source row's plan). The destination cells are drawn once for the
-    batch; the matching is per row. Same shapes and ratio-0 identity as `plan_merge`; merge/unmerge take batches of
-    exactly B rows.
-    """
-    plan = _plan(metric, grid, config, generator)
-    if plan is None:
-        return identity, identity
-    slot, size = plan  # (B, N), (B, N - r)
-    batch, n, kept = slot.shape[0], slot.shape[1], size.shape[1]
-    # one flat index over the batch: row b's token t goes to merged row b * (N - r) + slot[b, t]
-    flat = (slot + kept * torch.arange(batch, device=slot.device)[:, None]).flatten()  # (B * N,)
-
-    def merge(x: Tensor) -> Tensor:
-        acc = x.new_zeros(1, batch * kept, x.shape[-1], dtype=_acc_dtype(x))  # (1, B * (N - r), C)
-        acc.index_add_(1, flat, x.reshape(1, batch * n, -1).to(acc.dtype))
-        acc = acc.view(batch, kept, -1)  # (B, N - r, C)
-        return (acc / size.to(acc.dtype)[..., None]).to(x.dtype)
-
-    def unmerge(y: Tensor) -> Tensor:
-        return y.reshape(1, batch * kept, -1).index_select(1, flat).view(batch, n, -1)  # (B, N, C)
-
-    return merge, unmerge
-
-
 def _acc_dtype(x: Tensor) -> torch.dtype:
     """Sum half-precision groups in float32; keep float32/float64 as they are."""
     return torch.promote_types(x.dtype, torch.float32)
-
-
-def plan_for_batch(
-    hidden_states: Tensor,
-    grid: Grid,
-    config: MergeConfig,
-    generator: torch.Generator | None = None,
-    plan_rows: int | Sequence[int] | Tensor | None = None,
-) -> tuple[MergeFn, MergeFn]:
-    """Plan for a (B, N, C) batch. plan_rows: None, each row plans from itself; an int, that row's plan is shared
-    by all rows (`plan_merge`); a sequence of B row indices, row b uses the plan of row `plan_rows[b]`."""
-    if config.ratio == 0:
-        return identity, identity
-    if plan_rows is None:
-        return plan_merge_per_row(hidden_states, grid, config, generator)
-    if isinstance(plan_rows, int):
-        return plan_merge(hidden_states[plan_rows], grid, config, generator)
-    rows = torch.as_tensor(plan_rows, device=hidden_states.device)
-    return plan_merge_per_row(hidden_states[rows], grid, config, generator)
-
-
-# --- attention -----------------------------------------------------------------------------------------------
-
-
-def sdpa(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v through SDPA; q, k, v: (B, heads, N, d)."""
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-
-
-def merged_self_attention(
-    attn,
-    hidden_states: Tensor,
-    merge: MergeFn = identity,
-    unmerge: MergeFn = identity,
-    attention: Callable[..., Tensor] = sdpa,
-    attention_mask: Tensor | None = None,
-) -> Tensor:
-    """merge -> to_q/k/v -> attention(q, k, v) -> to_out -> unmerge, for a diffusers `Attention` (self-attention).
-
-    The ToMe wrapping (Bolya & Hoffman 2023) as one reusable step: an attention-control processor passes its own
-    `attention(query, key, value)` on (B, heads, N - r, d) tensors. With identity merge/unmerge and `sdpa` it is
-    diffusers' `AttnProcessor2_0` for 3-D inputs without group/spatial norm, op for op.
-    """
-    if attn.spatial_norm is not None or attn.group_norm is not None:
-        raise ValueError("token merging supports self-attention without spatial/group norm (PixArt's attn1)")
-    residual = hidden_states
-    hidden_states = merge(hidden_states)  # (B, N - r, C)
-    batch, length = hidden_states.shape[:2]
-    if attention_mask is not None:
-        if hidden_states is not residual:
-            raise ValueError("token merging cannot merge a self-attention mask; pass attention_mask=None")
-        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(hidden_states)
-    value = attn.to_v(hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N - r, d)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    if attention_mask is None:
-        hidden_states = attention(query, key, value)
-    else:
-        hidden_states = attention(query, key, value, attention_mask)
-    hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N - r, C)
-    hidden_states = hidden_states.to(query.dtype)
-    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-    hidden_states = unmerge(hidden_states)  # (B, N, C)
-    if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
-
-
-class TokenMergingAttnProcessor:
-    """Self-attention processor for PixArt's `attn1` with ToMe (Bolya & Hoffman 2023) around it.
-
-    grid: the (h, w) token grid; PixArt's processors do not know it, so give it here or per call through
-    `cross_attention_kwargs={"grid": ...}` (then every processor of the model must accept `grid`, or diffusers
-    warns on each call). generator: draws the destinations; it advances with every call, so a run is reproducible
-    when it starts from the same seed (`apply_token_merging` seeds one per layer); None: one seeded with
-    `config.seed` on every call (the same cells every step). plan_rows: see `plan_for_batch`
-    (None: every row its own plan; for editing, the source row or `BatchLayout.source_of()`).
-    """
-
-    def __init__(
-        self,
-        config: MergeConfig,
-        grid: Grid | None = None,
-        generator: torch.Generator | None = None,
-        plan_rows: int | Sequence[int] | None = None,
-    ):
-        self.config = config
-        self.grid = grid
-        self.generator = generator
-        self.plan_rows = plan_rows
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        grid: Grid | None = None,
-    ) -> Tensor:
-        if encoder_hidden_states is not None or hidden_states.ndim != 3:
-            raise ValueError("TokenMergingAttnProcessor is for self-attention on (B, N, C) tokens (attn1)")
-        grid = grid or self.grid
-        if grid is None:
-            raise ValueError("TokenMergingAttnProcessor needs the token grid (h, w): constructor or grid=...")
-        merge, unmerge = plan_for_batch(hidden_states, grid, self.config, self.generator, self.plan_rows)
-        return merged_self_attention(attn, hidden_states, merge, unmerge, attention_mask=attention_mask)
-
-
-# --- feed-forward (optional) ---------------------------------------------------------------------------------
-
-
-def _merge_feed_forward(ff: torch.nn.Module, config: MergeConfig, grid: Grid, generator) -> list:
-    """Forward hooks on a block's `ff` that merge its input and unmerge its output; returns the hook handles.
-
-    The FF is per token, so merging its input is ToMe's "merge before every module" (Bolya & Hoffman 2023,
-    Sec. 4) applied to PixArt's MLP; the block's code and state dict stay untouched.
-    """
-    pending: list[MergeFn] = []
-
-    def before(module, args, kwargs):
-        x = args[0]
-        merge, unmerge = plan_for_batch(x, grid, config, generator)
-        pending.append(unmerge)
-        return (merge(x), *args[1:]), kwargs
-
-    def after(module, args, kwargs, output):
-        return pending.pop()(output)
-
-    return [
-        ff.register_forward_pre_hook(before, with_kwargs=True),
-        ff.register_forward_hook(after, with_kwargs=True),
-    ]
 
 
 # --- install / restore ---------------------------------------------------------------------------------------
@@ -407,81 +239,68 @@ def layer_seed(seed: int, block: int, ff: bool = False) -> int:
     return 2 * (seed * 1009 + block) + int(ff)
 
 
-def merge_planner(config: MergeConfig, grid: Grid):
-    """The attention controller's hook: `planner(metric (N, C), block, step_index) -> (merge, unmerge)`, one plan
-    per (step, block) computed from the source branch's tokens and shared by every row, reproducible from
-    `config.seed`. None when the config does not merge on this grid."""
-    if not config.applies(grid):
-        return None
-
-    def planner(metric: Tensor, block: int, step_index: int | None):
-        if not config.merges_block(block) or (step_index or 0) < config.skip_steps:
-            return None
-        generator = torch.Generator(device=metric.device)
-        generator.manual_seed(layer_seed(config.seed, block) * 1009 + (step_index or 0))
-        return plan_merge(metric, grid, config, generator)
-
-    return planner
-
-
-def _generator(transformer, seed: int) -> torch.Generator:
-    """A seeded generator on the device the model computes on, so drawing a plan's destinations needs no
-    host-device copy (plans on a GPU therefore differ from plans on the CPU for the same seed)."""
-    return torch.Generator(device=execution_device(transformer)).manual_seed(seed)
-
-
-def execution_device(module: torch.nn.Module) -> torch.device:
-    """The device `module` computes on: its offload hook's execution device when accelerate's CPU offloading is
-    installed (the weights then wait on the CPU or the meta device), else the device of its parameters."""
-    for sub in module.modules():
-        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    return next(module.parameters()).device
-
-
 @contextmanager
-def merged_feed_forward(transformer, config: MergeConfig, grid: Grid, blocks: Sequence[int] | None = None):
-    """Merge the feed-forward input of the chosen blocks (per-row plans: the FF is per token) while in the block;
-    the hooks are removed on exit, even after an exception. Does nothing unless `config.merge_ff` is set and
-    the ratio is above 0 (`min_tokens` is the caller's decision, see `MergeConfig.applies`)."""
+def token_merging(transformer, config: MergeConfig, grid: Grid, plan_row: int = 0) -> Iterator[None]:
+    """Merge tokens around the self-attention (and, with `config.merge_ff`, the feed-forward) of the blocks
+    `config.blocks` of a PixArt transformer while in the block; the hooks are removed on exit, even after an
+    exception. The only way merging is turned on: any attention processor installed meanwhile runs on the merged
+    tokens.
+
+    grid: the `(h, w)` token grid of the latents the transformer will see.
+    plan_row: the batch row whose tokens make each plan (one plan for all rows: `plan_merge`); for an edit, the
+        conditional source row of its `BatchLayout`.
+    The step index, for `config.skip_steps` and for drawing a fresh plan each step, comes from the loop through
+    `cross_attention_kwargs={"step_index": i}` (no step index: step 0); it is not handed on to processors that do
+    not take it. Plans are drawn on the device of the hidden states, from `layer_seed(config.seed, block)` and the step.
+    """
+    blocks = config.block_indices(len(transformer.transformer_blocks))  # a range outside the model: one-line error
     handles = []
+    state = {"step": 0}
+
+    def read_step(module, args, kwargs):
+        extra = kwargs.get("cross_attention_kwargs") or {}
+        state["step"] = extra.get("step_index") or 0
+        if "step_index" in extra and not _processors_take(module, "step_index"):
+            kwargs = {**kwargs, "cross_attention_kwargs": {k: v for k, v in extra.items() if k != "step_index"}}
+        return args, kwargs
+
+    def around(module, block: int, ff: bool):
+        pending: list[MergeFn] = []
+
+        def before(module, args, kwargs):
+            if kwargs.get("attention_mask") is not None:
+                raise ValueError("token merging does not support a self-attention mask")
+            if state["step"] < config.skip_steps:
+                pending.append(identity)
+                return None
+            hidden_states = args[0]  # (B, N, C)
+            generator = torch.Generator(device=hidden_states.device)
+            generator.manual_seed(layer_seed(config.seed, block, ff) * 1009 + state["step"])
+            merge, unmerge = plan_merge(hidden_states[plan_row], grid, config, generator)
+            pending.append(unmerge)
+            return (merge(hidden_states), *args[1:]), kwargs  # (B, N - r, C)
+
+        def after(module, args, kwargs, output):
+            return pending.pop()(output)  # (B, N - r, C) -> (B, N, C)
+
+        return [module.register_forward_pre_hook(before, with_kwargs=True),
+                module.register_forward_hook(after, with_kwargs=True)]
+
     try:
-        if config.merge_ff and config.ratio > 0:
-            for i in range(len(transformer.transformer_blocks)) if blocks is None else blocks:
-                generator = _generator(transformer, layer_seed(config.seed, i, ff=True))
-                handles += _merge_feed_forward(transformer.transformer_blocks[i].ff, config, grid, generator)
+        if config.ratio > 0:
+            handles.append(transformer.register_forward_pre_hook(read_step, with_kwargs=True))
+            for i in blocks:
+                block = transformer.transformer_blocks[i]
+                handles += around(block.attn1, i, ff=False)
+                if config.merge_ff:
+                    handles += around(block.ff, i, ff=True)
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-@contextmanager
-def apply_token_merging(
-    transformer,
-    config: MergeConfig,
-    grid: Grid,
-    blocks: Sequence[int] | None = None,
-    plan_rows: int | Sequence[int] | None = None,
-) -> Iterator[dict[str, TokenMergingAttnProcessor]]:
-    """Install `TokenMergingAttnProcessor` on `transformer_blocks.{i}.attn1` for i in `blocks` (default all) and
-    restore the previous processors (and remove FF hooks) on exit, even after an exception.
-
-    Yields the installed processors by name. Each gets its own generator seeded with `layer_seed(config.seed, i)`.
-    """
-    blocks = range(len(transformer.transformer_blocks)) if blocks is None else blocks
-    saved = dict(transformer.attn_processors)
-    installed = {}
-    for i in blocks:
-        name = f"transformer_blocks.{i}.attn1.processor"
-        if name not in saved:
-            raise ValueError(f"the transformer has no layer {name}")
-        generator = _generator(transformer, layer_seed(config.seed, i))
-        installed[name] = TokenMergingAttnProcessor(config, grid, generator, plan_rows)
-    transformer.set_attn_processor({**saved, **installed})  # a fresh dict: diffusers empties the one it gets
-    try:
-        with merged_feed_forward(transformer, config, grid, blocks):
-            yield installed
-    finally:
-        transformer.set_attn_processor(dict(saved))
+def _processors_take(transformer, name: str) -> bool:
+    """Whether any attention processor of `transformer` takes the keyword `name` (diffusers warns on every call to
+    one that does not)."""
+    return any(name in inspect.signature(p.__call__).parameters for p in transformer.attn_processors.values())

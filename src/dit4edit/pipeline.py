@@ -20,7 +20,7 @@ from . import images as imgs
 from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
-from .merging import MergeConfig, merge_planner, merged_feed_forward
+from .merging import MergeConfig, token_merging
 from .solvers import INVERSIONS, Schedule, sampler_for
 from .tokenizer import MAX_TOKENS
 
@@ -388,9 +388,13 @@ class DiT4EditPipeline(DiffusionPipeline):
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
         latent_hw = tuple(trajectory.shape[-2:])
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
-        controller = self.make_controller(control, inversion, targets, mask, merge, record_words, layout)
+        grid = self._token_grid(latent_hw)
+        merges = merge is not None and merge.applies(grid)
+        if merges:
+            merge.block_indices(len(self.transformer.transformer_blocks))  # a range outside the model: one-line error
+        controller = self.make_controller(control, inversion, targets, mask, record_words, layout)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], guidance, schedule, size,
-                                     step_kwargs=controller is not None, layout=layout)
+                                     step_kwargs=controller is not None or merges, layout=layout)
         x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
 
         def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor:
@@ -400,12 +404,10 @@ class DiT4EditPipeline(DiffusionPipeline):
                 x_next = controller.local_blend(x_next, i)
             return x_next
 
-        grid = self._token_grid(latent_hw)
         installed = install(self.transformer, controller) if controller is not None else contextlib.nullcontext()
-        feed_forward = (merged_feed_forward(self.transformer, merge, grid,
-                                            merge.block_indices(len(self.transformer.transformer_blocks)))
-                        if merge is not None and merge.applies(grid) else contextlib.nullcontext())
-        with installed, feed_forward:
+        merging = (token_merging(self.transformer, merge, grid, plan_row=layout.row(SOURCE, cond=True))
+                   if merges else contextlib.nullcontext())  # one plan from the source's conditional row
+        with installed, merging:
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
@@ -414,17 +416,14 @@ class DiT4EditPipeline(DiffusionPipeline):
                           controller=controller)
 
     def make_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
-                        mask=None, merge: MergeConfig | None = None, record_words: bool = False,
+                        mask=None, record_words: bool = False,
                         layout: BatchLayout | None = None) -> AttentionController | None:
-        """The attention controller of one edit (it also carries token merging), or None when nothing is
-        controlled, masked, merged or recorded."""
+        """The attention controller of one edit, or None when nothing is controlled, masked or recorded (a mask or
+        recording without control runs with `AttentionControl(enabled=False)`: default attention)."""
         latent_hw = tuple(inversion.trajectory.shape[-2:])
         grid = self._token_grid(latent_hw)
-        planner = merge_planner(merge, grid) if merge is not None else None
-        if planner is not None:
-            merge.block_indices(len(self.transformer.transformer_blocks))  # a range outside the model: one-line error
         if control is None:
-            if mask is None and planner is None and not record_words:
+            if mask is None and not record_words:
                 return None
             control = AttentionControl(enabled=False)
         user_mask = None if mask is None else self._latent_mask(mask, inversion.original_size, latent_hw)
@@ -432,7 +431,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             control, self.tokenizer, inversion.source_prompt, list(targets),
             num_steps=inversion.num_inference_steps, num_blocks=len(self.transformer.transformer_blocks),
             grid=grid, patch_size=self.transformer.config.patch_size, user_mask=user_mask,
-            record_words=record_words, merge_planner=planner, layout=layout,
+            record_words=record_words, layout=layout,
         )
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -6,7 +6,7 @@ index and the `step_index` the loop passes, what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -14,11 +14,6 @@ from ..errors import DiT4EditError
 from ..layout import SOURCE, BatchLayout
 from .blend import apply_local_blend, attention_blend_mask
 from .config import AttentionControl, block_range, steps_before
-
-#: `(hidden_states of the conditional source row (N, C), block_index, step_index) -> (merge, unmerge) | None`.
-#: `merge` maps `(B, N, C) -> (B, N - r, C)` with one plan for all rows, `unmerge` maps back (see `dit4edit.merging`).
-MergePlanner = Callable[[torch.Tensor, int, "int | None"], "tuple[Callable, Callable] | None"]
-
 
 @dataclass(frozen=True, eq=False)
 class TokenEdit:
@@ -91,7 +86,6 @@ class AttentionController:
     Arguments to tinker with:
         patch_size: the transformer's patch size (latent side = grid side * patch_size).
         record_layers: `[start, end)` blocks whose maps are recorded; default `config.local_blend_layers` (all).
-        merge_planner: token merging around controlled and uncontrolled self-attention (see `MergePlanner`).
     """
 
     def __init__(
@@ -107,7 +101,6 @@ class AttentionController:
         user_mask: torch.Tensor | None = None,
         patch_size: int = 2,
         record_layers: tuple[int, int] | None = None,
-        merge_planner: MergePlanner | None = None,
     ):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -123,7 +116,6 @@ class AttentionController:
         self.num_blocks = num_blocks
         self.grid = (int(grid[0]), int(grid[1]))
         self.latent_size = (self.grid[0] * patch_size, self.grid[1] * patch_size)
-        self.merge_planner = merge_planner
         self.self_blocks = config.self_blocks(num_blocks)
         self.record_blocks = (
             block_range(record_layers, num_blocks, "record_layers", default="all")

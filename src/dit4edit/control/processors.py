@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SOURCE
 from .controller import AttentionController
 from .edits import SELF_EDITS, cross_attention_edit, cross_attention_probs, sdpa
 
@@ -18,10 +17,9 @@ from .edits import SELF_EDITS, cross_attention_edit, cross_attention_probs, sdpa
 class ControlledAttnProcessor:
     """Attention of `transformer_blocks.{block}.attn1` (`cross=False`) or `.attn2` (`cross=True`) under control.
 
-    Self-attention: the controller's edit (source / p2p / mutual / union) on all target rows, and, with a
-    `merge_planner`, token merging around it (merge before `to_q/k/v`, unmerge after `to_out`, one plan for every
-    row, computed from the conditional source row). Cross-attention: the Prompt-to-Prompt edit on the conditional
-    target rows, and recording of the chosen words' maps.
+    Self-attention: the controller's edit (source / p2p / mutual / union) on all target rows; under token merging
+    (`dit4edit.merging.token_merging`) it receives the merged tokens, grouped alike in every row. Cross-attention:
+    the Prompt-to-Prompt edit on the conditional target rows, and recording of the chosen words' maps.
     """
 
     def __init__(self, controller: AttentionController, block: int, cross: bool):
@@ -65,26 +63,14 @@ class ControlledAttnProcessor:
         if self.cross:
             edit = controller.cross_edit(step_index, hidden_states.device)
             record_rows = controller.record_rows(self.block, step_index)
-            planner = None
         else:
             edit = controller.self_edit(self.block, step_index)
             record_rows = None
-            planner = controller.merge_planner
-        uses_layout = edit is not None or record_rows is not None or planner is not None
-        if uses_layout and batch_size != controller.layout.rows:
+        if (edit is not None or record_rows is not None) and batch_size != controller.layout.rows:
             raise ValueError(
                 f"attention control expects the {controller.layout.rows}-row batch of {controller.layout}, "
                 f"got {batch_size} rows"
             )
-        plan = None
-        if planner is not None:
-            if attention_mask is not None:
-                raise ValueError("token merging does not support a self-attention mask")
-            source_cond = controller.layout.row(SOURCE, cond=True)  # the plan comes from the conditional source row
-            plan = planner(hidden_states[source_cond], self.block, step_index)
-        if plan is not None:
-            merge, unmerge = plan
-            hidden_states = merge(hidden_states)  # (B, N, C) -> (B, N - r, C)
 
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
@@ -122,8 +108,6 @@ class ControlledAttnProcessor:
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)  # linear proj
         hidden_states = attn.to_out[1](hidden_states)  # dropout
-        if plan is not None:
-            hidden_states = unmerge(hidden_states)  # (B, N - r, C) -> (B, N, C)
 
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
