@@ -1,12 +1,14 @@
-# Two entry points: `make demo` (install, then edit the shipped example) and `make test` (install, then test).
+# Entry points: `make demo` (install, then edit the shipped example), `make serve` (install with the web app, then
+# start it on the embedded model) and `make test` (install with the web app, then test).
 # `make install` also installs the research package (research/: synthetic world, `dit4edit-bench`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+APP_STAMP := $(VENV)/.installed-app
 OUT ?= out
 
-.PHONY: install demo test bench clean
+.PHONY: install demo serve test browser bench clean
 
 $(STAMP): pyproject.toml research/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +20,30 @@ $(STAMP): pyproject.toml research/pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e research
 	touch $(STAMP)
 
+$(APP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,app]"
+	touch $(APP_STAMP)
+
 install: $(STAMP)
 
 demo: install
 	$(BIN)/python -m dit4edit.demo $(OUT)
 
-test: install
+serve: $(APP_STAMP)
+	$(BIN)/python -m dit4edit serve
+
+test: $(APP_STAMP) browser
 	$(BIN)/python -m pytest
+
+# The web app's browser test drives Debian's chromium through chromium-driver. Installed here when apt-get can
+# (root or password-less sudo); anywhere else that one test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "make: no apt-get: the browser test will be skipped"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "make: apt-get needs root: the browser test will be skipped"; exit 0; fi; \
+	($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver \
+	  >/dev/null) || echo "make: installing chromium failed: the browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

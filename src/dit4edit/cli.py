@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .defaults import DEFAULTS
 from .errors import DiT4EditError
 
 EXIT_USAGE = 2
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--retry-failed", action="store_true", help="redo the items recorded as failed")
     edit_settings(batch)
 
+    serve = commands.add_parser("serve", help="start the web editor (needs the app extra: pip install 'dit4edit[app]')")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    common(serve)  # --steps, --guidance, --inversion, --tol: the page's starting values
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
     tiny.add_argument("output", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -78,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
     """Model, steps, guidance, device options; with `image`, the inversion options too."""
     sub.add_argument("--model", default=None, help="PixArt-alpha hub id or local folder in diffusers layout")
-    sub.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    sub.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
-    sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sub.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"denoising steps (default {DEFAULTS.steps})")
+    sub.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
+                     help=f"classifier-free guidance scale (default {DEFAULTS.guidance})")
+    sub.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default {DEFAULTS.seed})")
     sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -91,9 +99,10 @@ def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
                      help="encode and decode in overlapping tiles, one image at a time (less memory for large "
                           "images; the tiles blend, so results differ slightly)")
     if image:
-        sub.add_argument("--inversion", default="dpm-exact", choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
-                         help="inversion method (default dpm-exact)")
-        sub.add_argument("--tol", type=float, default=1e-5, help="exact inversion tolerance (default 1e-5)")
+        sub.add_argument("--inversion", default=DEFAULTS.inversion, choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
+                         help=f"inversion method (default {DEFAULTS.inversion})")
+        sub.add_argument("--tol", type=float, default=DEFAULTS.tol,
+                         help=f"exact inversion tolerance (default {DEFAULTS.tol:g})")
         sub.add_argument("--max-pixels", type=int, default=None, help="largest input accepted (default 2048x2048)")
 
 
@@ -395,8 +404,7 @@ def _attention(args) -> int:
     branches = [("source", 0)] + ([("target", 1)] if args.target else [])
     for name, branch in branches:
         picture_base = base if branch == 0 else result.images[0]
-        for k, (word, attention) in enumerate(controller.word_maps(branch, steps).items()):
-            picture = pictures.heatmap(attention, picture_base)
+        for k, (word, picture) in enumerate(pictures.word_pictures(controller, branch, picture_base, steps)):
             written.append(imgs.save_image(picture, out / f"{name}-{k:02d}-{pictures.slug(word)}.png"))
             tiles.append((f"{name[0]}:{word}", picture))
     mask = controller.blend_mask(inversion.num_inference_steps - 1)
@@ -428,6 +436,28 @@ def _batch(args) -> int:
 
 
 COMMANDS = {"batch": _batch, "edit": _edit, "attention": _attention, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+
+
+def _serve(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise DiT4EditError("the web app needs gradio: pip install 'dit4edit[app]'") from None
+    from . import app as web
+    from .defaults import RunSettings
+    from .images import MAX_PIXELS
+
+    web.check_port(args.host, args.port)
+    if not web.is_loopback(args.host):
+        print(f"dit4edit: warning: serving on {args.host}: anyone who can reach this machine can use the editor",
+              file=sys.stderr)
+    editor = web.Editor(_load(args), max_pixels=args.max_pixels or MAX_PIXELS)
+    settings = web.EditSettings.starting_from(RunSettings(args.steps, args.guidance, args.inversion, args.tol))
+    web.serve(editor, args.host, args.port, settings)
+    return 0
+
+
+COMMANDS["serve"] = _serve
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -30,6 +30,12 @@ def heatmap(attention: torch.Tensor, image: Image.Image, alpha: float = 0.6) -> 
     return Image.fromarray((alpha * colours + (1 - alpha) * base).round().astype(np.uint8))
 
 
+def word_pictures(controller, branch: int, image: Image.Image, steps=None) -> list[tuple[str, Image.Image]]:
+    """`(word, heat map over image)` for each word an `AttentionController` recorded in a branch (0 = source,
+    k = target k), the maps averaged over `steps` (default: all)."""
+    return [(word, heatmap(attention, image)) for word, attention in controller.word_maps(branch, steps).items()]
+
+
 def mask_picture(mask: torch.Tensor, image: Image.Image) -> Image.Image:
     """The editable region (1) shown bright over a darkened image."""
     up = Image.fromarray((mask.float().cpu().numpy() * 255).astype(np.uint8)).resize(image.size, Image.NEAREST)

@@ -1,0 +1,239 @@
+"""The web app: the editor's functions without a browser, its API through gradio_client, the `serve` command, and
+one end-to-end run in a real headless browser (skipped where chromium is not installed)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import SOURCE, TARGET, random_image
+from PIL import Image
+
+from dit4edit import cli
+from dit4edit.app import EditSettings, Editor, editor_mask, is_loopback
+from dit4edit.control import AttentionControl
+from dit4edit.errors import DiT4EditError
+
+FAST = EditSettings(steps=3, inversion="dpm")  # a few naive steps: the app's paths, not the edit's quality
+GREEN = "a green circle on a white background"
+
+
+class Counting:
+    """Counts a pipeline method's calls and the most calls that ran at once."""
+
+    def __init__(self, pipe, name: str, monkeypatch):
+        self.calls, self.running, self.most_at_once = 0, 0, 0
+        self._lock = threading.Lock()
+        original = getattr(pipe, name)
+
+        def counted(*args, **kwargs):
+            with self._lock:
+                self.calls += 1
+                self.running += 1
+                self.most_at_once = max(self.most_at_once, self.running)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        monkeypatch.setattr(pipe, name, counted)
+
+
+@pytest.fixture
+def editor(tiny_pipe):
+    return Editor(tiny_pipe)
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "input.png"
+    random_image(64, 48).save(path)
+    return path
+
+
+# --- the editor, without a browser -------------------------------------------------------------------------------
+
+
+def test_a_second_target_reuses_the_inversion(editor, tiny_pipe, picture, monkeypatch):
+    inverts = Counting(tiny_pipe, "invert", monkeypatch)
+    first = editor.edit(picture, SOURCE, TARGET, FAST)
+    second = editor.edit(Image.open(picture), SOURCE, GREEN, FAST)  # same pixels, given another way
+    assert inverts.calls == 1
+    assert not first.reused and second.reused
+    assert "Reused the inversion" in second.status() and f"saved {first.inversion_seconds:.1f} s" in second.status()
+    assert "Inverted in" in first.status()
+    editor.edit(picture, "a red square on a white background", GREEN, FAST)  # another source prompt
+    editor.edit(picture, SOURCE, GREEN, EditSettings(steps=4, inversion="dpm"))  # other inversion settings
+    assert inverts.calls == 3
+
+
+def test_edit_shows_the_edit_its_reconstruction_the_word_maps_and_a_download(editor, picture):
+    outcome = editor.edit(picture, SOURCE, TARGET, FAST)
+    assert outcome.edited.size == outcome.reconstruction.size == (64, 48)
+    labels = [label for _, label in outcome.word_maps]
+    assert {"source: red", "source: circle", "target: blue"} <= set(labels)
+    assert all(tile.size == (64, 48) for tile, _ in outcome.word_maps)
+    assert outcome.blend_mask is None  # neither local blend nor a brushed mask
+    with Image.open(outcome.download) as saved:
+        assert saved.format == "PNG" and saved.size == (64, 48)
+        assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(outcome.edited))
+    blended = editor.edit(picture, SOURCE, TARGET, EditSettings(steps=3, inversion="dpm", local_blend="circle"))
+    assert blended.blend_mask is not None and blended.blend_mask.size == (64, 48)
+
+
+def test_a_brushed_mask_is_the_editable_region(editor, picture):
+    layer = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 255), (0, 0, 32, 48))  # the left half brushed
+    mask = editor_mask({"background": None, "layers": [layer], "composite": None})
+    values = np.asarray(mask)
+    assert values[:, :32].min() == 255 and values[:, 32:].max() == 0
+    assert editor_mask({"background": None, "layers": [Image.new("RGBA", (64, 48))], "composite": None}) is None
+    assert editor_mask(None) is None
+    outcome = editor.edit(picture, SOURCE, TARGET, FAST, mask)
+    shown = np.asarray(outcome.blend_mask, dtype=float)  # bright where editable, darkened elsewhere
+    source = np.asarray(Image.open(picture).convert("RGB"), dtype=float)
+    assert np.allclose(shown[:, :32], source[:, :32], atol=1) and shown[:, 40:].mean() < 0.5 * source[:, 40:].mean()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image=None), "no image"),
+    (dict(image="corrupt"), "not an image or corrupt"),
+    (dict(source="  "), "source prompt is empty"),
+    (dict(target=""), "target prompt is empty"),
+    (dict(settings=EditSettings(steps=3, local_blend="triangle")), "triangle"),
+    (dict(settings=EditSettings(steps=3, self_layers="3:99")), "outside the model"),
+    (dict(settings=EditSettings(steps=3, reweight="blue")), "WORD=VALUE"),
+    (dict(settings=EditSettings(steps=3, reweight="dog=2")), "'dog' is not in the prompt"),
+    (dict(settings=EditSettings(steps=0)), "steps must be between"),
+    (dict(settings=EditSettings(inversion="newton")), "unknown inversion method"),
+])  # fmt: skip
+def test_a_bad_request_fails_before_any_work_and_the_next_one_works(editor, tiny_pipe, picture, tmp_path,
+                                                                      monkeypatch, change, message):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    request = dict(image=picture, source=SOURCE, target=TARGET, settings=FAST)
+    request.update(change)
+    if request["image"] == "corrupt":
+        request["image"] = corrupt
+    inverts, edits = Counting(tiny_pipe, "invert", monkeypatch), Counting(tiny_pipe, "edit", monkeypatch)
+    with pytest.raises(DiT4EditError, match=message):
+        editor.edit(**request)
+    assert edits.calls == 0 and inverts.calls <= 1  # invert itself refuses a bad method or step count up front
+    assert editor.edit(picture, SOURCE, TARGET, FAST).edited.size == (64, 48)
+
+
+def test_the_apps_defaults_are_the_command_lines():
+    flags = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png"])
+    defaults = EditSettings()
+    assert (defaults.steps, defaults.guidance, defaults.inversion, defaults.tol) == (
+        flags.steps, flags.guidance, flags.inversion, flags.tol)
+    assert defaults.control() == AttentionControl() == cli.control_from_args(flags)
+    assert defaults.merging == (cli.merge_from_args(flags) is not None)
+    started = EditSettings.starting_from(cli_settings(["serve", "--steps", "7", "--inversion", "ddim"]))
+    assert (started.steps, started.inversion, started.guidance) == (7, "ddim", defaults.guidance)
+
+
+def cli_settings(argv):
+    from dit4edit.defaults import RunSettings
+
+    flags = cli.build_parser().parse_args(argv)
+    return RunSettings(flags.steps, flags.guidance, flags.inversion, flags.tol)
+
+
+def test_loopback_addresses():
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.4", "::", "example.org"]))
+
+
+# --- the `serve` command -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code = cli.main(["serve", "--port", str(taken.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dit4edit: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+    assert cli.main(["serve", "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_serve_loads_the_model_once_and_warns_off_loopback(tiny_pipe, monkeypatch, capsys, host, warned):
+    from dit4edit import app
+
+    loads, served = [], []
+    monkeypatch.setattr(cli, "_load", lambda args: loads.append(args.model) or tiny_pipe)
+    monkeypatch.setattr(app, "serve", lambda *args: served.append(args))
+    port = free_port()
+    assert cli.main(["serve", "--host", host, "--port", str(port), "--steps", "5", "--model", "m"]) == 0
+    err = capsys.readouterr().err
+    assert loads == ["m"] and len(served) == 1
+    editor, served_host, served_port, settings = served[0]
+    assert editor.pipe is tiny_pipe and (served_host, served_port, settings.steps) == (host, port, 5)
+    assert ("warning: serving on 0.0.0.0" in err) is warned and err.count("\n") == int(warned)
+
+
+# --- the running app: API and browser ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pipe):
+    pytest.importorskip("gradio", reason="the web app needs the app extra (pip install 'dit4edit[app]')")
+    from dit4edit.app import serve
+
+    editor = Editor(tiny_pipe)
+    app = serve(editor, "127.0.0.1", free_port(), FAST, block=False)
+    yield app, editor
+    app.close()
+
+
+def test_the_api_edits_with_three_inputs_and_answers_bad_requests_with_errors(server, picture, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    app, editor = server
+    client = Client(app.local_url, verbose=False)
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/edit"]["parameters"]
+    assert [p["parameter_name"] for p in parameters[:3]] == ["image", "source", "target"]
+    assert all(p["parameter_has_default"] for p in parameters[3:])
+    inverts = Counting(editor.pipe, "invert", monkeypatch)
+    edited, *_, status = client.predict(handle_file(str(picture)), SOURCE, TARGET, api_name="/edit")
+    assert Image.open(edited).size == (64, 48) and "Inverted in" in status
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    with pytest.raises(AppError, match="not an image or corrupt"):
+        client.predict(handle_file(str(not_an_image)), SOURCE, TARGET, api_name="/edit")
+    with pytest.raises(AppError, match="source prompt is empty"):
+        client.predict(handle_file(str(picture)), "", TARGET, api_name="/edit")
+    with pytest.raises(AppError, match="local-blend word"):
+        client.predict(handle_file(str(picture)), SOURCE, TARGET, local_blend="triangle", api_name="/edit")
+
+    edited, *_, status = client.predict(handle_file(str(picture)), SOURCE, GREEN, api_name="/edit")
+    assert Image.open(edited).size == (64, 48) and "Reused the inversion" in status
+    assert inverts.calls == 1
+
+
+def test_concurrent_requests_are_queued_on_the_model(server, picture, monkeypatch):
+    from gradio_client import Client, handle_file
+
+    app, editor = server
+    edits = Counting(editor.pipe, "edit", monkeypatch)
+    clients = [Client(app.local_url, verbose=False) for _ in range(3)]
+    jobs = [c.submit(handle_file(str(picture)), SOURCE, t, api_name="/edit") for c, t in zip(clients, [TARGET, GREEN,
+                                                                                                       SOURCE])]
+    assert all(Image.open(job.result(timeout=120)[0]).size == (64, 48) for job in jobs)
+    assert edits.calls == 3 and edits.most_at_once == 1
