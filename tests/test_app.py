@@ -13,11 +13,11 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import cli
-from dit4edit.app import EditSettings, Editor, editor_mask, is_loopback
+from dit4edit.app import PageSettings, Editor, editor_mask, is_loopback
 from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
 
-FAST = EditSettings(steps=3, inversion="dpm")  # a few naive steps: the app's paths, not the edit's quality
+FAST = PageSettings(steps=3, inversion="dpm")  # a few naive steps: the app's paths, not the edit's quality
 GREEN = "a green circle on a white background"
 
 
@@ -67,7 +67,7 @@ def test_a_second_target_reuses_the_inversion(editor, tiny_pipe, picture, monkey
     assert "Reused the inversion" in second.status() and f"saved {first.inversion_seconds:.1f} s" in second.status()
     assert "Inverted in" in first.status()
     editor.edit(picture, "a red square on a white background", GREEN, FAST)  # another source prompt
-    editor.edit(picture, SOURCE, GREEN, EditSettings(steps=4, inversion="dpm"))  # other inversion settings
+    editor.edit(picture, SOURCE, GREEN, PageSettings(steps=4, inversion="dpm"))  # other inversion settings
     assert inverts.calls == 3
 
 
@@ -81,7 +81,7 @@ def test_edit_shows_the_edit_its_reconstruction_the_word_maps_and_a_download(edi
     with Image.open(outcome.download) as saved:
         assert saved.format == "PNG" and saved.size == (64, 48)
         assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(outcome.edited))
-    blended = editor.edit(picture, SOURCE, TARGET, EditSettings(steps=3, inversion="dpm", local_blend="circle"))
+    blended = editor.edit(picture, SOURCE, TARGET, PageSettings(steps=3, inversion="dpm", local_blend="circle"))
     assert blended.blend_mask is not None and blended.blend_mask.size == (64, 48)
 
 
@@ -104,12 +104,12 @@ def test_a_brushed_mask_is_the_editable_region(editor, picture):
     (dict(image="corrupt"), "not an image or corrupt"),
     (dict(source="  "), "source prompt is empty"),
     (dict(target=""), "target prompt is empty"),
-    (dict(settings=EditSettings(steps=3, local_blend="triangle")), "triangle"),
-    (dict(settings=EditSettings(steps=3, self_layers="3:99")), "outside the model"),
-    (dict(settings=EditSettings(steps=3, reweight="blue")), "WORD=VALUE"),
-    (dict(settings=EditSettings(steps=3, reweight="dog=2")), "'dog' is not in the prompt"),
-    (dict(settings=EditSettings(steps=0)), "steps must be between"),
-    (dict(settings=EditSettings(inversion="newton")), "unknown inversion method"),
+    (dict(settings=PageSettings(steps=3, local_blend="triangle")), "triangle"),
+    (dict(settings=PageSettings(steps=3, self_layers="3:99")), "outside the model"),
+    (dict(settings=PageSettings(steps=3, reweight="blue")), "WORD=VALUE"),
+    (dict(settings=PageSettings(steps=3, reweight="dog=2")), "'dog' is not in the prompt"),
+    (dict(settings=PageSettings(steps=0)), "steps must be between"),
+    (dict(settings=PageSettings(inversion="newton")), "unknown inversion method"),
 ])  # fmt: skip
 def test_a_bad_request_fails_before_any_work_and_the_next_one_works(editor, tiny_pipe, picture, tmp_path,
                                                                       monkeypatch, change, message):
@@ -128,12 +128,12 @@ def test_a_bad_request_fails_before_any_work_and_the_next_one_works(editor, tiny
 
 def test_the_apps_defaults_are_the_command_lines():
     flags = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png"])
-    defaults = EditSettings()
+    defaults = PageSettings()
     assert (defaults.steps, defaults.guidance, defaults.inversion, defaults.tol) == (
         flags.steps, flags.guidance, flags.inversion, flags.tol)
     assert defaults.control() == AttentionControl() == cli.control_from_args(flags)
     assert defaults.merging == (cli.merge_from_args(flags) is not None)
-    started = EditSettings.starting_from(cli_settings(["serve", "--steps", "7", "--inversion", "ddim"]))
+    started = PageSettings.starting_from(cli_settings(["serve", "--steps", "7", "--inversion", "ddim"]))
     assert (started.steps, started.inversion, started.guidance) == (7, "ddim", defaults.guidance)
 
 

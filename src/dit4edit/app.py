@@ -43,7 +43,7 @@ CONTROL_DEFAULTS = AttentionControl()
 
 
 @dataclass(frozen=True)
-class EditSettings:
+class PageSettings:
     """The settings of one edit, as the page and the API take them (text fields as the command line's flags do).
 
     steps, guidance, inversion, tol: the run's settings (defaults: `dit4edit.defaults.DEFAULTS`).
@@ -67,7 +67,7 @@ class EditSettings:
     merging: bool = True
 
     @classmethod
-    def starting_from(cls, run: RunSettings) -> EditSettings:
+    def starting_from(cls, run: RunSettings) -> PageSettings:
         """The app's defaults when the server was started with other run settings (`dit4edit serve --steps 10`)."""
         return cls(steps=run.steps, guidance=run.guidance, inversion=run.inversion, tol=run.tol)
 
@@ -135,7 +135,7 @@ class Editor:
     )
     _count: int = field(default=0, init=False, repr=False)
 
-    def edit(self, image, source: str, target: str, settings: EditSettings = EditSettings(),
+    def edit(self, image, source: str, target: str, settings: PageSettings = PageSettings(),
              mask: Image.Image | None = None) -> EditOutcome:
         """Edit `image` (a PIL image or a file) from `source` towards `target`; `mask` (white = editable) is
         resized to the image. Inverts only when no kept inversion matches."""
@@ -180,7 +180,7 @@ class Editor:
                              original_size=image.size)
         self.pipe.make_controller(control, stand_in, [target], mask, merge, record_words=True)
 
-    def _inversion(self, image: Image.Image, source: str, settings: EditSettings) -> tuple[Inversion, float, bool]:
+    def _inversion(self, image: Image.Image, source: str, settings: PageSettings) -> tuple[Inversion, float, bool]:
         key = (_digest(image), source, settings.inversion_key())
         cached = self._cache.get(key)
         if cached is not None:
@@ -241,7 +241,7 @@ TITLE = "dit4edit: text-guided image editing with diffusion transformers"
 MODEL_QUEUE = "model"
 
 
-def build_app(editor: Editor, defaults: EditSettings = EditSettings()):
+def build_app(editor: Editor, defaults: PageSettings = PageSettings()):
     """The Gradio page around `editor` (a `gradio.Blocks`, queued one model call at a time); launch it with
     `serve` or `.launch()`."""
     import gradio as gr
@@ -276,8 +276,8 @@ def build_app(editor: Editor, defaults: EditSettings = EditSettings()):
     return app.queue(default_concurrency_limit=1)
 
 
-def _settings_fields(gr, defaults: EditSettings) -> list:
-    """The settings, in `EditSettings` field order (the API's inputs 4 to 14)."""
+def _settings_fields(gr, defaults: PageSettings) -> list:
+    """The settings, in `PageSettings` field order (the API's inputs 4 to 14)."""
     with gr.Accordion("settings", open=False):
         values = [
             gr.Slider(1, 100, value=defaults.steps, step=1, label="steps"),
@@ -294,7 +294,7 @@ def _settings_fields(gr, defaults: EditSettings) -> list:
             gr.Textbox(value=defaults.local_blend, label="local blend: edit only where these words attend"),
             gr.Checkbox(value=defaults.merging, label="patch merging (large images only)"),
         ]
-    assert len(values) == len(fields(EditSettings))
+    assert len(values) == len(fields(PageSettings))
     return values
 
 
@@ -353,7 +353,7 @@ def _edit_handler(editor: Editor, gr):
              cross_replace_steps, edit_mode, reweight, local_blend, merging, mask=None,
              progress=gr.Progress(track_tqdm=True)):
         try:
-            settings = EditSettings(int(steps), float(guidance), inversion, float(tol), float(self_replace_steps),
+            settings = PageSettings(int(steps), float(guidance), inversion, float(tol), float(self_replace_steps),
                                     self_layers or "", float(cross_replace_steps), edit_mode, reweight or "",
                                     local_blend or "", bool(merging))
             outcome = editor.edit(image, source, target, settings, editor_mask(mask))
@@ -370,7 +370,7 @@ def _edit_handler(editor: Editor, gr):
     return edit
 
 
-def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: EditSettings = EditSettings(),
+def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: PageSettings = PageSettings(),
           block: bool = True):
     """Build the page and serve it on `host:port`; with `block=False` return the running app (for tests)."""
     app = build_app(editor, defaults)

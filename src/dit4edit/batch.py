@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import images as imgs
+from .defaults import DEFAULTS
 from .errors import DiT4EditError
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,10 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class EditSettings:
     """Everything one edit runs with (the `dit4edit edit` options); `control` / `merge` None = off."""
 
-    steps: int = 30
-    guidance: float = 4.5
-    inversion: str = "dpm-exact"
-    tol: float = 1e-5
+    steps: int = DEFAULTS.steps
+    guidance: float = DEFAULTS.guidance
+    inversion: str = DEFAULTS.inversion
+    tol: float = DEFAULTS.tol
     max_pixels: int = imgs.MAX_PIXELS
     pin_source: bool = True
     control: object | None = None  # AttentionControl
