@@ -159,7 +159,7 @@ def free_port() -> int:
 
 
 def test_serve_refuses_a_busy_port_before_loading_the_model(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model was loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -175,7 +175,7 @@ def test_serve_loads_the_model_once_and_warns_off_loopback(tiny_pipe, monkeypatc
     from dit4edit import app
 
     loads, served = [], []
-    monkeypatch.setattr(cli, "_load", lambda args: loads.append(args.model) or tiny_pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: loads.append(args.model) or tiny_pipe)
     monkeypatch.setattr(app, "serve", lambda *args: served.append(args))
     port = free_port()
     assert cli.main(["serve", "--host", host, "--port", str(port), "--steps", "5", "--model", "m"]) == 0

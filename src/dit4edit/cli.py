@@ -451,7 +451,7 @@ def _serve(args) -> int:
     if not web.is_loopback(args.host):
         print(f"dit4edit: warning: serving on {args.host}: anyone who can reach this machine can use the editor",
               file=sys.stderr)
-    editor = web.Editor(_load(args), max_pixels=args.max_pixels or MAX_PIXELS)
+    editor = web.Editor(load_pipeline(args), max_pixels=args.max_pixels or MAX_PIXELS)
     settings = web.PageSettings.starting_from(RunSettings(args.steps, args.guidance, args.inversion, args.tol))
     web.serve(editor, args.host, args.port, settings)
     return 0
