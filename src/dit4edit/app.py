@@ -146,7 +146,7 @@ class Editor:
         control = settings.control()
         merge = DEFAULT_MERGE if settings.merging else None
         mask = None if mask is None else mask.convert("L").resize(image.size, Image.NEAREST)
-        self._check_controls(image, source, target, int(settings.steps), control, merge, mask)
+        self._check_controls(image, source, target, int(settings.steps), control, mask)
         with self._lock:
             inversion, seconds, reused = self._inversion(image, source, settings)
             start = time.perf_counter()
@@ -168,7 +168,7 @@ class Editor:
             return imgs.to_rgb(image)
         return imgs.load_image(image, self.max_pixels)
 
-    def _check_controls(self, image, source, target, steps, control, merge, mask) -> None:
+    def _check_controls(self, image, source, target, steps, control, mask) -> None:
         """Build the edit's attention controller on a stand-in inversion of the right shape: every setting that
         depends on the prompts or the model (local-blend words, reweighted words, block ranges, the mask) fails
         here, before the inversion."""
@@ -178,7 +178,7 @@ class Editor:
         stand_in = Inversion(trajectory=torch.zeros(1, channels, height // factor, width // factor),
                              source_prompt=source, num_inference_steps=steps, guidance_scale=1.0, method="stand-in",
                              original_size=image.size)
-        self.pipe.make_controller(control, stand_in, [target], mask, merge, record_words=True)
+        self.pipe.make_controller(control, stand_in, [target], mask, record_words=True)
 
     def _inversion(self, image: Image.Image, source: str, settings: PageSettings) -> tuple[Inversion, float, bool]:
         key = (_digest(image), source, settings.inversion_key())
