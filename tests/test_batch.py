@@ -118,7 +118,7 @@ def test_batch_bad_command_is_one_line_before_any_work(tmp_path, capsys):
     spec = write_spec(tmp_path / "spec.jsonl", [{"image": "a.png", "source": SOURCE, "targets": [TARGET]}])
     for args, message in [([str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o")], "batch spec not found"),
                           ([str(spec), "-o", str(tmp_path / "file")], "output must be a folder"),
-                          ([str(spec), "-o", str(tmp_path / "o"), "--steps", "0"], "--steps must be >= 1"),
+                          ([str(spec), "-o", str(tmp_path / "o"), "--steps", "0"], "--steps must be between 1 and 1000"),
                           ([str(write_spec(tmp_path / "empty.jsonl", [""])), "-o", str(tmp_path / "o")], "no items")]:
         assert main(["batch", *args]) == 2
         err = capsys.readouterr().err

@@ -157,3 +157,18 @@ def test_cli_runs_the_sections_asked_for(tiny_model_dir, tmp_path, capsys):
     for bad in (["--sections", "editing,bogus"], ["--reconstruction-methods", "dpm,nope"], ["--generation-n", "0"]):
         assert bench.main(["--model", str(tiny_model_dir), "-o", str(out), *bad]) == 2
     assert "dit4edit-bench: error:" in capsys.readouterr().err
+
+
+def test_rows_are_keyed_by_their_settings(tiny_pipe, tmp_path):
+    """A rerun with other steps, guidance or model computes its own rows and summarises only those."""
+    run = dict(count=1, methods=["no-control"], grid_pairs=0, disable_progress=True)
+    bench.run_editing(tiny_pipe, tmp_path, steps=2, **run)
+    bench.run_editing(tiny_pipe, tmp_path, steps=2, **run)  # same settings: resumed, nothing added
+    bench.run_editing(tiny_pipe, tmp_path, steps=3, guidance=2.0, **run)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["steps"], r["guidance"]) for r in rows] == [(2, 4.5), (3, 2.0)]
+    assert all("model" in r for r in rows)
+    pipe = GroundTruthPipe(bench.held_out_scenes(2))
+    bench.run_generation(pipe, tmp_path, count=2, steps=5, disable_progress=True)
+    summary = bench.run_generation(pipe, tmp_path, count=2, steps=6, disable_progress=True)
+    assert len(pipe.prompts) == 4 and summary["n"] == 2 and summary["steps"] == 6

@@ -166,17 +166,22 @@ def score(output: Image.Image, pair, seconds: float) -> dict:
 class ResultLog:
     """An append-only JSONL file of results, one line per item, keyed by the row fields `key`: `done` maps each
     key already there to its row. A line cut by a crash is dropped on loading (that item is simply redone), and the
-    next result starts on a line of its own; every result is flushed to disk as it is written."""
+    next result starts on a line of its own; every result is flushed to disk as it is written.
 
-    def __init__(self, path: Path, key: Sequence[str]):
+    `settings` (e.g. steps, guidance, model) are written into every row, and only rows made with the same settings
+    count as done: a rerun with other settings computes its own rows and summarises only those."""
+
+    def __init__(self, path: Path, key: Sequence[str], settings: dict | None = None):
         self.path, self.key = Path(path), tuple(key)
+        self.settings = dict(settings or {})
         self.done: dict[tuple, dict] = {}
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
                     row = json.loads(line)
-                    self.done[self.key_of(row)] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if all(row.get(name) == value for name, value in self.settings.items()):
+                        self.done[self.key_of(row)] = row
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
 
     def key_of(self, row: dict) -> tuple:
@@ -192,6 +197,7 @@ class ResultLog:
         self._file.close()
 
     def write(self, row: dict) -> None:
+        row = {**row, **self.settings}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -219,7 +225,8 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
     names = list(methods or available)
     check_known(names, available, "method")
     pairs = make_pairs(count)
-    with ResultLog(out / "results.jsonl", ("pair", "method")) as log:
+    settings = run_settings(pipe, steps, guidance, inversion=inversion)
+    with ResultLog(out / "results.jsonl", ("pair", "method"), settings) as log:
         todo = [(k, n) for k in range(count) for n in names if (k, n) not in log.done]
         bar = tqdm(total=len(todo), desc="editing benchmark", disable=disable_progress)
         for k, pair in enumerate(pairs):
@@ -266,7 +273,7 @@ def run_generation(pipe, out_dir: str | os.PathLike, count: int = 200, steps: in
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     scenes = held_out_scenes(count)
-    with ResultLog(out / "generation.jsonl", ("scene",)) as log:
+    with ResultLog(out / "generation.jsonl", ("scene",), run_settings(pipe, steps, guidance)) as log:
         for k in tqdm([k for k in range(count) if (k,) not in log.done], desc="generation check",
                       disable=disable_progress):
             scene = scenes[k]
@@ -296,7 +303,7 @@ def run_reconstruction(pipe, out_dir: str | os.PathLike, count: int = 20,
     methods = list(methods)
     check_known(methods, RECONSTRUCTION_METHODS, "inversion method")
     scenes = held_out_scenes(count)
-    with ResultLog(out / "reconstruction.jsonl", ("scene", "method")) as log:
+    with ResultLog(out / "reconstruction.jsonl", ("scene", "method"), run_settings(pipe, steps, guidance)) as log:
         todo = [(k, m) for k in range(count) for m in methods if (k, m) not in log.done]
         for k, method in tqdm(todo, desc="reconstruction", disable=disable_progress):
             scene = scenes[k]
@@ -309,6 +316,12 @@ def run_reconstruction(pipe, out_dir: str | os.PathLike, count: int = 20,
     (out / "reconstruction.json").write_text(json.dumps(summary, indent=1))
     write_summary(out)
     return summary
+
+
+def run_settings(pipe, steps: int, guidance: float, **extra) -> dict:
+    """What a result depends on besides its item: steps, guidance, the model (its folder or hub id) and `extra`."""
+    model = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return dict(steps=steps, guidance=guidance, model=str(model or ""), **extra)
 
 
 def check_known(names: Sequence[str], available, what: str) -> None:
@@ -531,14 +544,17 @@ def run(args: argparse.Namespace) -> int:
     if args.methods:
         check_known(args.methods.split(","), default_methods(), "method")
     pipe = load_pipeline(args)
+    # --steps / --guidance default to the model's settings (its dit4edit.json), else the library's
+    steps = args.steps or pipe.defaults.num_inference_steps
+    guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
     if "editing" in sections:
         run_editing(pipe, args.output, args.pairs, args.methods.split(",") if args.methods else None,
-                    args.steps, args.guidance, disable_progress=args.quiet, inversion=args.inversion)
+                    steps, guidance, disable_progress=args.quiet, inversion=args.inversion)
     if "generation" in sections:
-        run_generation(pipe, args.output, args.generation_n, args.generation_steps, args.guidance,
+        run_generation(pipe, args.output, args.generation_n, args.generation_steps, guidance,
                        disable_progress=args.quiet)
     if "reconstruction" in sections:
-        run_reconstruction(pipe, args.output, args.reconstruction_n, methods, args.steps, args.guidance,
+        run_reconstruction(pipe, args.output, args.reconstruction_n, methods, steps, guidance,
                            disable_progress=args.quiet)
     print("\n".join(section_markdown(args.output, name) for name in SECTIONS if name in sections), end="")
     files = [name for section in sections for name in SECTION_FILES[section]]

@@ -6,12 +6,16 @@ Every problem with the user's input is one line on stderr and exit code 2; nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import checks
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
 
@@ -26,34 +30,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="dit4edit", description="Training-free text-guided image editing with PixArt-alpha.")
+    parser.add_argument("--version", action="version", version=f"dit4edit {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     edit = commands.add_parser("edit", help="edit an image: invert with the source prompt, denoise with the target")
-    edit.add_argument("input", help="input image, or an inversion saved with --save-inversion")
-    edit.add_argument("-s", "--source", required=False, help="prompt describing the input image")
+    edit.add_argument("input", help="input image, or an inversion saved with --save-inversion (.safetensors)")
+    edit.add_argument("-s", "--source", required=False,
+                      help="prompt describing the input image (not needed for a saved inversion)")
     edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
-    edit.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp)")
-    edit.add_argument("--save-inversion", default=None, help="also save the inversion (.safetensors) for reuse")
+    edit.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, ...)")
+    edit.add_argument("--save-inversion", default=None,
+                      help="also save the inversion (.safetensors) for reuse, once the edit has succeeded")
     edit_settings(edit)
 
     rec = commands.add_parser("reconstruct", help="invert and regenerate; print how close it came (JSON)")
-    rec.add_argument("input")
-    rec.add_argument("-s", "--source", required=True)
-    rec.add_argument("-o", "--output", required=True)
+    rec.add_argument("input", help="input image")
+    rec.add_argument("-s", "--source", required=True, help="prompt describing the input image")
+    rec.add_argument("-o", "--output", required=True, help="the regenerated image (.png, .jpg, .webp, ...)")
     common(rec)
 
     gen = commands.add_parser("generate", help="generate an image from a prompt")
-    gen.add_argument("-p", "--prompt", required=True)
-    gen.add_argument("-o", "--output", required=True)
-    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("-p", "--prompt", required=True, help="what to draw")
+    gen.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, ...)")
+    gen.add_argument("--width", type=int, default=None, help="width in pixels (default: the model's native size)")
+    gen.add_argument("--height", type=int, default=None, help="height in pixels (default: the model's native size)")
     gen.add_argument("--save-inversion", default=None, help="save the trajectory (.safetensors) to edit it later")
     common(gen, image=False)
 
     att = commands.add_parser("attention", help="draw each word's cross-attention over the image, and the blend mask")
-    att.add_argument("input", help="input image, or a saved inversion")
+    att.add_argument("input", help="input image, or a saved inversion (.safetensors)")
     att.add_argument("-s", "--source", required=False, help="prompt describing the input image")
     att.add_argument("-t", "--target", default=None, help="target prompt (optional): its words are drawn too")
     att.add_argument("-o", "--output", required=True, help="folder for the PNG heat maps")
@@ -77,21 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)  # --steps, --guidance, --inversion, --tol: the page's starting values
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
-    tiny.add_argument("output", help="folder to create")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("output", help="folder to create (must not exist, or be empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     return parser
 
 
 def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
     """Model, steps, guidance, device options; with `image`, the inversion options too."""
-    sub.add_argument("--model", default=None, help="PixArt-alpha hub id or local folder in diffusers layout")
-    sub.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"denoising steps (default {DEFAULTS.steps})")
-    sub.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
-                     help=f"classifier-free guidance scale (default {DEFAULTS.guidance})")
-    sub.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default {DEFAULTS.seed})")
-    sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .checks import INVERSION_METHODS
+
+    sub.add_argument("--model", default=None,
+                     help="local folder in diffusers layout or PixArt-alpha hub id (default: the embedded model); "
+                          "its dit4edit.json, if any, sets the defaults of --steps, --guidance and --inversion")
+    sub.add_argument("--steps", type=int, default=None,
+                     help=f"denoising steps, 1-1000 (default: the model's, else {DEFAULTS.steps})")
+    sub.add_argument("--guidance", type=float, default=None,
+                     help=f"classifier-free guidance scale, finite and >= 0 (default: the model's, else {DEFAULTS.guidance:g})")
+    sub.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                     help=f"random seed, 0 to 2**64-1 (default {DEFAULTS.seed})")
+    sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="where to run (default auto: cuda when available, else cpu)")
+    sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="model precision (default auto: bfloat16/float16 on GPUs, float32 on the CPU)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars and no messages, only errors")
     sub.add_argument("--offload", default=None, choices=sorted(OFFLOAD),
                      help="keep the models in CPU memory and move them to the GPU when used: one model at a "
                           "time (model) or one layer at a time (sequential: least memory, slowest); needs a GPU")
@@ -99,11 +117,12 @@ def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
                      help="encode and decode in overlapping tiles, one image at a time (less memory for large "
                           "images; the tiles blend, so results differ slightly)")
     if image:
-        sub.add_argument("--inversion", default=DEFAULTS.inversion, choices=["dpm-exact", "dpm", "ddim-exact", "ddim"],
-                         help=f"inversion method (default {DEFAULTS.inversion})")
-        sub.add_argument("--tol", type=float, default=DEFAULTS.tol,
-                         help=f"exact inversion tolerance (default {DEFAULTS.tol:g})")
-        sub.add_argument("--max-pixels", type=int, default=None, help="largest input accepted (default 2048x2048)")
+        sub.add_argument("--inversion", default=None, choices=INVERSION_METHODS,
+                         help=f"inversion method (default: the model's, else {DEFAULTS.inversion})")
+        sub.add_argument("--tol", type=float, default=None,
+                         help=f"exact inversion tolerance, in (0, 1] (default {DEFAULTS.tol:g})")
+        sub.add_argument("--max-pixels", type=int, default=None,
+                         help="largest input image (or saved inversion) accepted, in pixels (default 2048x2048)")
 
 
 def edit_settings(sub: argparse.ArgumentParser) -> None:
@@ -124,12 +143,15 @@ def control_options(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--self-layers", default=None, metavar="START:END", help="blocks with self-attention control")
     group.add_argument("--cross-replace-steps", type=float, default=None, metavar="F",
                        help="fraction of steps with Prompt-to-Prompt cross-attention control")
-    group.add_argument("--edit-mode", default=None, choices=["auto", "replace", "refine"])
+    group.add_argument("--edit-mode", default=None, choices=["auto", "replace", "refine"],
+                       help="replace (same word count), refine (words inserted) or auto (default: auto)")
     group.add_argument("--reweight", action="append", default=[], metavar="WORD=VALUE",
                        help="scale a target word's cross-attention (repeatable)")
     group.add_argument("--local-blend", default=None, metavar="WORDS",
                        help="edit only where these words attend (comma- or space-separated)")
-    group.add_argument("--mask", default=None, help="mask image, white = editable (overrides --local-blend)")
+    group.add_argument("--mask", default=None,
+                       help="mask image of the input's size, white = editable: nothing outside it changes "
+                            "(overrides --local-blend)")
     merging = sub.add_argument_group("patch merging (ToMe)")
     merging.add_argument("--no-merge", action="store_true", help="no patch merging")
     merging.add_argument("--merge-ratio", type=float, default=None, metavar="R",
@@ -162,10 +184,10 @@ def settings_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def item_settings(parser: argparse.ArgumentParser, args, overrides: dict):
+def item_settings(parser: argparse.ArgumentParser, args, overrides: dict, defaults=None):
     """`EditSettings` for one batch item: the command's options with the item's settings (keyed by option name,
     `self_replace_steps` or `self-replace-steps`; true/false for on/off flags) parsed by the same option
-    definitions."""
+    definitions; what neither sets comes from `defaults` (the model's `ModelDefaults`)."""
     actions = {action.dest: action for action in parser._actions if action.dest not in RUN_OPTIONS}
     namespace, tokens = argparse.Namespace(**vars(args)), []
     for key, value in overrides.items():
@@ -185,17 +207,23 @@ def item_settings(parser: argparse.ArgumentParser, args, overrides: dict):
                 tokens += [flag, str(item)]
         else:
             tokens += [flag, str(value)]
-    return settings_from_args(parser.parse_args(tokens, namespace=namespace))
+    return settings_from_args(parser.parse_args(tokens, namespace=namespace), defaults)
 
 
-def settings_from_args(args):
-    """`EditSettings` from the edit options (validated: bad values are a `DiT4EditError`)."""
+def settings_from_args(args, defaults=None):
+    """`EditSettings` from the edit options (validated: bad values are a `DiT4EditError`); steps, guidance and
+    inversion the options leave unset come from `defaults` (the model's `ModelDefaults`; default the library's)."""
     from . import images as imgs
     from .batch import EditSettings
+    from .model_folder import ModelDefaults
 
-    if args.steps < 1:
-        raise DiT4EditError(f"--steps must be >= 1, got {args.steps}")
-    return EditSettings(steps=args.steps, guidance=args.guidance, inversion=args.inversion, tol=args.tol,
+    defaults = defaults or ModelDefaults()
+    steps = defaults.num_inference_steps if args.steps is None else checks.steps(args.steps, "--steps")
+    guidance = defaults.guidance_scale if args.guidance is None else checks.guidance(args.guidance, "--guidance")
+    tol = DEFAULTS.tol if args.tol is None else checks.tolerance(args.tol, "--tol")
+    if args.max_pixels is not None:
+        checks.integer(args.max_pixels, "--max-pixels", 1)
+    return EditSettings(steps=steps, guidance=guidance, inversion=args.inversion or defaults.inversion, tol=tol,
                         max_pixels=args.max_pixels or imgs.MAX_PIXELS, pin_source=not args.free_source,
                         control=control_from_args(args), merge=merge_from_args(args), mask=args.mask)
 
@@ -217,8 +245,8 @@ def control_from_args(args):
         fields["edit_mode"] = args.edit_mode
     if args.reweight:
         fields["reweight"] = dict(_word_value(item) for item in args.reweight)
-    if args.local_blend:
-        fields["local_blend_words"] = tuple(args.local_blend.replace(",", " ").split())
+    if args.local_blend is not None:
+        fields["local_blend_words"] = _blend_words(args.local_blend)
     try:
         return AttentionControl(**fields)
     except (TypeError, ValueError) as error:
@@ -240,7 +268,7 @@ def merge_from_args(args):
         except ValueError:
             raise DiT4EditError(f"--merge-stride takes ROWSxCOLS, got {args.merge_stride!r}") from None
     if args.merge_min_tokens is not None:
-        fields["min_tokens"] = args.merge_min_tokens
+        fields["min_tokens"] = checks.integer(args.merge_min_tokens, "--merge-min-tokens", 0)
     if args.merge_blocks is not None:
         fields["blocks"] = _range(args.merge_blocks, "--merge-blocks")
     if args.merge_skip_steps is not None:
@@ -259,6 +287,13 @@ def _range(text: str, flag: str) -> tuple[int, int]:
     return start, end
 
 
+def _blend_words(text: str) -> tuple[str, ...]:
+    words = tuple(text.replace(",", " ").split())
+    if not words:
+        raise DiT4EditError(f"--local-blend names no words (got {text!r}); give words of the prompts, or drop it")
+    return words
+
+
 def _word_value(item: str) -> tuple[str, float]:
     word, sep, value = item.partition("=")
     try:
@@ -273,53 +308,203 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dit4edit: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        with _terminate_as_interrupt():
+            return COMMANDS[args.command](args)
     except DiT4EditError as error:
-        print(f"dit4edit: error: {error}", file=sys.stderr)
+        print(f"dit4edit: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("dit4edit: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as interrupt:
+        print(f"dit4edit: {'terminated' if isinstance(interrupt, _Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(interrupt, _Terminated) else 130
     except Exception as error:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        print(f"dit4edit: internal error: {type(error).__name__}: {error} (rerun with --debug for details)",
-              file=sys.stderr)
+        print(f"dit4edit: internal error: {type(error).__name__}: {_one_line(str(error))} "
+              "(rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that partly written outputs are removed as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(message: str) -> str:
+    """Control characters (a file name with a newline) shown escaped, so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 # --- commands --------------------------------------------------------------------------------------------------
 
 
-def _edit(args) -> int:
-    from . import images as imgs
-    from .pipeline import Inversion
+@dataclass(frozen=True)
+class _Run:
+    """What a command settled before loading anything heavy: the model and the settings to run with."""
 
-    output = imgs.check_output_path(args.output, args.input)
-    _check_inversion_path(args.save_inversion, args.input, args.output)
-    is_inversion = str(args.input).endswith(".safetensors")
-    _check_nonempty(args.target, "target prompt")
+    model: str  # folder or hub id
+    info: object  # model_folder.ModelInfo of a local folder, or None for a hub id
+    defaults: object  # model_folder.ModelDefaults
+    steps: int
+    guidance: float
+    inversion: str
+    tol: float
+    max_pixels: int
+
+
+def _prepare(args, *, inputs=()) -> _Run:
+    """Inputs that must exist, every numeric flag, then the model folder (configs and dit4edit.json only): all
+    checked before torch is imported."""
+    for path, what in inputs:
+        if path is not None:
+            checks.existing_file(path, what)
+    from .model_folder import ModelDefaults, check_folder, default_model, local_folder
+
+    if getattr(args, "offload", None):
+        _check_offload(args.offload, _device(args.device))
+    if getattr(args, "seed", None) is not None:
+        checks.seed(args.seed, "--seed")
+    steps = None if args.steps is None else checks.steps(args.steps, "--steps")
+    guidance = None if args.guidance is None else checks.guidance(args.guidance, "--guidance")
+    tol = checks.tolerance(args.tol, "--tol") if getattr(args, "tol", None) is not None else DEFAULTS.tol
+    max_pixels = getattr(args, "max_pixels", None)
+    if max_pixels is not None:
+        checks.integer(max_pixels, "--max-pixels", 1)
+    model = args.model or default_model()
+    folder = local_folder(model)
+    info = check_folder(folder) if folder is not None else None
+    defaults = info.defaults if info is not None else ModelDefaults()
+    inversion = getattr(args, "inversion", None) or defaults.inversion
+    from .images import MAX_PIXELS
+
+    return _Run(model=model, info=info, defaults=defaults,
+                steps=defaults.num_inference_steps if steps is None else steps,
+                guidance=defaults.guidance_scale if guidance is None else guidance,
+                inversion=inversion, tol=tol, max_pixels=max_pixels or MAX_PIXELS)
+
+
+def _check_output(output, *inputs) -> Path:
+    from . import images as imgs
+
+    output = imgs.check_output_path(output, *inputs)
+    checks.writable_file(output, "output")
+    return output
+
+
+def _check_controls(args, run: _Run, source: str | None, target: str | None):
+    """The attention-control and merging flags as configs, checked against the prompts' words and, for a local
+    folder, the model's blocks."""
     control, merge = control_from_args(args), merge_from_args(args)
-    if args.mask is not None:
-        imgs.load_image(args.mask)  # readable before any work
-    # Everything that can be checked without the model is checked before loading it.
+    if control is not None:
+        if control.local_blend_words:
+            checks.words_in_prompts(control.local_blend_words, [source, target], "--local-blend word(s)")
+        if control.reweight and target is not None:
+            words = [w for key in control.reweight for w in key.split()]
+            checks.words_in_prompts(words, [target], "--reweight word(s)")
+    if run.info is not None:
+        _check_blocks(control, merge, run.info.num_blocks)
+    return control, merge
+
+
+def _check_blocks(control, merge, num_blocks: int) -> None:
+    if control is not None:
+        control.self_blocks(num_blocks)
+        control.blend_blocks(num_blocks)
+    if merge is not None:
+        merge.block_indices(num_blocks)
+
+
+def _saved_settings(args, run: _Run, inversion) -> float:
+    """Editing a saved inversion: its steps and method are fixed (a different --steps or --inversion is an error);
+    guidance defaults to its own. Returns the guidance to edit with, and says what is used."""
+    if args.steps is not None and args.steps != inversion.num_inference_steps:
+        raise DiT4EditError(f"--steps {args.steps} conflicts with the saved inversion, made with "
+                            f"{inversion.num_inference_steps} steps; drop --steps or invert the image again")
+    if args.inversion is not None and args.inversion != inversion.method:
+        raise DiT4EditError(f"--inversion {args.inversion} conflicts with the saved inversion, made with "
+                            f"{inversion.method}; drop --inversion or invert the image again")
+    if args.guidance is None:
+        _say(args, f"using the saved inversion's settings: {inversion.settings()}")
+        return inversion.guidance_scale
+    _say(args, f"using the saved inversion's {inversion.num_inference_steps} steps and {inversion.method}, at "
+               f"guidance {args.guidance:g} (it was made at {inversion.guidance_scale:g})")
+    return run.guidance
+
+
+def _load_mask(args, size: tuple[int, int]):
+    """The --mask image, the input's size; None without --mask."""
+    from . import images as imgs
+
+    if args.mask is None:
+        return None
+    mask = imgs.load_image(args.mask, what="mask")
+    if mask.size != tuple(size):
+        raise DiT4EditError(f"mask is {mask.size[0]}x{mask.size[1]}, the image is {size[0]}x{size[1]}; "
+                            "they must match")
+    return mask
+
+
+def _load_input(args, run: _Run, is_inversion: bool):
+    """(inversion or None, image or None): the saved inversion, validated, or the input image."""
+    from . import images as imgs
+
     if is_inversion:
-        inversion = Inversion.load(args.input)
+        from .inversion_file import Inversion
+
+        inversion = Inversion.load(args.input, run.max_pixels)
         if args.source and args.source != inversion.source_prompt:
             raise DiT4EditError(f"the inversion was made with the source prompt {inversion.source_prompt!r}")
-    else:
-        _check_nonempty(args.source, "source prompt")
-        image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
-    pipe = load_pipeline(args)
-    pipe.check_prompt(args.target, "target prompt")
+        return inversion, None
+    _check_nonempty(args.source, "source prompt")
+    return None, imgs.load_image(args.input, run.max_pixels)
+
+
+def _edit(args) -> int:
+    from . import images as imgs
+
+    is_inversion = _is_inversion(args.input)
+    run = _prepare(args, inputs=[(args.input, "inversion file" if is_inversion else "input image"),
+                                 (args.mask, "mask")])
+    output = _check_output(args.output, args.input)
+    _check_inversion_path(args.save_inversion, args.input, args.output)
+    _check_nonempty(args.target, "target prompt")
     if not is_inversion:
-        inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol,
-                                args.max_pixels or imgs.MAX_PIXELS)
+        _check_nonempty(args.source, "source prompt")
+        control, merge = _check_controls(args, run, args.source, args.target)
+    inversion, image = _load_input(args, run, is_inversion)
+    if is_inversion:
+        control, merge = _check_controls(args, run, inversion.source_prompt, args.target)
+        guidance = _saved_settings(args, run, inversion)
+    mask = _load_mask(args, inversion.original_size if is_inversion else image.size)
+    # Everything that can be checked without the model is checked before loading it.
+    pipe = load_pipeline(args, run=run)
+    _check_blocks(control, merge, len(pipe.transformer.transformer_blocks))
+    pipe.check_prompt(args.target, "target prompt")
+    if is_inversion:
+        pipe.check_inversion(inversion)
+    else:
+        pipe.check_prompt(args.source, "source prompt")
+        inversion = pipe.invert(image, args.source, run.steps, run.guidance, run.inversion, run.tol, run.max_pixels)
+        guidance = run.guidance
+    result = pipe.edit(inversion, args.target, guidance_scale=guidance, pin_source=not args.free_source,
+                       control=control, mask=mask, merge=merge, source_image=image)
+    imgs.save_image(result.images[0], output)
     if args.save_inversion:
         inversion.save(args.save_inversion)
-    result = pipe.edit(inversion, args.target, guidance_scale=args.guidance, pin_source=not args.free_source,
-                       control=control, mask=args.mask, merge=merge)
-    imgs.save_image(result.images[0], output)
     _say(args, f"wrote {output}")
     return 0
 
@@ -327,45 +512,54 @@ def _edit(args) -> int:
 def _reconstruct(args) -> int:
     from . import images as imgs
 
-    output = imgs.check_output_path(args.output, args.input)
+    run = _prepare(args, inputs=[(args.input, "input image")])
+    output = _check_output(args.output, args.input)
     _check_nonempty(args.source, "source prompt")
-    image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
-    pipe = load_pipeline(args)
-    image, stats = pipe.reconstruct(image, args.source, args.steps, args.guidance, args.inversion, args.tol,
-                                    args.max_pixels or imgs.MAX_PIXELS)
+    image = imgs.load_image(args.input, run.max_pixels)
+    pipe = load_pipeline(args, run=run)
+    image, stats = pipe.reconstruct(image, args.source, run.steps, run.guidance, run.inversion, run.tol,
+                                    run.max_pixels)
     imgs.save_image(image, output)
     print(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in stats.items()}))
     return 0
 
 
 def _generate(args) -> int:
-    import torch
-
     from . import images as imgs
 
-    output = imgs.check_output_path(args.output)
+    run = _prepare(args)
+    output = _check_output(args.output)
     _check_inversion_path(args.save_inversion, None, args.output)
     _check_nonempty(args.prompt, "prompt")
-    pipe = load_pipeline(args)
-    native = pipe.default_size()
-    width, height = args.width or native, args.height or native
-    imgs.check_size((width, height))
+    native = run.info.native_size if run.info is not None else None
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None:
+            checks.integer(value, flag, 1)
+    if native is not None or (args.width and args.height):
+        imgs.check_size((args.width or native, args.height or native))
+    pipe = load_pipeline(args, run=run)
+    import torch
+
     generator = torch.Generator().manual_seed(args.seed)
-    image, inversion = pipe.generate(args.prompt, height, width, args.steps, args.guidance, generator)
+    image, inversion = pipe.generate(args.prompt, args.height, args.width, run.steps, run.guidance, generator)
+    imgs.save_image(image, output)
     if args.save_inversion:
         inversion.save(args.save_inversion)
-    imgs.save_image(image, output)
     _say(args, f"wrote {output}")
     return 0
 
 
 def _make_tiny_model(args) -> int:
+    folder = Path(args.output)
+    checks.seed(args.seed, "--seed")
+    if folder.exists() and not folder.is_dir():
+        raise DiT4EditError(f"{folder} is a file; make-tiny-model writes a folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise DiT4EditError(f"{folder} exists and is not empty")
+    checks.writable_folder(folder, "tiny model")
     from .pipeline import DiT4EditPipeline
     from .tiny import tiny_components
 
-    folder = Path(args.output)
-    if folder.exists() and any(folder.iterdir()):
-        raise DiT4EditError(f"{folder} exists and is not empty")
     DiT4EditPipeline(**tiny_components(args.seed)).save_pretrained(folder)
     print(f"wrote a tiny random-weight PixArt pipeline to {folder} (random weights: its images are noise)")
     return 0
@@ -374,30 +568,39 @@ def _make_tiny_model(args) -> int:
 def _attention(args) -> int:
     from . import images as imgs
     from . import pictures
-    from .pipeline import Inversion
 
+    is_inversion = _is_inversion(args.input)
+    run = _prepare(args, inputs=[(args.input, "inversion file" if is_inversion else "input image"),
+                                 (args.mask, "mask")])
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise DiT4EditError(f"output must be a folder: {out} is a file")
-    is_inversion = str(args.input).endswith(".safetensors")
+    checks.writable_folder(out, "attention maps")
     window = _range(args.steps_window, "--steps-window") if args.steps_window else None
-    control, merge = control_from_args(args), merge_from_args(args)
-    if is_inversion:
-        inversion = Inversion.load(args.input)
-        image = None
-    else:
-        _check_nonempty(args.source, "source prompt")
-        image = imgs.load_image(args.input, args.max_pixels or imgs.MAX_PIXELS)
-    pipe = load_pipeline(args)
     if not is_inversion:
-        inversion = pipe.invert(image, args.source, args.steps, args.guidance, args.inversion, args.tol)
+        _check_nonempty(args.source, "source prompt")
+        _check_window(window, args.steps_window, run.steps)
+        control, merge = _check_controls(args, run, args.source, args.target)
+    inversion, image = _load_input(args, run, is_inversion)
+    guidance = run.guidance
+    if is_inversion:
+        control, merge = _check_controls(args, run, inversion.source_prompt, args.target)
+        _check_window(window, args.steps_window, inversion.num_inference_steps)
+        guidance = _saved_settings(args, run, inversion)
+    mask = _load_mask(args, inversion.original_size if is_inversion else image.size)
+    pipe = load_pipeline(args, run=run)
+    _check_blocks(control, merge, len(pipe.transformer.transformer_blocks))
+    if args.target:
+        pipe.check_prompt(args.target, "target prompt")
+    if is_inversion:
+        pipe.check_inversion(inversion)
+    else:
+        inversion = pipe.invert(image, args.source, run.steps, run.guidance, run.inversion, run.tol, run.max_pixels)
     target = args.target or inversion.source_prompt
-    result = pipe.edit(inversion, target, guidance_scale=args.guidance, control=control, mask=args.mask,
-                       merge=merge, record_words=True)
+    result = pipe.edit(inversion, target, guidance_scale=guidance, control=control, mask=mask,
+                       merge=merge, record_words=True, source_image=image)
     controller = result.controller
     steps = range(*window) if window else None
-    if steps is not None and not (0 <= steps.start < steps.stop <= inversion.num_inference_steps):
-        raise DiT4EditError(f"--steps-window {args.steps_window} is outside 0:{inversion.num_inference_steps}")
     base = image or result.reconstruction
     out.mkdir(parents=True, exist_ok=True)
     tiles, written = [], []
@@ -420,15 +623,21 @@ def _attention(args) -> int:
     return 0
 
 
+def _check_window(window, text: str | None, num_steps: int) -> None:
+    if window is not None and not 0 <= window[0] < window[1] <= num_steps:
+        raise DiT4EditError(f"--steps-window {text} is outside 0:{num_steps}")
+
+
 def _batch(args) -> int:
     from . import batch
 
+    run = _prepare(args, inputs=[(args.spec, "batch spec")])
     out = _output_folder(args.output)
-    settings_from_args(args)  # the command's own options are checked before anything else
+    settings_from_args(args, run.defaults)  # the command's own options are checked before anything else
     parser = settings_parser()
-    jobs = batch.read_spec(args.spec, lambda overrides: item_settings(parser, args, overrides))
+    jobs = batch.read_spec(args.spec, lambda overrides: item_settings(parser, args, overrides, run.defaults))
     processes = batch.Processes(cpu=_cpu_only(args.device))
-    rows = batch.run_jobs(jobs, out, lambda: load_pipeline(args, processes.device), processes,
+    rows = batch.run_jobs(jobs, out, lambda: load_pipeline(args, processes.device, run), processes,
                           retry_failed=args.retry_failed, disable_progress=args.quiet)
     if processes.is_main:
         print(f"{batch.summary_line(rows)}; results in {out / batch.RESULTS}")
@@ -445,14 +654,14 @@ def _serve(args) -> int:
         raise DiT4EditError("the web app needs gradio: pip install 'dit4edit[app]'") from None
     from . import app as web
     from .defaults import RunSettings
-    from .images import MAX_PIXELS
 
+    run = _prepare(args)
     web.check_port(args.host, args.port)
     if not web.is_loopback(args.host):
         print(f"dit4edit: warning: serving on {args.host}: anyone who can reach this machine can use the editor",
               file=sys.stderr)
-    editor = web.Editor(load_pipeline(args), max_pixels=args.max_pixels or MAX_PIXELS)
-    settings = web.PageSettings.starting_from(RunSettings(args.steps, args.guidance, args.inversion, args.tol))
+    editor = web.Editor(load_pipeline(args, run=run), max_pixels=run.max_pixels)
+    settings = web.PageSettings.starting_from(RunSettings(run.steps, run.guidance, run.inversion, run.tol))
     web.serve(editor, args.host, args.port, settings)
     return 0
 
@@ -461,6 +670,10 @@ COMMANDS["serve"] = _serve
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _is_inversion(path) -> bool:
+    return str(path).endswith(".safetensors")
 
 
 def _check_nonempty(prompt: str | None, what: str) -> None:
@@ -477,6 +690,7 @@ def _check_inversion_path(path, *others) -> None:
         raise DiT4EditError(f"inversion path is a directory: {path}")
     if any(other is not None and Path(path).resolve() == Path(other).resolve() for other in others):
         raise DiT4EditError(f"inversion path {path} would overwrite another file of this command")
+    checks.writable_file(path, "inversion")
 
 
 def _output_folder(path) -> Path:
@@ -493,19 +707,21 @@ def _cpu_only(name: str) -> bool:
     return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
 
 
-def load_pipeline(args, device=None):
-    """The pipeline on `device` (default: the one --device names)."""
+def load_pipeline(args, device=None, run: _Run | None = None):
+    """The pipeline on `device` (default: the one --device names), from the model `run` settled (default: the
+    one --model names, checked now)."""
     import torch
 
-    from .pipeline import DiT4EditPipeline, default_model
+    from .pipeline import DiT4EditPipeline
 
-    model = args.model or default_model()
+    run = run or _prepare(args)
+
     if args.quiet:
         _silence_loading_bars()
     device = device or _device(args.device)
     dtype = _dtype(args.dtype, torch.device(device).type)
     _check_offload(args.offload, torch.device(device).type)
-    pipe = DiT4EditPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = DiT4EditPipeline.from_pretrained(run.model, torch_dtype=dtype)
     if args.offload:
         getattr(pipe, OFFLOAD[args.offload])(device=device)
     else:

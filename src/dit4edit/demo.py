@@ -12,11 +12,12 @@ TARGET = "a blue circle on a white background"
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli
-    from .pipeline import EMBEDDED_MODEL
+    from .model_folder import EMBEDDED_MODEL, ModelDefaults
 
     out = Path((argv or sys.argv[1:] or ["out"])[0])
     out.mkdir(parents=True, exist_ok=True)
     model_args: list[str] = []
+    model = EMBEDDED_MODEL
     if not (EMBEDDED_MODEL / "model_index.json").is_file():
         tiny = out / "tiny-model"
         print("dit4edit demo: this install has no embedded trained model yet, so the demo uses a tiny model with "
@@ -25,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
             code = cli(["make-tiny-model", str(tiny)])
             if code:
                 return code
-        model_args = ["--model", str(tiny)]
+        model_args, model = ["--model", str(tiny)], tiny
     output = out / "demo-edit.png"
-    # Naive 2M inversion keeps the demo to seconds on a CPU (exact inversion costs 7-25x the model evaluations);
-    # the source branch is pinned to the trajectory either way. Use `dit4edit edit` for the exact default.
-    code = cli(["edit", str(EXAMPLE), "-s", SOURCE, "-t", TARGET, "-o", str(output), "--inversion", "dpm",
-                *model_args])
+    # The same settings as `dit4edit edit`: the model's own (its dit4edit.json), else the library's.
+    code = cli(["edit", str(EXAMPLE), "-s", SOURCE, "-t", TARGET, "-o", str(output), *model_args])
     if code == 0:
-        print(f"dit4edit demo: edited {EXAMPLE.name} ({SOURCE!r} -> {TARGET!r}); the result is {output.resolve()}")
+        defaults = ModelDefaults.from_folder(model)
+        print(f"dit4edit demo: edited {EXAMPLE.name} ({SOURCE!r} -> {TARGET!r}) with {defaults.num_inference_steps} "
+              f"steps, {defaults.inversion}, guidance {defaults.guidance_scale:g}; the result is {output.resolve()}")
     return code
 
 

@@ -8,16 +8,21 @@ size and the result is resized back, so outputs always have the input's original
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DiT4EditError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Multiple of the working size: VAE downsampling (8) x transformer patch (2).
 SIZE_MULTIPLE = 16
@@ -27,24 +32,25 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
                   ".tiff": "TIFF"}
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open any image Pillow reads as RGB, EXIF orientation applied; one-line `DiT4EditError` on any problem."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, what: str = "input image") -> Image.Image:
+    """Open any image Pillow reads as RGB, EXIF orientation applied; one-line `DiT4EditError` on any problem.
+    `what` names the file in messages ("mask not found: ...")."""
     path = Path(path)
     if not path.exists():
-        raise DiT4EditError(f"input image not found: {path}")
+        raise DiT4EditError(f"{what} not found: {path}")
     if not path.is_file():
-        raise DiT4EditError(f"input image is not a file: {path}")
+        raise DiT4EditError(f"{what} is not a file: {path}")
     if path.stat().st_size == 0:
-        raise DiT4EditError(f"input image is empty (0 bytes): {path}")
+        raise DiT4EditError(f"{what} is empty (0 bytes): {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                check_size(image.size, max_pixels, what=f"input image {path}")
+                check_size(image.size, max_pixels, what=f"{what} {path}")
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DiT4EditError(f"input image {path} is too large (Pillow's decompression-bomb guard)") from None
+        raise DiT4EditError(f"{what} {path} is too large (Pillow's decompression-bomb guard)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DiT4EditError(f"cannot read image {path}: not an image or corrupt ({_first_line(error)})") from None
 
@@ -87,13 +93,15 @@ def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1]."""
+    import torch
+
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)  # (H, W, 3) -> (1, 3, H, W)
 
 
 def to_image(tensor: torch.Tensor) -> Image.Image:
     """One (3, H, W) tensor in [-1, 1] to an RGB image."""
-    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())  # (3, H, W) -> (H, W, 3)
 
 
@@ -122,19 +130,36 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> 
 
 
 def save_image(image: Image.Image, output: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the target folder, then a rename, so a failure leaves nothing."""
+    """Write atomically (see `atomic_path`), in the format the extension names."""
+    output = Path(output)
+    fmt = OUTPUT_FORMATS[output.suffix.lower()]
+    with atomic_path(output) as tmp:
+        image.save(tmp, format=fmt)
+    return output
+
+
+@contextlib.contextmanager
+def atomic_path(output: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in `output`'s folder to write to; on success it replaces `output` (with the mode a
+    plain `open(output, "w")` would give under the current umask), on any failure or interrupt it is removed, so
+    `output` is either the old file or the complete new one."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fmt = OUTPUT_FORMATS[output.suffix.lower()]
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=fmt)
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return output
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -3,106 +3,33 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from transformers import T5EncoderModel
 
+from . import checks
 from . import images as imgs
 from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
+from .inversion_file import GENERATED, Inversion
 from .merging import MergeConfig, token_merging
+from .model_folder import (EMBEDDED_MODEL, ModelDefaults, check_component_shapes, check_folder, default_model,
+                           local_folder)
 from .solvers import INVERSIONS, Schedule, sampler_for
 from .tokenizer import MAX_TOKENS
 
-REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-#: The embedded default model (a small PixArt-architecture pipeline trained on the synthetic world).
-EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
+__all__ = ["DiT4EditPipeline", "EditResult", "Inversion", "EMBEDDED_MODEL", "default_model"]
 
-
-def default_model() -> str:
-    """The folder of the embedded model; a `DiT4EditError` when this install has none."""
-    if (EMBEDDED_MODEL / "model_index.json").is_file():
-        return str(EMBEDDED_MODEL)
-    raise DiT4EditError("no --model given and this install has no embedded model; pass a PixArt-alpha folder or hub id")
 INVERSION_METHODS = tuple(INVERSIONS)
-
-
-@dataclass
-class Inversion:
-    """An inverted (or generated) image: the latent trajectory and everything needed to edit it again.
-
-    `trajectory[0]` is the noisiest latent, `trajectory[-1]` the encoded input; an edit started from
-    `trajectory[0]` with the same prompt, steps and guidance regenerates the input (exactly, for exact methods).
-    """
-
-    trajectory: torch.Tensor  # (N + 1, C, h, w)
-    source_prompt: str
-    num_inference_steps: int
-    guidance_scale: float
-    method: str  # one of INVERSION_METHODS, or "generated"
-    original_size: tuple[int, int]  # (width, height) of the input image
-    nfe: int = 0
-    residuals: list[float] | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def latent(self) -> torch.Tensor:
-        return self.trajectory[0]
-
-    @property
-    def input_latent(self) -> torch.Tensor:
-        return self.trajectory[-1]
-
-    @property
-    def sampler(self) -> str:
-        """The sampler that regenerates this trajectory: "ddim" for ddim inversions, else "dpm"."""
-        return "ddim" if self.method.startswith("ddim") else "dpm"
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save as safetensors (trajectory in float32, metadata as JSON), written atomically."""
-        path = Path(path)
-        meta = dict(
-            source_prompt=self.source_prompt,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            method=self.method,
-            original_size=list(self.original_size),
-            nfe=self.nfe,
-            residuals=self.residuals,
-            extra=self.extra,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"trajectory": self.trajectory.float().contiguous().cpu()}, str(tmp),
-                  metadata={"dit4edit": json.dumps(meta)})
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Inversion:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise DiT4EditError(f"inversion file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})["dit4edit"])
-            trajectory = load_file(str(path))["trajectory"]
-        except Exception as error:  # safetensors raises several types for a bad file
-            raise DiT4EditError(f"{path} is not a dit4edit inversion file ({type(error).__name__})") from None
-        meta["original_size"] = tuple(meta["original_size"])
-        return cls(trajectory=trajectory.to(torch.float64), **meta)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,6 +44,23 @@ class EditResult:
 DEFAULT_CONTROL = AttentionControl()
 #: Patch merging by default: the paper's ratio 0.8 (stride 3x3), on grids of 1024 tokens (512² images) and up.
 DEFAULT_MERGE = MergeConfig()
+#: A local-blend mask covering at least this fraction of the image blends (almost) nothing: the user is told.
+BLEND_EVERYWHERE = 0.95
+
+
+def paste_outside(edited: Image.Image, source: Image.Image, mask: Image.Image, radius: int = 8) -> Image.Image:
+    """`edited` inside `mask` (L, 255 = editable), `source` outside it, pixel for pixel.
+
+    The seam is feathered inside the mask only: the weight of `edited` is `mask * blur(mask)` (a Gaussian of
+    `radius` px), 0 everywhere outside the mask, so outside it the result is exactly `source`."""
+    from PIL import ImageFilter
+
+    hard = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0  # (H, W) in {0, 1}
+    soft = np.asarray(mask.convert("L").filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255.0
+    weight = (hard * np.clip(2.0 * soft, 0.0, 1.0))[..., None]  # (H, W, 1): 1 deep inside, 0 outside
+    a = np.asarray(edited.convert("RGB"), dtype=np.float32)
+    b = np.asarray(source.convert("RGB"), dtype=np.float32)
+    return Image.fromarray(np.rint(weight * a + (1.0 - weight) * b).astype(np.uint8))
 
 
 class DiT4EditPipeline(DiffusionPipeline):
@@ -132,6 +76,8 @@ class DiT4EditPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    #: Settings used where a caller passes None: the model folder's `dit4edit.json`, else the library's.
+    defaults: ModelDefaults = ModelDefaults()
 
     def __init__(self, tokenizer, text_encoder: T5EncoderModel, vae: AutoencoderKL,
                  transformer: PixArtTransformer2DModel, scheduler):
@@ -144,26 +90,71 @@ class DiT4EditPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DiT4EditPipeline:
         """`DiffusionPipeline.from_pretrained` with a one-line `DiT4EditError` for anything that is not a
-        PixArt-style pipeline (missing folder, no model_index.json, missing components, unreadable weights).
-        Every component loads as `dtype` (default float32): transformers would otherwise keep the stored dtype of
-        the text encoder (float16 in half-precision checkpoints), which is slow and lossy on a CPU."""
+        PixArt-style pipeline (missing folder, bad model_index.json, missing components or weights, pickled
+        weights, a non-PixArt transformer, components that do not fit together; see `model_folder`). Weights load
+        from safetensors only. Every component loads as `dtype` (default float32): transformers would otherwise
+        keep the stored dtype of the text encoder (float16 in half-precision checkpoints), which is slow and lossy
+        on a CPU. A folder's `dit4edit.json` becomes `pipe.defaults`."""
         name = str(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
         kwargs[_dtype_kwarg()] = dtype
-        folder = Path(name).expanduser()
-        if folder.exists():
-            _check_model_folder(folder)
-        elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # a hub id is "owner/name"
-            raise DiT4EditError(f"model folder not found: {name}")
+        if kwargs.setdefault("use_safetensors", True) is not True:
+            raise DiT4EditError("dit4edit loads safetensors weights only (use_safetensors=True)")
+        folder = local_folder(name)
+        defaults = check_folder(folder).defaults if folder is not None else ModelDefaults()
         try:
-            pipe = super().from_pretrained(name, **kwargs)
+            with _quiet_loaders():
+                pipe = super().from_pretrained(str(folder) if folder is not None else name, **kwargs)
         except DiT4EditError:
             raise
         except Exception as error:
             raise DiT4EditError(f"cannot load model {name}: {_one_line(error)}") from None
         if not isinstance(pipe.transformer, PixArtTransformer2DModel):
             raise DiT4EditError(f"{name} is not a PixArt model: its transformer is {type(pipe.transformer).__name__}")
+        check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
+                               pipe.text_encoder.config.to_dict(), name)
+        pipe.defaults = defaults
         return pipe
+
+    def model_record(self) -> dict:
+        """What identifies this model in a saved inversion: its name, latent channels, VAE scale, and a probe of
+        its weights (the first values of the transformer's and the VAE's first and last parameters) that survives
+        a change of dtype or device but not other weights. The probe is empty when the weights are out of reach
+        (offloaded to the meta device with no copy found)."""
+        probe = []
+        for module in (self.transformer, self.vae):
+            named = list(module.named_parameters())
+            for name, parameter in (named[0], named[-1]):
+                values = _parameter_values(module, name, parameter)
+                if values is None:
+                    probe = []
+                    break
+                probe += [float(f"{v:.6g}") for v in values.detach().flatten()[:8].float().cpu().tolist()]
+            else:
+                continue
+            break
+        name = str(self.config.get("_name_or_path") or "") if hasattr(self, "config") else ""
+        return dict(name=name, latent_channels=int(self.vae.config.latent_channels),
+                    vae_scale_factor=self.vae_scale_factor, probe=probe)
+
+    def check_inversion(self, inversion: Inversion) -> Inversion:
+        """One-line error unless `inversion` was made by this model (see `model_record`) and fits it."""
+        record, ours = inversion.model, self.model_record()
+        if record is None:
+            return inversion
+        for key, what in (("latent_channels", "latent channels"), ("vae_scale_factor", "pixels per latent")):
+            if record[key] != ours[key]:
+                raise DiT4EditError(f"the inversion was made by a model with {record[key]} {what}; this model has "
+                                    f"{ours[key]}: invert the image again with this model")
+        if not record["probe"] or not ours["probe"]:  # a probe could not be taken: nothing more to compare
+            return inversion
+        theirs, mine = np.asarray(record["probe"], dtype=np.float64), np.asarray(ours["probe"], dtype=np.float64)
+        scale = max(float(np.abs(mine).max(initial=0.0)), 1e-8)
+        if theirs.shape != mine.shape or not np.allclose(theirs, mine, rtol=2e-2, atol=1e-3 * scale):
+            made_by = f" ({record['name']})" if record["name"] else ""
+            raise DiT4EditError(f"the inversion was made by another model{made_by}: invert the image again with "
+                                "this model")
+        return inversion
 
     # --- prompts, latents, images ----------------------------------------------------------------------------
 
@@ -182,11 +173,16 @@ class DiT4EditPipeline(DiffusionPipeline):
         return embeds.to(self._dtype), mask
 
     def check_prompt(self, prompt: str, what: str = "prompt") -> str:
-        if not isinstance(prompt, str) or not prompt.strip():
+        """One-line error for a prompt that is not text, is empty or is over PixArt's 120 T5 tokens; a one-line
+        warning for words outside the model's vocabulary (`defaults.vocabulary`)."""
+        if not isinstance(prompt, str):
+            raise DiT4EditError(f"the {what} must be text, got {type(prompt).__name__}")
+        if not prompt.strip():
             raise DiT4EditError(f"the {what} is empty")
-        count = len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+        count = len(self.tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
         if count > MAX_TOKENS:
             raise DiT4EditError(f"the {what} is {count} T5 tokens long; PixArt reads at most {MAX_TOKENS}")
+        self.defaults.warn_unknown_words(prompt, what)
         return prompt
 
     @torch.no_grad()
@@ -205,8 +201,10 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     def prepare_image(self, image: Image.Image | str | os.PathLike, max_pixels: int = imgs.MAX_PIXELS):
         """(RGB image at the working size, original (width, height))."""
-        if not isinstance(image, Image.Image):
+        if isinstance(image, (str, os.PathLike)):
             image = imgs.load_image(image, max_pixels)
+        elif not isinstance(image, Image.Image):
+            raise DiT4EditError(f"the image must be a PIL image or a file path, got {type(image).__name__}")
         else:
             imgs.check_size(image.size, max_pixels)
             image = imgs.to_rgb(image)
@@ -267,9 +265,18 @@ class DiT4EditPipeline(DiffusionPipeline):
         return self.transformer.config.sample_size * self.vae_scale_factor
 
     def _schedule(self, num_inference_steps: int) -> Schedule:
-        if not 1 <= num_inference_steps <= 1000:
-            raise DiT4EditError(f"steps must be between 1 and 1000, got {num_inference_steps}")
-        return Schedule.from_scheduler(self.scheduler, num_inference_steps)
+        return Schedule.from_scheduler(self.scheduler, checks.steps(num_inference_steps))
+
+    def _settings(self, num_inference_steps: int | None, guidance_scale: float | None,
+                  method: str | None = None) -> tuple[int, float, str]:
+        """(steps, guidance, inversion method): each None filled from `self.defaults`, each checked."""
+        defaults = self.defaults
+        steps = checks.steps(defaults.num_inference_steps if num_inference_steps is None else num_inference_steps)
+        guidance = checks.guidance(defaults.guidance_scale if guidance_scale is None else guidance_scale)
+        method = defaults.inversion if method is None else method
+        if method not in INVERSIONS:
+            raise DiT4EditError(f"unknown inversion method {method!r} (choose from {', '.join(INVERSIONS)})")
+        return steps, guidance, method
 
     def _solver_dtype(self) -> torch.dtype:
         return torch.float32 if self._execution_device.type == "mps" else torch.float64
@@ -285,18 +292,19 @@ class DiT4EditPipeline(DiffusionPipeline):
         self,
         image: Image.Image | str | os.PathLike,
         source_prompt: str,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 4.5,
-        method: str = "dpm-exact",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        method: str | None = None,
         tol: float = 1e-5,
         max_pixels: int = imgs.MAX_PIXELS,
         disable_progress: bool | None = None,
     ) -> Inversion:
         """Invert `image` under `source_prompt`: the latent trajectory that the matching sampler (2M for dpm*,
         DDIM for ddim*) turns back into the image. Invert at the guidance the edit will use, or edit with
-        `pin_source=True` (the default), which makes the source branch follow the stored trajectory anyway."""
-        if method not in INVERSIONS:
-            raise DiT4EditError(f"unknown inversion method {method!r} (choose from {', '.join(INVERSIONS)})")
+        `pin_source=True` (the default), which makes the source branch follow the stored trajectory anyway.
+        Steps, guidance and method default to `self.defaults`."""
+        num_inference_steps, guidance_scale, method = self._settings(num_inference_steps, guidance_scale, method)
+        checks.tolerance(tol)
         self.check_prompt(source_prompt, "source prompt")
         work, original_size = self.prepare_image(image, max_pixels)
         schedule = self._schedule(num_inference_steps)
@@ -313,24 +321,30 @@ class DiT4EditPipeline(DiffusionPipeline):
             original_size=original_size,
             nfe=result.nfe,
             residuals=result.residuals,
+            model=self.model_record(),
         )
 
     @torch.no_grad()
     def generate(
         self,
         prompt: str,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 4.5,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         disable_progress: bool | None = None,
     ) -> tuple[Image.Image, Inversion]:
         """Generate from `prompt` with DPM-Solver++(2M) and keep the trajectory, so the image can be edited
-        without inversion ("generate, then edit")."""
+        without inversion ("generate, then edit"). Height and width default to the model's native size
+        (`default_size`), steps and guidance to `self.defaults`."""
+        num_inference_steps, guidance_scale, _ = self._settings(num_inference_steps, guidance_scale)
+        native = self.default_size()
+        width = native if width is None else checks.integer(width, "width", 1)
+        height = native if height is None else checks.integer(height, "height", 1)
         self.check_prompt(prompt)
+        imgs.check_size((width, height))
         size = imgs.work_size((width, height))
-        imgs.check_size(size)
         schedule = self._schedule(num_inference_steps)
         factor = self.vae_scale_factor
         shape = (1, self.transformer.config.in_channels, size[1] // factor, size[0] // factor)
@@ -340,7 +354,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         trajectory = sampler_for("dpm")(denoise, x, schedule, disable=self._progress(disable_progress))
         inversion = Inversion(trajectory=torch.cat(trajectory).cpu(), source_prompt=prompt,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              method="generated", original_size=(width, height))
+                              method=GENERATED, original_size=(width, height), model=self.model_record())
         image = self.decode_latents(trajectory[-1], (width, height))[0]
         self.maybe_free_model_hooks()
         return image, inversion
@@ -358,6 +372,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         record_words: bool = False,
         disable_progress: bool | None = None,
         rows: str = "4",
+        source_image: Image.Image | None = None,
     ) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
@@ -372,13 +387,20 @@ class DiT4EditPipeline(DiffusionPipeline):
         under guidance (`BatchLayout`): "4" runs the source's unconditional row too, "3" leaves it out (one row
         fewer; the target's unconditional row is then not controlled, and the source must be pinned). At
         `guidance_scale <= 1` there are no unconditional rows and the control works on the conditional ones.
+        With `mask`, nothing outside it changes, measured in pixels: outside the mask each output shows
+        `source_image` (the input, at its original size; default the decoded source branch), blended in over a
+        feathered edge inside the mask (see `paste_outside`).
         """
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
         if not targets:
             raise DiT4EditError("no target prompt given")
         for k, prompt in enumerate(targets):
             self.check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-        guidance = inversion.guidance_scale if guidance_scale is None else guidance_scale
+        self.check_inversion(inversion)
+        if source_image is not None and source_image.size != tuple(inversion.original_size):
+            raise DiT4EditError(f"source_image is {source_image.size[0]}x{source_image.size[1]}, the inversion's "
+                                f"image is {inversion.original_size[0]}x{inversion.original_size[1]}")
+        guidance = checks.guidance(inversion.guidance_scale if guidance_scale is None else guidance_scale)
         if rows not in ("3", "4"):
             raise DiT4EditError(f'rows must be "3" or "4", got {rows!r}')
         if rows == "3" and not pin_source:
@@ -411,9 +433,36 @@ class DiT4EditPipeline(DiffusionPipeline):
             final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
+        images = decoded[SOURCE + 1 :]
+        if mask is not None:
+            keep = decoded[SOURCE] if source_image is None else imgs.to_rgb(source_image)
+            pixel_mask = self._pixel_mask(mask, inversion.original_size)
+            images = [paste_outside(image, keep, pixel_mask, radius=self.vae_scale_factor) for image in images]
+        elif controller is not None:
+            self._warn_blend_everywhere(controller, inversion.num_inference_steps)
         self.maybe_free_model_hooks()
-        return EditResult(images=decoded[SOURCE + 1 :], reconstruction=decoded[SOURCE], latents=final.cpu(),
-                          controller=controller)
+        return EditResult(images=images, reconstruction=decoded[SOURCE], latents=final.cpu(), controller=controller)
+
+    @staticmethod
+    def _warn_blend_everywhere(controller: AttentionController, num_steps: int) -> None:
+        """A local-blend mask over (nearly) the whole image blends nothing: say so in one line."""
+        if not controller.config.enabled or not controller.config.local_blend_words:
+            return
+        for target in range(controller.layout.num_targets):
+            mask = controller.blend_mask(num_steps - 1, target)
+            if mask is not None and float(mask.float().mean()) >= BLEND_EVERYWHERE:
+                logger.warning("the local-blend mask of %s covers %.0f%% of the image, so the blend keeps (almost) "
+                               "nothing of the source; name other words or give a --mask",
+                               " ".join(controller.config.local_blend_words), 100 * float(mask.float().mean()))
+
+    def _pixel_mask(self, mask, size: tuple[int, int]) -> Image.Image:
+        """The user mask as an "L" image of `size` (width, height), 255 = editable."""
+        if isinstance(mask, torch.Tensor):  # (h, w) at latent resolution
+            small = Image.fromarray(((mask > 0.5).cpu().numpy() * 255).astype(np.uint8), mode="L")
+            return small.resize(size, Image.NEAREST)
+        if not isinstance(mask, Image.Image):
+            mask = imgs.load_image(mask, what="mask")
+        return mask.convert("L").point(lambda v: 255 if v > 127 else 0)
 
     def make_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
                         mask=None, record_words: bool = False,
@@ -455,13 +504,13 @@ class DiT4EditPipeline(DiffusionPipeline):
         return (torch.from_numpy(np.asarray(small, dtype=np.float32)) / 255.0 > 0.5).float()
 
     @torch.no_grad()
-    def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int = 30,
-               guidance_scale: float = 4.5, generator: torch.Generator | None = None,
+    def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, generator: torch.Generator | None = None,
                max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> Image.Image:
         """SDEdit (Meng et al. 2022), the baseline: noise the input latent to `strength` of the schedule and
         denoise it with the target prompt (2M). No inversion, no attention control."""
-        if not 0.0 < strength <= 1.0:
-            raise DiT4EditError(f"strength must be in (0, 1], got {strength}")
+        num_inference_steps, guidance_scale, _ = self._settings(num_inference_steps, guidance_scale)
+        checks.number(strength, "strength", 0.0, 1.0, low_open=True)
         self.check_prompt(target_prompt, "target prompt")
         work, original_size = self.prepare_image(image, max_pixels)
         schedule = self._schedule(num_inference_steps)
@@ -477,15 +526,20 @@ class DiT4EditPipeline(DiffusionPipeline):
         return image
 
     @torch.no_grad()
-    def reconstruct(self, image, source_prompt: str, num_inference_steps: int = 30, guidance_scale: float = 4.5,
-                    method: str = "dpm-exact", tol: float = 1e-5, max_pixels: int = imgs.MAX_PIXELS,
-                    disable_progress: bool | None = None) -> tuple[Image.Image, dict]:
+    def reconstruct(self, image, source_prompt: str, num_inference_steps: int | None = None,
+                    guidance_scale: float | None = None, method: str | None = None, tol: float = 1e-5,
+                    max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None
+                    ) -> tuple[Image.Image, dict]:
         """Invert, then regenerate with the same prompt, guidance and matching sampler; report how close it came.
 
         Returns the regenerated image and `latent_nmse` (regenerated vs encoded input, ||a-b||^2/||b||^2), `nfe`,
-        `psnr` (output vs input image) and `vae_psnr` (VAE round trip alone, the floor of any edit)."""
+        `psnr` (output vs input image) and `vae_psnr` (VAE round trip alone, the floor of any edit).
+        Steps, guidance and method default to `self.defaults`."""
+        num_inference_steps, guidance_scale, method = self._settings(num_inference_steps, guidance_scale, method)
+        checks.tolerance(tol)
+        self.check_prompt(source_prompt, "source prompt")
         work, original_size = self.prepare_image(image, max_pixels)
-        original = imgs.load_image(image, max_pixels) if not isinstance(image, Image.Image) else imgs.to_rgb(image)
+        original = imgs.to_rgb(image) if isinstance(image, Image.Image) else imgs.load_image(image, max_pixels)
         inversion = self.invert(work, source_prompt, num_inference_steps, guidance_scale, method, tol,
                                 max_pixels, disable_progress)
         schedule = self._schedule(num_inference_steps)
@@ -503,16 +557,20 @@ class DiT4EditPipeline(DiffusionPipeline):
         return output, stats
 
     @torch.no_grad()
-    def __call__(self, image, source_prompt: str, target_prompt: str | Sequence[str], num_inference_steps: int = 30,
-                 guidance_scale: float = 4.5, inversion_method: str = "dpm-exact",
+    def __call__(self, image, source_prompt: str, target_prompt: str | Sequence[str],
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 inversion_method: str | None = None,
                  control: AttentionControl | None = DEFAULT_CONTROL, mask=None,
                  merge: MergeConfig | None = DEFAULT_MERGE, pin_source: bool = True,
                  max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> EditResult:
         """Invert `image` under `source_prompt`, then edit it towards `target_prompt` (see `invert`, `edit`)."""
         inversion = self.invert(image, source_prompt, num_inference_steps, guidance_scale, inversion_method,
                                 max_pixels=max_pixels, disable_progress=disable_progress)
+        original = None
+        if mask is not None:  # the input's own pixels outside the mask
+            original = imgs.to_rgb(image) if isinstance(image, Image.Image) else imgs.load_image(image, max_pixels)
         return self.edit(inversion, target_prompt, guidance_scale, pin_source, control, mask, merge,
-                         disable_progress=disable_progress)
+                         disable_progress=disable_progress, source_image=original)
 
 
 def _dtype_kwarg() -> str:
@@ -523,19 +581,38 @@ def _dtype_kwarg() -> str:
 
 
 
-def _check_model_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise DiT4EditError(f"model path is not a folder: {folder}")
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise DiT4EditError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+
+def _parameter_values(module: torch.nn.Module, name: str, parameter: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's values; under accelerate's offloading (weights on the meta device) the copy its hook keeps."""
+    if parameter.device.type != "meta":
+        return parameter
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    weights = getattr(getattr(owner, "_hf_hook", None), "weights_map", None)
     try:
-        entries = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DiT4EditError(f"{index} is not valid JSON") from None
-    missing = [name for name in REQUIRED_COMPONENTS if name not in entries or not (folder / name).is_dir()]
-    if missing:
-        raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: missing {', '.join(missing)}")
+        return weights[leaf] if weights is not None else None
+    except KeyError:
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_loaders():
+    """While loading: only errors from diffusers, transformers and huggingface_hub (their warnings and retries
+    would print lines before our one-line error); the previous levels come back afterwards."""
+    import warnings
+
+    names = ("diffusers", "transformers", "huggingface_hub")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _one_line(error: BaseException) -> str:

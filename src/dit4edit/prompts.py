@@ -19,36 +19,18 @@ Conventions shared by all functions:
 from __future__ import annotations
 
 import math
-import string
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .checks import word_key
 from .errors import DiT4EditError
 from .tokenizer import MAX_TOKENS
 
 WORD_START = "\u2581"  # sentencepiece's marker at the start of a word's first piece
 
 MODES = ("auto", "replace", "refine")
-
-
-def word_key(word: str) -> str:
-    """The form in which words are compared: surrounding punctuation stripped, case-folded ("Cat," -> "cat").
-
-    A word made only of punctuation keeps its characters ("," stays ",") so it can still be named and aligned.
-    """
-    start, end = 0, len(word)
-    while start < end and _is_punctuation(word[start]):
-        start += 1
-    while end > start and _is_punctuation(word[end - 1]):
-        end -= 1
-    return (word[start:end] or word).casefold()
-
-
-def _is_punctuation(char: str) -> bool:
-    return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""Inversion files are untrusted input: every key, type, size and value is checked on load (one-line errors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SOURCE, random_image
+from safetensors.torch import save_file
+
+from dit4edit.errors import DiT4EditError
+from dit4edit.inversion_file import Inversion
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_pipe, tmp_path_factory):
+    inversion = tiny_pipe.invert(random_image(32, 48), SOURCE, STEPS, method="ddim")
+    path = inversion.save(tmp_path_factory.mktemp("inv") / "inv.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["dit4edit"])
+    return inversion, meta
+
+
+def write(path, trajectory, meta):
+    metadata = {"dit4edit": meta if isinstance(meta, str) else json.dumps(meta)}
+    save_file({"trajectory": trajectory} if isinstance(trajectory, torch.Tensor) else trajectory, str(path),
+              metadata=metadata)
+    return path
+
+
+def test_saved_file_records_the_model_and_loads(saved, tmp_path):
+    inversion, meta = saved
+    assert meta["model"]["latent_channels"] == 4 and meta["model"]["vae_scale_factor"] == 8
+    assert 16 <= len(meta["model"]["probe"]) <= 32  # the first 8 values of 4 parameters (biases may be shorter)
+    loaded = Inversion.load(write(tmp_path / "ok.safetensors", inversion.trajectory.float(), meta))
+    assert loaded.model == inversion.model and loaded.original_size == (32, 48)
+
+
+def changed(meta, **updates):
+    return {**meta, **updates}
+
+
+def without(meta, key):
+    return {k: v for k, v in meta.items() if k != key}
+
+
+BAD_META = [
+    (lambda m: [1, 2], "is a JSON list"),
+    (lambda m: "not json {", "metadata is not JSON"),
+    (lambda m: without(m, "model"), "missing model"),
+    (lambda m: without(m, "source_prompt"), "missing source_prompt"),
+    (lambda m: changed(m, surprise=1), "unknown key(s) surprise"),
+    (lambda m: changed(m, num_inference_steps="3"), "num_inference_steps must be an integer"),
+    (lambda m: changed(m, num_inference_steps=0), "num_inference_steps must be between 1 and 1000"),
+    (lambda m: changed(m, guidance_scale=float("nan")), "guidance_scale"),
+    (lambda m: changed(m, method="euler"), "unknown method 'euler'"),
+    (lambda m: changed(m, original_size=[32]), "original_size must be [width, height]"),
+    (lambda m: changed(m, original_size=[-32, 48]), "original_size must be between"),
+    (lambda m: changed(m, source_prompt=7), "source_prompt must be non-empty text"),
+    (lambda m: changed(m, residuals="small"), "residuals must be a list"),
+    (lambda m: changed(m, extra=[]), "extra must be a JSON object"),
+    (lambda m: changed(m, model={"name": "x"}), "model must be an object"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_META)
+def test_bad_metadata_is_one_line_error(saved, tmp_path, edit, message):
+    inversion, meta = saved
+    path = write(tmp_path / "bad.safetensors", inversion.trajectory.float(), edit(meta))
+    with pytest.raises(DiT4EditError, match="not a valid dit4edit inversion file") as info:
+        Inversion.load(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_image_size_is_checked_against_the_pixel_limit_before_loading(saved, tmp_path):
+    inversion, meta = saved
+    huge = write(tmp_path / "huge.safetensors", inversion.trajectory.float(), changed(meta, original_size=[12000, 12000]))
+    with pytest.raises(DiT4EditError, match="over the limit of 4194304"):
+        Inversion.load(huge)
+    path = write(tmp_path / "ok.safetensors", inversion.trajectory.float(), meta)
+    with pytest.raises(DiT4EditError, match="over the limit of 1000"):
+        Inversion.load(path, max_pixels=1000)
+
+
+@pytest.mark.parametrize("shape_of", [
+    lambda t: t[0],  # 3-D
+    lambda t: t.flatten(),  # 1-D
+    lambda t: t.repeat(1, 4, 1, 1),  # 16 channels
+    lambda t: t[:, :, :5],  # odd height
+    lambda t: t[:2],  # too few points for the steps
+    lambda t: torch.cat([t, t]),  # more points than steps
+])
+def test_trajectory_shape_must_fit_the_settings(saved, tmp_path, shape_of):
+    inversion, meta = saved
+    path = write(tmp_path / "shape.safetensors", shape_of(inversion.trajectory.float()).contiguous(), meta)
+    with pytest.raises(DiT4EditError, match=r"its trajectory is F32 .*need float32 \[4, 4, 6, 4\]"):
+        Inversion.load(path)
+
+
+def test_other_tensors_and_non_finite_values(saved, tmp_path):
+    inversion, meta = saved
+    trajectory = inversion.trajectory.float().clone()
+    extra = write(tmp_path / "extra.safetensors", {"trajectory": trajectory, "x": torch.zeros(1)}, meta)
+    with pytest.raises(DiT4EditError, match="expected trajectory"):
+        Inversion.load(extra)
+    trajectory[1, 0, 0, 0] = float("nan")
+    with pytest.raises(DiT4EditError, match="NaN or infinite"):
+        Inversion.load(write(tmp_path / "nan.safetensors", trajectory, meta))
+    with pytest.raises(DiT4EditError, match="inversion file not found"):
+        Inversion.load(tmp_path / "missing.safetensors")
+
+
+def test_inversion_from_another_model_is_refused(saved, tiny_pipe):
+    from dit4edit.pipeline import DiT4EditPipeline
+    from dit4edit.tiny import tiny_components
+
+    inversion, _ = saved
+    assert tiny_pipe.check_inversion(inversion) is inversion
+    other = DiT4EditPipeline(**tiny_components(seed=1))
+    with pytest.raises(DiT4EditError, match="made by another model"):
+        other.edit(inversion, SOURCE)
+    half = DiT4EditPipeline(**tiny_components(seed=0)).to(torch.bfloat16)  # same weights, other precision
+    assert half.check_inversion(inversion) is inversion
+    wide = Inversion(**{**inversion.__dict__, "model": {**inversion.model, "latent_channels": 16}})
+    with pytest.raises(DiT4EditError, match="16 latent channels; this model has 4"):
+        tiny_pipe.edit(wide, SOURCE)
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(saved, tmp_path):
+    inversion, _ = saved
+    inversion.save(tmp_path / "a.safetensors")
+    inversion.save(tmp_path / "a.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
