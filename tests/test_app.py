@@ -126,22 +126,26 @@ def test_a_bad_request_fails_before_any_work_and_the_next_one_works(editor, tiny
     assert editor.edit(picture, SOURCE, TARGET, FAST).edited.size == (64, 48)
 
 
-def test_the_apps_defaults_are_the_command_lines():
-    flags = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png"])
+def test_the_apps_defaults_are_the_command_lines(tiny_model_dir):
+    model = ["--model", str(tiny_model_dir)]  # a model without its own defaults (dit4edit.json)
+    flags = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png", *model])
     defaults = PageSettings()
+    run = cli_settings(flags)
     assert (defaults.steps, defaults.guidance, defaults.inversion, defaults.tol) == (
-        flags.steps, flags.guidance, flags.inversion, flags.tol)
+        run.steps, run.guidance, run.inversion, run.tol)
     assert defaults.control() == AttentionControl() == cli.control_from_args(flags)
     assert defaults.merging == (cli.merge_from_args(flags) is not None)
-    started = PageSettings.starting_from(cli_settings(["serve", "--steps", "7", "--inversion", "ddim"]))
+    serve = cli.build_parser().parse_args(["serve", "--steps", "7", "--inversion", "ddim", *model])
+    started = PageSettings.starting_from(cli_settings(serve))
     assert (started.steps, started.inversion, started.guidance) == (7, "ddim", defaults.guidance)
 
 
-def cli_settings(argv):
+def cli_settings(flags):
+    """The settings the command line runs with: its flags, then the model's defaults, then the library's."""
     from dit4edit.defaults import RunSettings
 
-    flags = cli.build_parser().parse_args(argv)
-    return RunSettings(flags.steps, flags.guidance, flags.inversion, flags.tol)
+    run = cli._prepare(flags)
+    return RunSettings(run.steps, run.guidance, run.inversion, run.tol)
 
 
 def test_loopback_addresses():
@@ -159,7 +163,7 @@ def free_port() -> int:
 
 
 def test_serve_refuses_a_busy_port_before_loading_the_model(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "load_pipeline", lambda args, *more, **named: pytest.fail("the model was loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -171,16 +175,18 @@ def test_serve_refuses_a_busy_port_before_loading_the_model(monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])
-def test_serve_loads_the_model_once_and_warns_off_loopback(tiny_pipe, monkeypatch, capsys, host, warned):
+def test_serve_loads_the_model_once_and_warns_off_loopback(tiny_pipe, tiny_model_dir, monkeypatch, capsys, host,
+                                                           warned):
     from dit4edit import app
 
     loads, served = [], []
-    monkeypatch.setattr(cli, "load_pipeline", lambda args: loads.append(args.model) or tiny_pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda args, *more, **named: loads.append(args.model) or tiny_pipe)
     monkeypatch.setattr(app, "serve", lambda *args: served.append(args))
     port = free_port()
-    assert cli.main(["serve", "--host", host, "--port", str(port), "--steps", "5", "--model", "m"]) == 0
+    model = str(tiny_model_dir)
+    assert cli.main(["serve", "--host", host, "--port", str(port), "--steps", "5", "--model", model]) == 0
     err = capsys.readouterr().err
-    assert loads == ["m"] and len(served) == 1
+    assert loads == [model] and len(served) == 1
     editor, served_host, served_port, settings = served[0]
     assert editor.pipe is tiny_pipe and (served_host, served_port, settings.steps) == (host, port, 5)
     assert ("warning: serving on 0.0.0.0" in err) is warned and err.count("\n") == int(warned)
