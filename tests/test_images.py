@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,3 +121,21 @@ def test_tensor_round_trip_and_psnr():
     assert images.psnr(image, image) == float("inf")
     other = Image.fromarray(np.asarray(image) + 1)
     assert abs(images.psnr(image, other) - 10 * np.log10(255**2)) < 1e-9
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_mode_a_plain_write_would(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.png"
+        plain.write_bytes(b"")
+        images.save_image(Image.new("RGB", (4, 4)), tmp_path / "atomic.png")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "atomic.png").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == (
+        0o666 & ~umask)
+
+
+def test_mask_not_found_names_the_mask(tmp_path):
+    with pytest.raises(DiT4EditError, match="mask not found"):
+        images.load_image(tmp_path / "nomask.png", what="mask")

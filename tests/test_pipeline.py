@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import SOURCE, TARGET, random_image, relative_error
@@ -236,3 +237,79 @@ def test_embedded_model_loads_and_generates():
 
     corner = np.asarray(image, dtype=float)[:8, :8].mean(axis=(0, 1))
     assert corner.min() > 150  # even 4 steps give a light background for "white background"
+
+
+@pytest.mark.parametrize("image", [np.zeros((32, 32, 3), dtype=np.uint8), torch.zeros(3, 32, 32), b"\x89PNG", 42])
+def test_invert_refuses_what_is_not_an_image(tiny_pipe, image):
+    with pytest.raises(DiT4EditError, match="must be a PIL image or a file path"):
+        tiny_pipe.invert(image, SOURCE, 2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p, img, inv: p.invert(img, SOURCE, 2, guidance_scale=float("nan")), "guidance scale must be a finite"),
+    (lambda p, img, inv: p.invert(img, SOURCE, 2, tol=0.0), "tol must be > 0"),
+    (lambda p, img, inv: p.invert(img, SOURCE, 2.5), "steps must be an integer"),
+    (lambda p, img, inv: p.reconstruct(img, SOURCE, 2, guidance_scale=float("inf")), "guidance scale must be a finite"),
+    (lambda p, img, inv: p.edit(inv, TARGET, guidance_scale=float("nan")), "guidance scale must be a finite"),
+    (lambda p, img, inv: p.generate(SOURCE, 0, 64, 2), "height must be >= 1"),
+    (lambda p, img, inv: p.sdedit(img, TARGET, strength=float("nan")), "strength must be a finite"),
+    (lambda p, img, inv: p.check_prompt(7), "the prompt must be text"),
+])
+def test_api_arguments_are_checked(tiny_pipe, call, message):
+    image = random_image(32, 32)
+    inversion = tiny_pipe.invert(image, SOURCE, 2, method="ddim")
+    with pytest.raises(DiT4EditError, match=message):
+        call(tiny_pipe, image, inversion)
+
+
+def test_mask_keeps_the_pixels_outside_after_decoding(tiny_pipe):
+    from PIL import Image
+
+    picture = Image.new("RGB", (64, 64), (20, 20, 20))
+    picture.paste((200, 40, 40), (0, 0, 32, 64))
+    inversion = tiny_pipe.invert(picture, SOURCE, STEPS, method="ddim")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # left half editable
+    outside = np.asarray(mask) == 0
+    result = tiny_pipe.edit(inversion, TARGET, mask=mask)
+    edited, kept = np.asarray(result.images[0], dtype=int), np.asarray(result.reconstruction, dtype=int)
+    assert np.array_equal(edited[outside], kept[outside])  # default: the decoded source branch
+    with_input = tiny_pipe.edit(inversion, TARGET, mask=mask, source_image=picture).images[0]
+    assert np.array_equal(np.asarray(with_input, dtype=int)[outside], np.asarray(picture, dtype=int)[outside])
+    unmasked = np.asarray(tiny_pipe.edit(inversion, TARGET).images[0], dtype=int)
+    assert np.abs(unmasked[outside] - kept[outside]).max() > 0  # without the paste the decoder spreads the edit
+    with pytest.raises(DiT4EditError, match="source_image is 32x32"):
+        tiny_pipe.edit(inversion, TARGET, mask=mask, source_image=picture.resize((32, 32)))
+
+
+def test_local_blend_over_the_whole_image_says_so(tiny_pipe, caplog):
+    from dit4edit.control import AttentionControl
+
+    inversion = tiny_pipe.invert(random_image(64, 64), SOURCE, STEPS, method="ddim")
+    everywhere = AttentionControl(local_blend_words=("circle",), local_blend_threshold=1e-6)
+    with caplog.at_level("WARNING"):
+        tiny_pipe.edit(inversion, TARGET, control=everywhere)
+    lines = [r.getMessage() for r in caplog.records if "local-blend mask" in r.getMessage()]
+    assert len(lines) == 1 and "covers 100% of the image" in lines[0] and "\n" not in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tiny_pipe.edit(inversion, TARGET, control=AttentionControl(local_blend_words=("circle",),
+                                                                   local_blend_threshold=1.0, local_blend_dilate=0))
+    assert not any("local-blend mask" in r.getMessage() for r in caplog.records)
+
+
+def test_hub_id_error_is_our_one_line_only(capfd):
+    with pytest.raises(DiT4EditError, match="cannot load model someone/no-such-model") as info:
+        DiT4EditPipeline.from_pretrained("someone/no-such-model", local_files_only=True)
+    assert "\n" not in str(info.value)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_embedded_generate_defaults_to_the_native_size():
+    from dit4edit.pipeline import default_model
+
+    pipe = DiT4EditPipeline.from_pretrained(default_model())
+    pipe.set_progress_bar_config(disable=True)
+    image, trajectory = pipe.generate(SOURCE, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert image.size == (128, 128) and trajectory.trajectory.shape[-2:] == (16, 16)
