@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     common(serve)  # --steps, --guidance, --inversion, --tol: the page's starting values
 
+    pie = commands.add_parser("pie-bench", help="edit and score PIE-Bench with its published protocol (resumable; "
+                              "many processes under accelerate launch / torchrun)")
+    pie.add_argument("--data", required=True, help="PIE-Bench folder: mapping_file.json and annotation_images/")
+    pie.add_argument("-o", "--output", required=True, help="output folder (a rerun resumes it)")
+    pie.add_argument("--types", default=None, help="comma-separated editing type ids 0-9 (default: all)")
+    pie.add_argument("--limit", type=int, default=None, help="at most N images (after --types)")
+    pie.add_argument("--local-blend-from-bench", action="store_true",
+                     help="local blend on each entry's blended_word (as the reference Prompt-to-Prompt runs)")
+    pie.add_argument("--metrics", default=None, help="comma-separated subset of structure_distance, psnr, lpips, "
+                     "mse, ssim, clip_whole, clip_edited (default: all)")
+    pie.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP: hub id or local folder")
+    pie.add_argument("--dino-model", default="facebook/dino-vitb8", help="DINO ViT: hub id or local folder")
+    pie.add_argument("--retry-failed", action="store_true", help="redo the images recorded as failed")
+    edit_settings(pie)
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
     tiny.add_argument("output", help="folder to create (must not exist, or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -644,7 +659,69 @@ def _batch(args) -> int:
     return 0
 
 
-COMMANDS = {"batch": _batch, "edit": _edit, "attention": _attention, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
+def _pie_bench(args) -> int:
+    from . import batch, piebench
+
+    out = _output_folder(args.output)
+    settings = settings_from_args(args)
+    types = _pie_types(args.types)
+    names = [name.strip() for name in (args.metrics or ",".join(piebench.METRICS)).split(",") if name.strip()]
+    if not names or any(name not in piebench.METRICS for name in names):
+        raise DiT4EditError(f"--metrics takes a comma-separated subset of {', '.join(piebench.METRICS)}, "
+                            f"got {args.metrics!r}")
+    if args.limit is not None and args.limit < 1:
+        raise DiT4EditError(f"--limit must be >= 1, got {args.limit}")
+    if args.local_blend_from_bench and settings.control is None:
+        raise DiT4EditError("--local-blend-from-bench needs attention control (drop --no-attention-control)")
+    jobs = piebench.read_benchmark(args.data, settings, types, args.limit, args.local_blend_from_bench)
+    if not jobs:
+        raise DiT4EditError(f"no PIE-Bench entries of types {args.types} in {args.data}")
+    processes = batch.Processes(cpu=_cpu_only(args.device))
+    device = processes.device or _device(args.device)
+    say = (lambda line: print(f"dit4edit: {line}", file=sys.stderr)) if processes.is_main else (lambda line: None)
+    scorer = piebench.Scorer(args.data, out, names, args.clip_model, args.dino_model, device, _device_name(device),
+                             say)
+
+    def load():
+        pipe = _load(args, device)
+        scorer.load()
+        return pipe
+
+    rows = batch.run_jobs(jobs, out, load, processes, scorer=scorer, retry_failed=args.retry_failed,
+                          disable_progress=args.quiet)
+    if processes.is_main:
+        about = [f"model: {args.model or 'embedded (src/dit4edit/models/shapes)'}",
+                 f"settings: steps {settings.steps}, guidance {settings.guidance}, inversion {settings.inversion}, "
+                 f"attention control {'on' if settings.control else 'off'}, merging {'on' if settings.merge else 'off'}"
+                 f"{', local blend from blended_word' if args.local_blend_from_bench else ''}",
+                 f"processes: {processes.count}"]
+        print(piebench.write_tables(out, rows, about), end="")
+        print(f"{batch.summary_line(rows)}; per-image results in {out / batch.RESULTS}, tables in "
+              f"{out / 'summary.md'} and {out / 'summary.csv'}")
+    return 0
+
+
+def _pie_types(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    types = [part.strip() for part in text.split(",") if part.strip()]
+    if not types or any(part not in [str(k) for k in range(10)] for part in types):
+        raise DiT4EditError(f"--types takes comma-separated editing type ids 0-9, got {text!r}")
+    return types
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+COMMANDS = {"batch": _batch, "pie-bench": _pie_bench, "edit": _edit, "attention": _attention, "reconstruct": _reconstruct, "generate": _generate, "make-tiny-model": _make_tiny_model}
 
 
 def _serve(args) -> int:

@@ -1,0 +1,258 @@
+"""PIE-Bench (PnPInversion, ECCV 2024): edit every image of the benchmark and score it as the published evaluation
+does, with per-type and overall tables.
+
+The data set is read as distributed: `DIR/mapping_file.json` (keyed by a 12-digit id; `image_path`,
+`original_prompt`, `editing_prompt` with the edited words in `[ ]`, `editing_instruction`, `editing_type_id`
+"0".."9", `blended_word`, `mask` as run-length pairs) and the images under `DIR/annotation_images/`. Each edited image
+is saved under the output folder at `annotation_images/<image_path>` (same name and format, as the reference runners
+save them, so other tools can score the outputs), and scored from the file as saved. It is a batch
+(`dit4edit.batch`): resumable, and split across processes under `accelerate launch` / `torchrun`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import images as imgs
+from . import metrics as m
+from .batch import EditSettings, Job, write_atomic
+from .errors import DiT4EditError
+
+TYPE_NAMES = {
+    "0": "random", "1": "change object", "2": "add object", "3": "delete object", "4": "change content",
+    "5": "change pose", "6": "change color", "7": "change material", "8": "change background", "9": "change style",
+}
+METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited")
+#: The papers' table scales: structure x10^3, LPIPS x10^3, MSE x10^4, SSIM x10^2.
+SCALES = {"structure_distance": 1e3, "psnr": 1.0, "lpips": 1e3, "mse": 1e4, "ssim": 1e2, "clip_whole": 1.0,
+          "clip_edited": 1.0}
+HEADINGS = {"structure_distance": "structure x10^3", "psnr": "PSNR", "lpips": "LPIPS x10^3", "mse": "MSE x10^4",
+            "ssim": "SSIM x10^2", "clip_whole": "CLIP whole", "clip_edited": "CLIP edited"}
+MAPPING = "mapping_file.json"
+IMAGES = "annotation_images"
+
+
+def strip_brackets(prompt: str) -> str:
+    """The prompt without the `[ ]` that mark the edited words."""
+    return prompt.replace("[", "").replace("]", "")
+
+
+def blend_words(blended_word: str) -> tuple[str, ...]:
+    """Local-blend words from `blended_word` ("source_word target_word"); as the reference P2P runs, only an entry
+    of exactly two words blends."""
+    words = blended_word.split(" ") if blended_word else []
+    return tuple(words) if len(words) == 2 and all(words) else ()
+
+
+def read_mapping(data: str | os.PathLike) -> dict:
+    data = Path(data)
+    path = data / MAPPING
+    if not data.is_dir():
+        raise DiT4EditError(f"PIE-Bench folder not found: {data}")
+    if not path.is_file():
+        raise DiT4EditError(f"{data} has no {MAPPING}: not PIE-Bench as distributed")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DiT4EditError(f"{path} is not valid JSON ({type(error).__name__})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise DiT4EditError(f"{path} holds no entries (expected an object keyed by image id)")
+    return mapping
+
+
+def read_benchmark(data: str | os.PathLike, settings: EditSettings, types: Sequence[str] | None = None,
+                   limit: int | None = None, local_blend: bool = False) -> list[Job]:
+    """One job per benchmark entry (in id order), of the `types` asked for, at most `limit`. With `local_blend`
+    each entry's `blended_word` becomes the local-blend words of its edit. An entry with missing fields becomes a
+    job with its `error` set."""
+    data = Path(data)
+    mapping = read_mapping(data)
+    jobs = []
+    for line, key in enumerate(sorted(mapping), start=1):
+        entry = mapping[key] if isinstance(mapping[key], dict) else {}
+        type_id = str(entry.get("editing_type_id"))
+        if types is not None and type_id not in types:
+            continue
+        jobs.append(_job(data, key, line, entry, type_id, settings, local_blend))
+        if limit is not None and len(jobs) >= limit:
+            break
+    return jobs
+
+
+def _job(data: Path, key: str, line: int, entry: dict, type_id: str, settings: EditSettings,
+         local_blend: bool) -> Job:
+    fields = {"id": key, "editing_type_id": type_id}
+    missing = [name for name in ("image_path", "original_prompt", "editing_prompt", "mask")
+               if not isinstance(entry.get(name), (str, list))]
+    image_path = str(entry.get("image_path", ""))
+    if missing or ".." in Path(image_path).parts or Path(image_path).is_absolute():
+        reason = f"entry {key} lacks {', '.join(missing)}" if missing else f"entry {key} has a bad image_path"
+        return Job(item=key, line=line, targets=("",), error=reason, fields=fields)
+    words = blend_words(str(entry.get("blended_word") or ""))
+    if local_blend and words and settings.control is not None:
+        settings = replace(settings, control=replace(settings.control, local_blend_words=words))
+    return Job(item=key, line=line, image=data / IMAGES / image_path, source=strip_brackets(entry["original_prompt"]),
+               targets=(strip_brackets(entry["editing_prompt"]),), outputs=(f"{IMAGES}/{image_path}",),
+               settings=settings, fields=fields)
+
+
+# --- scoring ---------------------------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Scores each edited image as the benchmark's evaluation does; models load on first use (`load`)."""
+
+    def __init__(self, data: str | os.PathLike, out: str | os.PathLike, names: Sequence[str] = METRICS,
+                 clip_model: str = m.CLIP_MODEL, dino_model: str = m.DINO_MODEL, device="cpu", device_name: str = "",
+                 say: Callable[[str], None] = lambda line: None):
+        self.mapping = read_mapping(data)
+        self.out, self.names, self.device = Path(out), tuple(names), device
+        self.clip_model, self.dino_model, self.device_name, self.say = clip_model, dino_model, device_name, say
+        self.models: dict | None = None
+        self.skipped: dict[str, str] = {}
+
+    def load(self) -> None:
+        """Load the metric models asked for; a model that cannot load is skipped with one line said."""
+        if self.models is not None:
+            return
+        loaders = {"structure_distance": (m.StructureDistance.from_pretrained, self.dino_model, self.device),
+                   "lpips": (m.Lpips, self.device), "clip": (m.ClipScore.from_pretrained, self.clip_model, self.device)}
+        wanted = {"structure_distance": "structure_distance", "lpips": "lpips", "clip_whole": "clip",
+                  "clip_edited": "clip"}
+        self.models = {}
+        for model in dict.fromkeys(wanted[name] for name in self.names if name in wanted):
+            loaded, reason = m.load_metric(*loaders[model])
+            if loaded is None:
+                self.skipped[model] = reason
+                self.say(f"{model} metric skipped (model not available: {reason})")
+            self.models[model] = loaded
+
+    def __call__(self, job: Job, k: int, edited: Image.Image) -> dict:
+        self.load()
+        start = time.perf_counter()
+        source = imgs.load_image(job.image)
+        edited = Image.open(self.out / job.outputs[k]).convert("RGB")  # as saved: what other tools will score
+        mask = m.decode_mask(self.mapping[job.item]["mask"], (source.size[1], source.size[0]))
+        scores = self.score(source, edited, mask, job.targets[k])
+        return {**scores, "metric_seconds": round(time.perf_counter() - start, 4), "device": self.device_name}
+
+    def score(self, source: Image.Image, edited: Image.Image, mask: np.ndarray, prompt: str) -> dict:
+        """The metrics asked for (and available) of one edit; NaN (stored as null) where the protocol has none:
+        the unedited-part metrics when the mask covers everything, `clip_edited` when it covers nothing."""
+        if edited.size != source.size:
+            raise DiT4EditError(f"edited image is {edited.size}, the source {source.size}")
+        src, tgt = m.to_unit(source), m.to_unit(edited)
+        keep_none, edit_none = (1 - mask).sum() == 0, mask.sum() == 0
+        src_kept, tgt_kept = m.unedited(src, mask), m.unedited(tgt, mask)
+        models = self.models or {}
+        compute = {
+            "structure_distance": lambda: models["structure_distance"](source, edited),
+            "psnr": lambda: math.nan if keep_none else m.psnr(tgt_kept, src_kept),
+            "lpips": lambda: math.nan if keep_none else models["lpips"](tgt_kept, src_kept),
+            "mse": lambda: math.nan if keep_none else m.mse(tgt_kept, src_kept),
+            "ssim": lambda: math.nan if keep_none else m.ssim(tgt_kept, src_kept),
+            "clip_whole": lambda: models["clip"](edited, prompt),
+            "clip_edited": lambda: math.nan if edit_none else models["clip"](m.masked_uint8(edited, mask), prompt),
+        }
+        needs = {"structure_distance": "structure_distance", "lpips": "lpips", "clip_whole": "clip",
+                 "clip_edited": "clip"}
+        row = {}
+        for name in self.names:
+            if name in needs and models.get(needs[name]) is None:
+                continue
+            value = float(compute[name]())
+            row[name] = None if math.isnan(value) else value
+        return row
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Per-type rows then "all": images scored, failures, per metric the mean at the papers' scale over the rows
+    that have a value (NaN rows excluded and counted), and mean seconds per image (edit, metrics)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("editing_type_id")), []).append(row)
+    ordered = sorted(groups, key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))
+    return [_summary(t, groups[t]) for t in ordered] + [_summary("all", list(rows))]
+
+
+def _summary(type_id: str, rows: list[dict]) -> dict:
+    ok = [row for row in rows if row.get("status") == "ok"]
+    entry = {"type": type_id, "name": TYPE_NAMES.get(type_id, "all" if type_id == "all" else "?"),
+             "images": len(ok), "failed": len(rows) - len(ok)}
+    for name in METRICS:
+        present = [row[name] for row in ok if name in row]
+        values = [value for value in present if value is not None]
+        entry[name] = float(np.mean(values)) * SCALES[name] if values else None
+        entry[f"{name}_nan"] = len(present) - len(values)
+    for name in ("seconds", "metric_seconds"):
+        values = [row[name] for row in ok if row.get(name) is not None]
+        entry[name] = float(np.mean(values)) if values else None
+    return entry
+
+
+def _cell(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(summary: Sequence[dict]) -> str:
+    shown = [name for name in METRICS if any(entry[name] is not None for entry in summary)]
+    head = ["type", "name", "images", "failed", *[HEADINGS[name] for name in shown], "NaN excluded",
+            "s / image (edit)", "s / image (metrics)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in summary:
+        nan = ", ".join(f"{name} {entry[name + '_nan']}" for name in shown if entry[name + "_nan"]) or "0"
+        cells = [entry["type"], entry["name"], str(entry["images"]), str(entry["failed"]),
+                 *[_cell(entry[name]) for name in shown], nan, _cell(entry["seconds"]),
+                 _cell(entry["metric_seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def csv_table(summary: Sequence[dict]) -> str:
+    columns = ["type", "name", "images", "failed", *[c for n in METRICS for c in (n, f"{n}_nan")], "seconds",
+               "metric_seconds"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for entry in summary:
+        writer.writerow({c: "" if entry[c] is None else entry[c] for c in columns})
+    return buffer.getvalue()
+
+
+def write_tables(out: str | os.PathLike, rows: Sequence[dict], about: Sequence[str] = ()) -> str:
+    """`summary.md` (what ran, then the table) and `summary.csv` in `out`; returns the markdown."""
+    out = Path(out)
+    summary = summarise(rows)
+    evaluated = [entry["type"] for entry in summary[:-1] if entry["images"]]
+    devices = sorted({row["device"] for row in rows if row.get("device")})
+    missing = [HEADINGS[name] for name in METRICS if summary[-1][name] is None]
+    header = [
+        "# PIE-Bench results",
+        "",
+        *[f"- {line}" for line in about],
+        f"- types evaluated: {len(evaluated)} of 10 ({', '.join(evaluated) or 'none'})",
+        f"- device: {', '.join(devices) or 'unknown'}",
+        "- metrics on the unedited part (PSNR, LPIPS, MSE, SSIM) use both images multiplied by (1 - mask); "
+        "scales: structure x10^3, LPIPS x10^3, MSE x10^4, SSIM x10^2; NaN rows are excluded per metric and counted",
+        f"- not computed: {', '.join(missing)}" if missing else "- every metric computed",
+        "",
+        "",
+    ]
+    text = "\n".join(header) + markdown_table(summary) + "\n"
+    write_atomic(out / "summary.md", text)
+    write_atomic(out / "summary.csv", csv_table(summary))
+    return text
