@@ -46,7 +46,7 @@ def test_item_settings_use_the_edit_options():
     assert resolve({"no_attention_control": True}).control is None
     for bad, message in [({"steps": "many"}, "--steps"), ({"inversion": "euler"}, "--inversion"),
                          ({"colour": 1}, "unknown setting 'colour'"), ({"no_merge": "yes"}, "true or false"),
-                         ({"model": "x"}, "unknown setting 'model'"), ({"self_replace_steps": 3}, "[0, 1]")]:
+                         ({"model": "x"}, "unknown setting 'model'"), ({"offload": "model"}, "unknown setting"), ({"self_replace_steps": 3}, "[0, 1]")]:
         with pytest.raises(DiT4EditError, match=message.replace("[", r"\[").replace("]", r"\]")):
             resolve(bad)
 

@@ -189,8 +189,8 @@ class _SettingsParser(_Parser):
         raise DiT4EditError(message)
 
 
-#: Options that hold for the whole run, not one item.
-RUN_OPTIONS = ("model", "device", "dtype", "quiet", "seed", "help")
+#: Options of an edit that a batch item may set for itself (the rest hold for the whole run: model, device, ...).
+ITEM_OPTIONS = ("steps", "guidance", "inversion", "tol", "max_pixels", "free_source")
 
 
 def settings_parser() -> argparse.ArgumentParser:
@@ -203,7 +203,10 @@ def item_settings(parser: argparse.ArgumentParser, args, overrides: dict, defaul
     """`EditSettings` for one batch item: the command's options with the item's settings (keyed by option name,
     `self_replace_steps` or `self-replace-steps`; true/false for on/off flags) parsed by the same option
     definitions; what neither sets comes from `defaults` (the model's `ModelDefaults`)."""
-    actions = {action.dest: action for action in parser._actions if action.dest not in RUN_OPTIONS}
+    controls = argparse.ArgumentParser(add_help=False)
+    control_options(controls)
+    allowed = {*ITEM_OPTIONS, *(action.dest for action in controls._actions)}
+    actions = {action.dest: action for action in parser._actions if action.dest in allowed}
     namespace, tokens = argparse.Namespace(**vars(args)), []
     for key, value in overrides.items():
         action = actions.get(key.replace("-", "_"))
