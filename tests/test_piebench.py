@@ -348,7 +348,8 @@ def test_pie_bench_resumes_after_kill_9(pie_data, metric_models, tiny_model_dir,
     deadline = time.monotonic() + 120
     while not (shard.exists() and batch.read_rows(shard)) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     first = batch.read_rows(shard)
     assert 0 < len(first) < 10, "the kill came after the run had finished"

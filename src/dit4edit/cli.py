@@ -686,7 +686,7 @@ def _pie_bench(args) -> int:
                              say)
 
     def load():
-        pipe = _load(args, device)
+        pipe = load_pipeline(args, device)
         scorer.load()
         return pipe
 
