@@ -665,8 +665,9 @@ def _batch(args) -> int:
 def _pie_bench(args) -> int:
     from . import batch, piebench
 
+    run = _prepare(args)
     out = _output_folder(args.output)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, run.defaults)
     types = _pie_types(args.types)
     names = [name.strip() for name in (args.metrics or ",".join(piebench.METRICS)).split(",") if name.strip()]
     if not names or any(name not in piebench.METRICS for name in names):
@@ -686,14 +687,14 @@ def _pie_bench(args) -> int:
                              say)
 
     def load():
-        pipe = load_pipeline(args, device)
+        pipe = load_pipeline(args, device, run)
         scorer.load()
         return pipe
 
     rows = batch.run_jobs(jobs, out, load, processes, scorer=scorer, retry_failed=args.retry_failed,
                           disable_progress=args.quiet)
     if processes.is_main:
-        about = [f"model: {args.model or 'embedded (src/dit4edit/models/shapes)'}",
+        about = [f"model: {run.model}",
                  f"settings: steps {settings.steps}, guidance {settings.guidance}, inversion {settings.inversion}, "
                  f"attention control {'on' if settings.control else 'off'}, merging {'on' if settings.merge else 'off'}"
                  f"{', local blend from blended_word' if args.local_blend_from_bench else ''}",
@@ -714,6 +715,7 @@ def _pie_types(text: str | None) -> list[str] | None:
 
 
 def _device_name(device) -> str:
+    import os
     import platform
 
     import torch
