@@ -128,6 +128,9 @@ def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
     sub.add_argument("--offload", default=None, choices=sorted(OFFLOAD),
                      help="keep the models in CPU memory and move them to the GPU when used: one model at a "
                           "time (model) or one layer at a time (sequential: least memory, slowest); needs a GPU")
+    sub.add_argument("--compile", action="store_true",
+                     help="compile the transformer blocks with torch.compile (the first edit compiles for a minute "
+                          "or more; pays off over many edits of one size, e.g. with `batch`)")
     sub.add_argument("--vae-tiling", action="store_true",
                      help="encode and decode in overlapping tiles, one image at a time (less memory for large "
                           "images; the tiles blend, so results differ slightly)")
@@ -394,6 +397,8 @@ def _prepare(args, *, inputs=()) -> _Run:
 
     if getattr(args, "offload", None):
         _check_offload(args.offload, _device(args.device))
+    if getattr(args, "compile", False) and getattr(args, "merge_ff", False):
+        raise DiT4EditError("--compile does not work with --merge-ff (merged feed-forward layers need eager blocks)")
     if getattr(args, "seed", None) is not None:
         checks.seed(args.seed, "--seed")
     steps = None if args.steps is None else checks.steps(args.steps, "--steps")
@@ -808,6 +813,8 @@ def load_pipeline(args, device=None, run: _Run | None = None):
         getattr(pipe, OFFLOAD[args.offload])(device=device)
     else:
         pipe.to(device)
+    if args.compile:
+        pipe.compile_blocks()
     if args.vae_tiling:
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()

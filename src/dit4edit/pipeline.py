@@ -16,6 +16,7 @@ from transformers import T5EncoderModel
 
 from . import checks
 from . import images as imgs
+from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
@@ -411,6 +412,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         latent_hw = tuple(trajectory.shape[-2:])
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
         grid = self._token_grid(latent_hw)
+        if merge is not None and merge.merge_ff and merge.applies(grid) and blocks_compiled(self.transformer):
+            raise DiT4EditError("merging the feed-forward (merge_ff) does not work on compiled transformer blocks")
         merges = merge is not None and merge.applies(grid)
         if merges:
             merge.block_indices(len(self.transformer.transformer_blocks))  # a range outside the model: one-line error
@@ -463,6 +466,13 @@ class DiT4EditPipeline(DiffusionPipeline):
         if not isinstance(mask, Image.Image):
             mask = imgs.load_image(mask, what="mask")
         return mask.convert("L").point(lambda v: 255 if v > 127 else 0)
+
+    def compile_blocks(self, **options) -> DiT4EditPipeline:
+        """Compile the transformer blocks with `torch.compile(**options)`, attention layers left eager, so attention
+        control and token merging keep working without recompiling each step (`dit4edit.compiling`). The first
+        call at a new batch or image size compiles; later ones reuse the graphs. Returns the pipeline."""
+        compile_blocks(self.transformer, **options)
+        return self
 
     def make_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
                         mask=None, record_words: bool = False,
