@@ -3,11 +3,12 @@
 All blocks run the same code, so dynamo compiles one set of graphs and reuses it for every block (compile time
 does not grow with depth). The attention layers (`attn1`, `attn2`) are excluded from the graphs: their processors
 decide per step and per block what to do (attention control, token merging, recording), and inside a graph every
-new step index or processor would recompile. What gets fused is the rest of the block: adaLN-single modulation,
+new step index, processor or merge plan would recompile (the layers' forward hooks, through which token
+merging works, run eagerly with them). What gets fused is the rest of the block: adaLN-single modulation,
 layer norms, gates and residuals, and the feed-forward.
 
-Limits: dynamo does not guard on forward hooks of modules it inlines, so hooks added to a block's submodules after
-compilation are ignored (the pipeline refuses merged feed-forward layers on compiled blocks for that reason).
+Limit: the feed-forward is compiled, so forward hooks added to it later are not run eagerly (the pipeline refuses
+merged feed-forward layers on compiled blocks).
 Each new batch size or image size compiles once more; later calls reuse the graphs.
 """
 
@@ -18,8 +19,8 @@ from typing import Iterator
 
 import torch
 
-#: Where a compiled transformer keeps what `uncompile_blocks` restores.
-_SAVED = "_dit4edit_eager_attention"
+#: Marks a transformer whose blocks `compile_blocks` compiled.
+_SAVED = "_dit4edit_compiled_blocks"
 
 
 def blocks_compiled(transformer: torch.nn.Module) -> bool:
@@ -31,14 +32,11 @@ def compile_blocks(transformer: torch.nn.Module, **options) -> None:
     Idempotent; `uncompile_blocks` undoes it."""
     if blocks_compiled(transformer):
         return
-    saved = []
     for block in transformer.transformer_blocks:
-        for attn in (getattr(block, "attn1", None), getattr(block, "attn2", None)):
-            if attn is not None:
-                saved.append((attn, attn.__dict__.get("forward")))  # an offload hook's forward, or None
-                attn.forward = torch.compiler.disable(attn.forward)  # recursive: the processor runs eagerly
+        for attn in _attention_layers(block):
+            _keep_eager(attn)
         block.compile(**options)
-    setattr(transformer, _SAVED, saved)
+    setattr(transformer, _SAVED, True)
 
 
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
@@ -47,12 +45,25 @@ def uncompile_blocks(transformer: torch.nn.Module) -> None:
         return
     for block in transformer.transformer_blocks:
         block._compiled_call_impl = None  # what `nn.Module.compile` set
-    for attn, forward in getattr(transformer, _SAVED):
-        if forward is None:
-            del attn.forward
-        else:
-            attn.forward = forward
+        for attn in _attention_layers(block):
+            attn._compiled_call_impl = None
+            del attn._call_impl
     delattr(transformer, _SAVED)
+
+
+def _keep_eager(layer: torch.nn.Module) -> None:
+    """Run `layer` outside the graph of the module that calls it, hooks included: dynamo traces a module call into
+    its `forward` with the hooks present at compile time and does not guard on them, so hooks added later (token
+    merging) would be ignored. `nn.Module.__call__` runs `_compiled_call_impl` when it is set (as `nn.Module.compile`
+    does); here it is the layer's own `_call_impl` with dynamo disabled (recursively: the processor runs eagerly),
+    and the instance-level `_call_impl` stops dynamo from short-cutting the call to `forward`."""
+    eager = torch.compiler.disable(layer._call_impl)
+    layer._compiled_call_impl = eager
+    layer._call_impl = eager
+
+
+def _attention_layers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    return [layer for layer in (getattr(block, "attn1", None), getattr(block, "attn2", None)) if layer is not None]
 
 
 @contextmanager
