@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--high-noise-share", type=float, default=0.0,
                    help="share of timesteps drawn from [500, 1000) instead of [0, 1000): layout, colour and count "
                         "are decided at high noise")
+    p.add_argument("--min-snr", type=float, default=0.0,
+                   help="min-SNR loss weighting with this gamma (e.g. 5; 0 = off): less weight on nearly clean steps")
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--t5-width", type=int, default=128)
@@ -331,9 +333,13 @@ def main(argv=None) -> int:
         eps = out.float().chunk(2, dim=1)[0]  # PixArt's second half is the learned-sigma output; unused here
         if weights_by_bucket is not None:
             w = 1.0 + args.object_weight * weights_by_bucket[bucket][idx].to(device)  # (B, 1, h, w)
-            loss = ((eps - noise) ** 2 * w).mean() / w.mean()
         else:
-            loss = torch.nn.functional.mse_loss(eps, noise)
+            w = torch.ones_like(x0[:, :1])
+        if args.min_snr:
+            # Min-SNR weighting (Hang et al. 2023) for epsilon prediction: min(SNR, gamma) / SNR per sample.
+            snr = abar[t] / (1 - abar[t])
+            w = w * (snr.clamp(max=args.min_snr) / snr)[:, None, None, None]
+        loss = ((eps - noise) ** 2 * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(text_encoder.parameters()) + list(transformer.parameters()), 1.0)
