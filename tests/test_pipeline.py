@@ -313,3 +313,28 @@ def test_embedded_generate_defaults_to_the_native_size():
     pipe.set_progress_bar_config(disable=True)
     image, trajectory = pipe.generate(SOURCE, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert image.size == (128, 128) and trajectory.trajectory.shape[-2:] == (16, 16)
+
+
+def test_merge_plans_come_from_the_source_conditional_row(tiny_pipe, monkeypatch):
+    """The plan is made from the tokens of the source's conditional row, not its unconditional one."""
+    from dit4edit import merging
+    from dit4edit.layout import SOURCE as SOURCE_BRANCH
+    from dit4edit.layout import BatchLayout
+    from dit4edit.merging import MergeConfig
+
+    inversion = tiny_pipe.invert(random_image(96, 96), SOURCE, 2, method="ddim")
+    planned, seen = [], []
+    plan = merging.plan_merge
+    monkeypatch.setattr(merging, "plan_merge", lambda x, *a, **k: planned.append(x.clone()) or plan(x, *a, **k))
+    # block 1: after block 0's cross-attention the rows differ by prompt (in block 0 every row is the same latent)
+    attn1 = tiny_pipe.transformer.transformer_blocks[1].attn1
+    handle = attn1.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0))
+    finally:
+        handle.remove()
+    layout = BatchLayout.for_scale(1, 4.5)
+    batch, plan_input = seen[0], planned[1]  # (rows, N, C); the plan of block 1 at step 0
+    assert batch.shape[0] == layout.rows == 4
+    assert torch.equal(plan_input, batch[layout.row(SOURCE_BRANCH, cond=True)])
+    assert not torch.equal(plan_input, batch[layout.row(SOURCE_BRANCH, cond=False)])
