@@ -7,14 +7,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APP_STAMP := $(VENV)/.installed-app
 OUT ?= out
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install demo serve test browser bench clean
 
 $(STAMP): pyproject.toml research/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch pinned explicitly: an open range can pull a multi-GB CUDA build on a CPU-only machine
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch pinned; PyPI's Linux wheel bundles the CUDA libraries (several GB), so a machine without an NVIDIA GPU
+	# gets the CPU-only build from PyTorch's CPU index (PyPI's build when that index cannot be reached)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet torch==2.13.0; \
+	else \
+		$(BIN)/python -m pip install --quiet --index-url $(TORCH_CPU_INDEX) torch==2.13.0 \
+		|| $(BIN)/python -m pip install --quiet torch==2.13.0; \
+	fi
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# the research package (synthetic world, editing benchmark) that the tests and `dit4edit-bench` use
 	$(BIN)/python -m pip install --quiet --no-deps -e research
