@@ -7,9 +7,10 @@ import torch
 
 from dit4edit.errors import DiT4EditError
 from dit4edit.prompts import WORD_START, align, reweight_vector, tokenize, word_key, word_token_indices
-from dit4edit.tokenizer import MAX_TOKENS, train_t5_tokenizer
+from dit4edit.prompts import PIXART_ALPHA_TOKENS
+from dit4edit.tokenizer import train_t5_tokenizer
 
-L = MAX_TOKENS
+L = PIXART_ALPHA_TOKENS
 SENTENCES = [
     "a cat sitting on the grass",
     "a cat on the grass",

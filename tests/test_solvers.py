@@ -182,3 +182,37 @@ def test_schedule_tail_starts_mid_schedule_first_order():
     assert torch.equal(tail.sigmas, schedule.sigmas[4:]) and torch.equal(tail.timesteps, schedule.timesteps[4:])
     with pytest.raises(ValueError):
         schedule.tail(10)
+
+
+def test_one_registry_of_inversion_methods():
+    from dit4edit.cli import build_parser
+    from dit4edit.methods import INVERSION_METHODS
+
+    assert list(INVERSIONS) == list(INVERSION_METHODS)
+    for name, method in INVERSION_METHODS.items():
+        assert sampler_for(name) is solvers.SAMPLERS[method.sampler]
+        assert ("exact" in INVERSIONS[name].__name__) == method.exact
+    parser = build_parser()
+    for name in INVERSION_METHODS:  # the command line offers exactly these
+        assert parser.parse_args(["edit", "in.png", "-t", "x", "-o", "o.png", "--inversion", name]).inversion == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["edit", "in.png", "-t", "x", "-o", "o.png", "--inversion", "dpm-fast"])
+
+
+def test_a_swapped_scheduler_is_honoured_or_refused():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from dit4edit.errors import DiT4EditError
+
+    config = pixart_scheduler().config
+    karras = Schedule.from_scheduler(DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True), 10)
+    plain = Schedule.from_scheduler(pixart_scheduler(), 10)
+    assert not torch.equal(karras.timesteps, plain.timesteps)  # its sigmas are used
+    for scheduler, message in [
+        (DDIMScheduler.from_config(config), "DDIMScheduler"),
+        (DPMSolverMultistepScheduler.from_config(config, solver_order=3), "solver_order=3"),
+        (DPMSolverMultistepScheduler.from_config(config, prediction_type="v_prediction"), "v_prediction"),
+        (DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++"), "sde-dpmsolver"),
+    ]:
+        with pytest.raises(DiT4EditError, match=message):
+            Schedule.from_scheduler(scheduler, 10)

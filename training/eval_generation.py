@@ -23,7 +23,7 @@ from common import psnr, setup, to_tensor, to_uint8
 from dit4edit_research.bench_synthetic import held_out_scenes
 from dit4edit_research.synthetic import caption_hits, oracle
 from dit4edit.tiny import pixart_scheduler
-from dit4edit.tokenizer import MAX_TOKENS
+from dit4edit.prompts import PIXART_ALPHA_TOKENS as MAX_TOKENS
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, device):

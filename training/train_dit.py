@@ -28,7 +28,8 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from common import LossLog, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
 from dit4edit_research.synthetic import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, SceneObject, caption_for
 from dit4edit.tiny import PIXART_SCHEDULER_CONFIG, pixart_scheduler
-from dit4edit.tokenizer import MAX_TOKENS, train_t5_tokenizer
+from dit4edit.prompts import PIXART_ALPHA_TOKENS as MAX_TOKENS
+from dit4edit.tokenizer import train_t5_tokenizer
 
 
 def grammar_captions(extra_scenes=()) -> list[str]:

@@ -41,7 +41,7 @@ from dit4edit import images as imgs
 from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
 from dit4edit.merging import MergeConfig
-from dit4edit.solvers import INVERSIONS
+from dit4edit.methods import INVERSION_METHODS
 
 from . import synthetic as world
 
@@ -51,7 +51,7 @@ SECTIONS = ("editing", "generation", "reconstruction")
 GENERATION_STEPS = 20
 #: What the generation check asks of a model: oracle accuracy on held-out captions, per attribute.
 GENERATION_TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80}
-RECONSTRUCTION_METHODS = tuple(INVERSIONS)
+RECONSTRUCTION_METHODS = tuple(INVERSION_METHODS)
 #: What the reconstruction check asks: dpm-exact within this many dB of the VAE round trip.
 RECONSTRUCTION_GAP_DB = 1.0
 
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=int, default=200, help="editing: held-out (scene, edit) pairs (default 200)")
     parser.add_argument("--methods", default=None,
                         help="editing: comma-separated subset of the methods (default: all)")
-    parser.add_argument("--inversion", default=None, choices=list(INVERSIONS),
+    parser.add_argument("--inversion", default=None, choices=list(INVERSION_METHODS),
                         help="editing: inversion for the methods that default to dpm-exact")
     parser.add_argument("--generation-n", type=int, default=200, help="generation: held-out captions (default 200)")
     parser.add_argument("--generation-steps", type=int, default=GENERATION_STEPS,

@@ -27,10 +27,10 @@ from PIL import Image
 from . import images as imgs
 from . import pictures
 from .control import AttentionControl
-from .control.config import EDIT_MODES
 from .defaults import DEFAULTS, RunSettings
 from .errors import DiT4EditError
-from .pipeline import DEFAULT_MERGE, INVERSION_METHODS, DiT4EditPipeline, EditResult, Inversion
+from .methods import EDIT_MODES, INVERSION_METHODS
+from .pipeline import DEFAULT_MERGE, DiT4EditPipeline, EditResult, Inversion
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,8 @@ import unicodedata
 from pathlib import Path
 
 from .errors import DiT4EditError
+from .methods import INVERSION_METHODS
 
-#: The inversion methods (the keys of `solvers.INVERSIONS`), named here for checks that must not import torch.
-INVERSION_METHODS = ("dpm-exact", "dpm", "ddim-exact", "ddim")
 #: Denoising steps accepted (the training schedule has 1000 timesteps).
 MAX_STEPS = 1000
 #: Seeds torch's generators accept.

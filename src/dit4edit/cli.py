@@ -18,6 +18,7 @@ from pathlib import Path
 from . import checks
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
+from .methods import EDIT_MODES, INVERSION_METHODS
 
 EXIT_USAGE = 2
 #: --offload choices -> the diffusers pipeline method that installs the offload hooks.
@@ -109,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
     """Model, steps, guidance, device options; with `image`, the inversion options too."""
-    from .checks import INVERSION_METHODS
-
     sub.add_argument("--model", default=None,
                      help="local folder in diffusers layout or PixArt-alpha hub id (default: the embedded model); "
                           "its dit4edit.json, if any, sets the defaults of --steps, --guidance and --inversion")
@@ -135,7 +134,7 @@ def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
                      help="encode and decode in overlapping tiles, one image at a time (less memory for large "
                           "images; the tiles blend, so results differ slightly)")
     if image:
-        sub.add_argument("--inversion", default=None, choices=INVERSION_METHODS,
+        sub.add_argument("--inversion", default=None, choices=list(INVERSION_METHODS),
                          help=f"inversion method (default: the model's, else {DEFAULTS.inversion})")
         sub.add_argument("--tol", type=float, default=None,
                          help=f"exact inversion tolerance, in (0, 1] (default {DEFAULTS.tol:g})")
@@ -161,7 +160,7 @@ def control_options(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--self-layers", default=None, metavar="START:END", help="blocks with self-attention control")
     group.add_argument("--cross-replace-steps", type=float, default=None, metavar="F",
                        help="fraction of steps with Prompt-to-Prompt cross-attention control")
-    group.add_argument("--edit-mode", default=None, choices=["auto", "replace", "refine"],
+    group.add_argument("--edit-mode", default=None, choices=EDIT_MODES,
                        help="replace (same word count), refine (words inserted) or auto (default: auto)")
     group.add_argument("--reweight", action="append", default=[], metavar="WORD=VALUE",
                        help="scale a target word's cross-attention (repeatable)")

@@ -15,7 +15,7 @@ class RunSettings:
 
     steps: denoising (and inversion) steps.
     guidance: classifier-free guidance scale, for the inversion and the edit.
-    inversion: inversion method (a name in `dit4edit.solvers.INVERSIONS`).
+    inversion: inversion method (a name in `dit4edit.methods.INVERSION_METHODS`).
     tol: stopping tolerance of the exact inversions.
     seed: random seed.
     """

@@ -20,6 +20,7 @@ import torch
 from . import checks
 from . import images as imgs
 from .errors import DiT4EditError
+from .methods import INVERSION_METHODS
 
 #: `method` of a trajectory made by `generate` rather than by inverting an image.
 GENERATED = "generated"
@@ -42,7 +43,7 @@ class Inversion:
     source_prompt: str
     num_inference_steps: int
     guidance_scale: float
-    method: str  # one of checks.INVERSION_METHODS, or "generated"
+    method: str  # one of methods.INVERSION_METHODS, or "generated"
     original_size: tuple[int, int]  # (width, height) of the input image
     nfe: int = 0
     residuals: list[float] | None = None
@@ -59,8 +60,9 @@ class Inversion:
 
     @property
     def sampler(self) -> str:
-        """The sampler that regenerates this trajectory: "ddim" for ddim inversions, else "dpm"."""
-        return "ddim" if self.method.startswith("ddim") else "dpm"
+        """The sampler that regenerates this trajectory: the one its inversion method inverts ("dpm" when
+        generated)."""
+        return INVERSION_METHODS[self.method].sampler if self.method in INVERSION_METHODS else "dpm"
 
     def settings(self) -> str:
         """"30 steps, dpm-exact, guidance 4.5": how it was made, for messages."""

@@ -51,7 +51,7 @@ class ModelDefaults:
 
     guidance_scale: classifier-free guidance of inversion, editing and generation.
     num_inference_steps: denoising (and inversion) steps.
-    inversion: inversion method, one of `checks.INVERSION_METHODS`.
+    inversion: inversion method, one of `methods.INVERSION_METHODS`.
     The library's values (`defaults.DEFAULTS`) fill what the file leaves out.
     vocabulary: the words the model was trained on, when it knows only a few (None = any word); a prompt with
         other words draws a one-line warning, since the model ignores or misreads them.

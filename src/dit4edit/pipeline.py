@@ -24,12 +24,11 @@ from .inversion_file import GENERATED, Inversion
 from .merging import MergeConfig, token_merging
 from .model_folder import (EMBEDDED_MODEL, ModelDefaults, check_component_shapes, check_folder, default_model,
                            local_folder)
-from .solvers import INVERSIONS, Schedule, sampler_for
-from .tokenizer import MAX_TOKENS
+from .prompts import PIXART_ALPHA_TOKENS
+from .solvers import INVERSIONS, SAMPLERS, Schedule
 
 __all__ = ["DiT4EditPipeline", "EditResult", "Inversion", "EMBEDDED_MODEL", "default_model"]
 
-INVERSION_METHODS = tuple(INVERSIONS)
 logger = logging.getLogger(__name__)
 
 
@@ -81,10 +80,17 @@ class DiT4EditPipeline(DiffusionPipeline):
     defaults: ModelDefaults = ModelDefaults()
 
     def __init__(self, tokenizer, text_encoder: T5EncoderModel, vae: AutoencoderKL,
-                 transformer: PixArtTransformer2DModel, scheduler):
+                 transformer: PixArtTransformer2DModel, scheduler, max_sequence_length: int = PIXART_ALPHA_TOKENS):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
+        self.register_to_config(max_sequence_length=int(max_sequence_length))
+
+    @property
+    def max_sequence_length(self) -> int:
+        """How many T5 tokens the model reads per prompt (padding included): a setting of the model, saved in its
+        `model_index.json` (120 for PixArt-alpha, 300 for PixArt-Sigma)."""
+        return self.config.max_sequence_length
 
     # --- loading ---------------------------------------------------------------------------------------------
 
@@ -165,24 +171,26 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings and 0/1 masks as PixArt computes them: 120 tokens, no caption cleaning.
-        Returns `(prompt_embeds (B, 120, D), prompt_attention_mask (B, 120))`."""
-        tokens = self.tokenizer(list(prompts), max_length=MAX_TOKENS, padding="max_length", truncation=True,
-                                add_special_tokens=True, return_tensors="pt")
+        """T5 embeddings and 0/1 masks as PixArt computes them: `max_sequence_length` (L) tokens, no caption
+        cleaning. Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`."""
+        tokens = self.tokenizer(list(prompts), max_length=self.max_sequence_length, padding="max_length",
+                                truncation=True, add_special_tokens=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self._execution_device)
         embeds = self.text_encoder(tokens.input_ids.to(self._execution_device), attention_mask=mask)[0]
         return embeds.to(self._dtype), mask
 
     def check_prompt(self, prompt: str, what: str = "prompt") -> str:
-        """One-line error for a prompt that is not text, is empty or is over PixArt's 120 T5 tokens; a one-line
+        """One-line error for a prompt that is not text, is empty or is over the model's `max_sequence_length` T5
+        tokens; a one-line
         warning for words outside the model's vocabulary (`defaults.vocabulary`)."""
         if not isinstance(prompt, str):
             raise DiT4EditError(f"the {what} must be text, got {type(prompt).__name__}")
         if not prompt.strip():
             raise DiT4EditError(f"the {what} is empty")
         count = len(self.tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
-        if count > MAX_TOKENS:
-            raise DiT4EditError(f"the {what} is {count} T5 tokens long; PixArt reads at most {MAX_TOKENS}")
+        if count > self.max_sequence_length:
+            raise DiT4EditError(f"the {what} is {count} T5 tokens long; this model reads at most "
+                                f"{self.max_sequence_length}")
         self.defaults.warn_unknown_words(prompt, what)
         return prompt
 
@@ -352,7 +360,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         x = noise.to(self._execution_device, self._solver_dtype())
         denoise = self.make_denoiser([prompt], guidance_scale, schedule, size)
-        trajectory = sampler_for("dpm")(denoise, x, schedule, disable=self._progress(disable_progress))
+        trajectory = SAMPLERS["dpm"](denoise, x, schedule, disable=self._progress(disable_progress))
         inversion = Inversion(trajectory=torch.cat(trajectory).cpu(), source_prompt=prompt,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               method=GENERATED, original_size=(width, height), model=self.model_record())
@@ -433,7 +441,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         merging = (token_merging(self.transformer, merge, grid, plan_row=layout.row(SOURCE, cond=True))
                    if merges else contextlib.nullcontext())  # one plan from the source's conditional row
         with installed, merging:
-            final = sampler_for(inversion.sampler)(denoise, x, schedule, callback=on_step,
+            final = SAMPLERS[inversion.sampler](denoise, x, schedule, callback=on_step,
                                                    disable=self._progress(disable_progress))[-1]
         decoded = self.decode_latents(final, inversion.original_size)
         images = decoded[SOURCE + 1 :]
@@ -490,7 +498,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             control, self.tokenizer, inversion.source_prompt, list(targets),
             num_steps=inversion.num_inference_steps, num_blocks=len(self.transformer.transformer_blocks),
             grid=grid, patch_size=self.transformer.config.patch_size, user_mask=user_mask,
-            record_words=record_words, layout=layout,
+            record_words=record_words, layout=layout, max_length=self.max_sequence_length,
         )
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -530,7 +538,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent)
         x = tail.alphas[0].item() * latent + tail.sigmas[0].item() * noise
         denoise = self.make_denoiser([target_prompt], guidance_scale, tail, work.size)
-        final = sampler_for("dpm")(denoise, x, tail, disable=self._progress(disable_progress))[-1]
+        final = SAMPLERS["dpm"](denoise, x, tail, disable=self._progress(disable_progress))[-1]
         image = self.decode_latents(final, original_size)[0]
         self.maybe_free_model_hooks()
         return image
@@ -555,7 +563,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         schedule = self._schedule(num_inference_steps)
         denoise = self.make_denoiser([source_prompt], guidance_scale, schedule, work.size)
         start = inversion.latent.unsqueeze(0).to(self._execution_device, self._solver_dtype())
-        regenerated = sampler_for(inversion.sampler)(denoise, start, schedule,
+        regenerated = SAMPLERS[inversion.sampler](denoise, start, schedule,
                                                      disable=self._progress(disable_progress))[-1]
         target = inversion.input_latent.unsqueeze(0).to(regenerated)
         nmse = ((regenerated - target).norm() ** 2 / target.norm() ** 2).item()

@@ -1,6 +1,6 @@
 """T5 token/word alignment between a source and a target prompt (Prompt-to-Prompt's replace and refine, for T5).
 
-PixArt-alpha encodes a prompt with a T5 tokenizer into exactly `MAX_TOKENS` ids: the text pieces, `</s>`, then
+PixArt encodes a prompt with a T5 tokenizer into exactly `max_length` ids (120 for PixArt-alpha, 300 for Sigma): the text pieces, `</s>`, then
 `<pad>` -- no BOS token, unlike CLIP, so Prompt-to-Prompt's word-index code (which skips a BOS) is off by one here.
 A word starts with a piece that begins with the marker `▁` and may go on for several pieces (`▁ele`, `ph`, `ant`);
 this is the failure the DiT4Edit paper names, and every function below works on whole words made of pieces.
@@ -26,11 +26,13 @@ import torch
 
 from .checks import word_key
 from .errors import DiT4EditError
-from .tokenizer import MAX_TOKENS
+from .methods import EDIT_MODES
 
 WORD_START = "\u2581"  # sentencepiece's marker at the start of a word's first piece
 
-MODES = ("auto", "replace", "refine")
+#: PixArt-alpha's prompt length in T5 tokens (its pipelines pad and cut every prompt to it; PixArt-Sigma reads 300).
+#: The default of the functions here; a pipeline passes its model's own (`DiT4EditPipeline.max_sequence_length`).
+PIXART_ALPHA_TOKENS = 120
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class TokenAlignment:
     target: Tokens
 
 
-def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokens:
+def tokenize(tokenizer, prompt: str, max_length: int = PIXART_ALPHA_TOKENS) -> Tokens:
     """Tokenize `prompt` as PixArt does (`max_length` ids: pieces, `</s>`, padding) and find each piece's word.
 
     Raises DiT4EditError for an empty prompt or one longer than `max_length` tokens (PixArt would cut it silently).
@@ -126,7 +128,7 @@ def align(
     source: str,
     target: str,
     mode: str = "auto",
-    max_length: int = MAX_TOKENS,
+    max_length: int = PIXART_ALPHA_TOKENS,
     conserve_mass: bool = False,
 ) -> TokenAlignment:
     """Prompt-to-Prompt token alignment for T5 pieces (Hertz et al. 2022, §3.2: word swap and prompt refinement).
@@ -140,8 +142,8 @@ def align(
     ("cat" / "Cat,") first matches its common leading and trailing pieces one to one.
     `</s>` maps to `</s>` and the k-th padding token to the k-th padding token.
     """
-    if mode not in MODES:
-        raise DiT4EditError(f"edit mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in EDIT_MODES:
+        raise DiT4EditError(f"edit mode must be one of {', '.join(EDIT_MODES)}, got {mode!r}")
     _check_prompt(source, "source prompt")
     _check_prompt(target, "target prompt")
     src = tokenize(tokenizer, source, max_length)
@@ -237,7 +239,7 @@ def _align_words(source: tuple[str, ...], target: tuple[str, ...]) -> list[tuple
     return pairs[::-1]
 
 
-def word_token_indices(tokenizer, prompt: str, words: str | Iterable[str], max_length: int = MAX_TOKENS) -> list[int]:
+def word_token_indices(tokenizer, prompt: str, words: str | Iterable[str], max_length: int = PIXART_ALPHA_TOKENS) -> list[int]:
     """Sorted token positions of every piece of the named words, at every place they occur in `prompt`.
 
     `words` is a string or strings; each is split on whitespace and compared with `word_key` ("Cat," finds "cat").
@@ -248,7 +250,7 @@ def word_token_indices(tokenizer, prompt: str, words: str | Iterable[str], max_l
 
 
 def reweight_vector(
-    tokenizer, prompt: str, weights: Mapping[str, float], max_length: int = MAX_TOKENS
+    tokenizer, prompt: str, weights: Mapping[str, float], max_length: int = PIXART_ALPHA_TOKENS
 ) -> torch.Tensor:
     """(L,) float32 scale per key token: ones, except every piece of each named word, which gets its weight.
 

@@ -8,11 +8,11 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from transformers import T5Tokenizer
 
-#: PixArt-alpha encodes every prompt to this many T5 tokens (padding included).
-MAX_TOKENS = 120
+from .prompts import PIXART_ALPHA_TOKENS
 
 
-def train_t5_tokenizer(sentences: Iterable[str], vocab_size: int = 256, max_length: int = MAX_TOKENS) -> T5Tokenizer:
+def train_t5_tokenizer(sentences: Iterable[str], vocab_size: int = 256,
+                       max_length: int = PIXART_ALPHA_TOKENS) -> T5Tokenizer:
     """Train a unigram sentencepiece model on `sentences` and wrap it as a `T5Tokenizer`.
 
     Ids follow T5: 0 = `<pad>`, 1 = `</s>`, 2 = `<unk>`, no BOS, words start with the piece marker `▁`.

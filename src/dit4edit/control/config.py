@@ -14,10 +14,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..errors import DiT4EditError
+from ..methods import EDIT_MODES
 
 SELF_MODES_EARLY = ("source", "p2p", "target")
 MUTUAL_MODES = ("source", "union")
-EDIT_MODES = ("auto", "replace", "refine")
 
 
 def steps_before(fraction: float, num_steps: int) -> int:

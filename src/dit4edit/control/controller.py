@@ -57,12 +57,12 @@ class TokenEdit:
         return cls(mapper, alignment.from_source.float(), cross_steps, weights)
 
 
-def prompt_words(tokenizer, prompt: str) -> dict[str, list[int]]:
+def prompt_words(tokenizer, prompt: str, max_length: int | None = None) -> dict[str, list[int]]:
     """`{word: token indices}` for every word of `prompt` as T5 pieces it (a repeated word is named `word#i`, with
     `i` its position among the words)."""
-    from ..prompts import tokenize
+    from ..prompts import PIXART_ALPHA_TOKENS, tokenize
 
-    tokens = tokenize(tokenizer, prompt)
+    tokens = tokenize(tokenizer, prompt, PIXART_ALPHA_TOKENS if max_length is None else max_length)
     words = {}
     for index, word in enumerate(tokens.words):
         words[word if word not in words else f"{word}#{index}"] = tokens.word_tokens(index)
@@ -168,6 +168,7 @@ class AttentionController:
         alignments: Sequence | None = None,
         record_words: bool = False,
         layout: BatchLayout | None = None,
+        max_length: int | None = None,
         **kwargs,
     ) -> "AttentionController":
         """A controller for editing `source_prompt` into each of `target_prompts` (T5 alignment by `prompts.align`
@@ -175,23 +176,26 @@ class AttentionController:
 
         Pass prompts exactly as the text encoder sees them. Local-blend words are looked up in every prompt; each must
         occur in at least one. `record_words=True` also records every word of every prompt, for pictures.
-        `layout` is the edit batch's (default: the 4-row layout with guidance). Other keyword arguments go to the
-        constructor (`user_mask`, `patch_size`, `record_layers`).
+        `layout` is the edit batch's (default: the 4-row layout with guidance); `max_length` the model's prompt length
+        in T5 tokens (default: PixArt-alpha's). Other keyword arguments go to the constructor (`user_mask`,
+        `patch_size`, `record_layers`).
         """
-        from ..prompts import align, word_token_indices
+        from ..prompts import PIXART_ALPHA_TOKENS, align, word_token_indices
 
         layout = BatchLayout(len(target_prompts)) if layout is None else layout
+        length = PIXART_ALPHA_TOKENS if max_length is None else max_length
         if alignments is None:
-            alignments = [align(tokenizer, source_prompt, t, mode=config.edit_mode) for t in target_prompts]
+            alignments = [align(tokenizer, source_prompt, t, mode=config.edit_mode, max_length=length)
+                          for t in target_prompts]
         edits = [
             TokenEdit.from_alignment(a, config, num_steps, tokenizer, t) for a, t in zip(alignments, target_prompts)
         ]
         prompts = [source_prompt, *target_prompts]
-        words = [prompt_words(tokenizer, p) if record_words else {} for p in prompts]
+        words = [prompt_words(tokenizer, p, length) if record_words else {} for p in prompts]
         for branch, prompt in zip(words, prompts):
             for word in config.local_blend_words:
                 try:
-                    branch[word] = word_token_indices(tokenizer, prompt, word)
+                    branch[word] = word_token_indices(tokenizer, prompt, word, length)
                 except DiT4EditError:
                     continue  # a source-only or target-only word
         missing = [w for w in config.local_blend_words if not any(w in branch for branch in words)]
