@@ -3,9 +3,12 @@ one end-to-end run in a real headless browser (skipped where chromium is not ins
 
 from __future__ import annotations
 
+import io
+import re
+import shutil
 import socket
 import threading
-import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -243,3 +246,70 @@ def test_concurrent_requests_are_queued_on_the_model(server, picture, monkeypatc
                                                                                                        SOURCE])]
     assert all(Image.open(job.result(timeout=120)[0]).size == (64, 48) for job in jobs)
     assert edits.calls == 3 and edits.most_at_once == 1
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium driven by Selenium through the system's chromium-driver (nothing is downloaded)."""
+    pytest.importorskip("selenium", reason="the browser test needs selenium (pip install 'dit4edit[test]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no headless browser: install Debian's chromium and chromium-driver "
+                    "(apt-get install chromium chromium-driver; `make test` does where apt-get may run)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    yield session
+    session.quit()
+
+
+def test_in_a_browser_upload_type_edit_and_see_the_picture(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, _ = server
+    picture = tmp_path / "upload.png"
+    random_image(64, 48, seed=3).save(picture)
+    wait = WebDriverWait(browser, 120)
+    browser.get(app.local_url)
+    wait.until(lambda page: "dit4edit" in page.title)
+
+    def status_changes(click):
+        """Click, then wait for a new status line (not the old one under a progress bar, not a queue notice)."""
+        before = browser.find_element(By.CSS_SELECTOR, "#status").text
+        click()
+
+        def new_status(page):
+            text = page.find_element(By.CSS_SELECTOR, "#status").text
+            return text if text != before and re.fullmatch(r"(Inverted|Reused) [^\n]*", text) else False
+
+        return wait.until(new_status)
+
+    wait.until(shown.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]"))).send_keys(
+        str(picture))
+    wait.until(shown.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
+    source = browser.find_element(By.CSS_SELECTOR, "#source textarea")
+    target = browser.find_element(By.CSS_SELECTOR, "#target textarea")
+    target.send_keys(TARGET)
+    browser.find_element(By.CSS_SELECTOR, "#edit").click()  # no source prompt yet: a message, no result
+    toast = wait.until(shown.visibility_of_element_located((By.CSS_SELECTOR, ".toast-body")))
+    assert "source prompt is empty" in toast.text and "Traceback" not in browser.page_source
+
+    source.send_keys(SOURCE)
+    status = status_changes(browser.find_element(By.CSS_SELECTOR, "#edit").click)
+    assert status.startswith("Inverted in")
+    edited = browser.find_element(By.CSS_SELECTOR, "#edited img").get_attribute("src")
+    with urllib.request.urlopen(edited, timeout=30) as response:
+        result = Image.open(io.BytesIO(response.read()))
+    assert result.format == "PNG" and result.size == (64, 48)
+
+    target.clear()
+    target.send_keys(GREEN)
+    assert status_changes(browser.find_element(By.CSS_SELECTOR, "#edit").click).startswith("Reused the inversion")
