@@ -209,18 +209,31 @@ def server(tiny_pipe):
     app.close()
 
 
-def test_the_api_edits_with_three_inputs_and_answers_bad_requests_with_errors(server, picture, tmp_path, monkeypatch):
-    from gradio_client import Client, handle_file
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0].local_url, verbose=False, download_files=False)  # outputs as URLs, fetched below
+
+
+def fetched(url: str) -> Image.Image:
+    """An image the app serves, read over a fresh connection."""
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return Image.open(io.BytesIO(response.read()))
+
+
+def test_the_api_edits_with_three_inputs_and_answers_bad_requests_with_errors(server, client, picture, tmp_path,
+                                                                               monkeypatch):
+    from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     app, editor = server
-    client = Client(app.local_url, verbose=False)
     parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/edit"]["parameters"]
     assert [p["parameter_name"] for p in parameters[:3]] == ["image", "source", "target"]
     assert all(p["parameter_has_default"] for p in parameters[3:])
     inverts = Counting(editor.pipe, "invert", monkeypatch)
     edited, *_, status = client.predict(handle_file(str(picture)), SOURCE, TARGET, api_name="/edit")
-    assert Image.open(edited).size == (64, 48) and "Inverted in" in status
+    assert fetched(edited["url"]).size == (64, 48) and "Inverted in" in status
 
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
@@ -232,7 +245,7 @@ def test_the_api_edits_with_three_inputs_and_answers_bad_requests_with_errors(se
         client.predict(handle_file(str(picture)), SOURCE, TARGET, local_blend="triangle", api_name="/edit")
 
     edited, *_, status = client.predict(handle_file(str(picture)), SOURCE, GREEN, api_name="/edit")
-    assert Image.open(edited).size == (64, 48) and "Reused the inversion" in status
+    assert fetched(edited["url"]).size == (64, 48) and "Reused the inversion" in status
     assert inverts.calls == 1
 
 
@@ -241,10 +254,10 @@ def test_concurrent_requests_are_queued_on_the_model(server, picture, monkeypatc
 
     app, editor = server
     edits = Counting(editor.pipe, "edit", monkeypatch)
-    clients = [Client(app.local_url, verbose=False) for _ in range(3)]
-    jobs = [c.submit(handle_file(str(picture)), SOURCE, t, api_name="/edit") for c, t in zip(clients, [TARGET, GREEN,
-                                                                                                       SOURCE])]
-    assert all(Image.open(job.result(timeout=120)[0]).size == (64, 48) for job in jobs)
+    users = [Client(app.local_url, verbose=False, download_files=False) for _ in range(3)]
+    jobs = [user.submit(handle_file(str(picture)), SOURCE, target, api_name="/edit")
+            for user, target in zip(users, (TARGET, GREEN, SOURCE))]
+    assert all(fetched(job.result(timeout=120)[0]["url"]).size == (64, 48) for job in jobs)
     assert edits.calls == 3 and edits.most_at_once == 1
 
 
@@ -305,9 +318,7 @@ def test_in_a_browser_upload_type_edit_and_see_the_picture(server, browser, tmp_
     source.send_keys(SOURCE)
     status = status_changes(browser.find_element(By.CSS_SELECTOR, "#edit").click)
     assert status.startswith("Inverted in")
-    edited = browser.find_element(By.CSS_SELECTOR, "#edited img").get_attribute("src")
-    with urllib.request.urlopen(edited, timeout=30) as response:
-        result = Image.open(io.BytesIO(response.read()))
+    result = fetched(browser.find_element(By.CSS_SELECTOR, "#edited img").get_attribute("src"))
     assert result.format == "PNG" and result.size == (64, 48)
 
     target.clear()
