@@ -360,3 +360,25 @@ def test_pie_bench_resumes_after_kill_9(pie_data, metric_models, tiny_model_dir,
     assert batch.read_rows(shard)[: len(first)] == first and len(batch.read_rows(shard)) == 10
     assert len(list((out / "annotation_images").rglob("*.jpg"))) == 10 and not list(out.rglob("*.tmp"))
     assert {"psnr", "structure_distance"} <= set(rows[0]) and "clip_whole" not in rows[0]
+
+
+def test_pie_bench_under_accelerate_launch_with_two_processes(pie_data, tiny_model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         "-m", "dit4edit", "pie-bench", "--data", str(pie_data), "-o", str(out), "--model", str(tiny_model_dir),
+         "--steps", "2", "--inversion", "ddim", "--quiet", "--metrics", "psnr,mse,ssim"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    shards = [{row["id"] for row in batch.read_rows(out / "shards" / f"results-{rank:05d}.jsonl")} for rank in (0, 1)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1] and len(shards[0] | shards[1]) == 10
+    rows = batch.read_rows(out / "results.jsonl")
+    assert len(rows) == 10 and {row["id"] for row in rows} == shards[0] | shards[1]
+    assert len(list((out / "annotation_images").rglob("*.jpg"))) == 10
+    assert "processes: 2" in (out / "summary.md").read_text() and done.stdout.count("# PIE-Bench results") == 1
