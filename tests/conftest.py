@@ -49,3 +49,22 @@ def image_file(tmp_path):
     path = tmp_path / "input.png"
     random_image(64, 64).save(path)
     return path
+
+
+def kill_9_after_first_record(command: list[str], shard) -> None:
+    """Run a batch-like command in its own process group and `kill -9` the whole group as soon as its results
+    shard holds one row (or when it ends or two minutes pass)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from dit4edit.batch import read_rows
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (shard.exists() and read_rows(shard)) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

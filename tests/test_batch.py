@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import SOURCE, TARGET, random_image
+from conftest import SOURCE, TARGET, kill_9_after_first_record, random_image
 from PIL import Image
 
 from dit4edit import batch
@@ -151,13 +149,7 @@ def test_batch_resumes_after_kill_9_losing_and_repeating_nothing(tiny_model_dir,
     command = [sys.executable, "-m", "dit4edit", "batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir),
                "--steps", "3", "--inversion", "ddim", "--quiet"]
     shard = out / "shards" / "results-00000.jsonl"
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (shard.exists() and batch.read_rows(shard)) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_9_after_first_record(command, shard)
     first = batch.read_rows(shard)
     assert 0 < len(first) < expected, "the kill came after the run had finished"
     assert shard.read_bytes().endswith(b"\n") and not (out / "results.jsonl").exists()

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from conftest import kill_9_after_first_record, random_image
 from PIL import Image
 
 from dit4edit import batch, metrics, piebench
@@ -343,14 +341,7 @@ def test_pie_bench_resumes_after_kill_9(pie_data, metric_models, tiny_model_dir,
                "--model", str(tiny_model_dir), "--steps", "2", "--inversion", "ddim", "--quiet",
                "--metrics", "psnr,mse,ssim,structure_distance", "--dino-model", str(metric_models / "vit")]
     shard = out / "shards" / "results-00000.jsonl"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (shard.exists() and batch.read_rows(shard)) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_9_after_first_record(command, shard)
     first = batch.read_rows(shard)
     assert 0 < len(first) < 10, "the kill came after the run had finished"
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
