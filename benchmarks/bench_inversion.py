@@ -20,19 +20,11 @@ import time
 import torch
 
 from dit4edit.solvers import INVERSIONS, Schedule, sampler_for
-from dit4edit.tiny import pixart_scheduler
+from dit4edit.tiny import gaussian_denoiser, pixart_scheduler
 
 
 def nmse(a, b):
     return ((a - b).norm() ** 2 / b.norm() ** 2).item()
-
-
-def gaussian(schedule, c=0.5):
-    def denoise(x, i):
-        a, s = schedule.alphas[i], schedule.sigmas[i]
-        return a * c**2 * x / (a**2 * c**2 + s**2)
-
-    return denoise
 
 
 def round_trips(make_denoiser, x, steps_list, tol):
@@ -92,7 +84,7 @@ def main():
           f"torch {torch.__version__}; tol {args.tol}\n")
     x = 0.5 * torch.randn(1, 4, 32, 32, dtype=torch.float64)
     print("### Analytic Gaussian denoiser (x0 ~ N(0, 0.25 I), 4x32x32, float64)\n")
-    print(table(round_trips(gaussian, x, (10, 20, 30), args.tol)) + "\n")
+    print(table(round_trips(gaussian_denoiser, x, (10, 20, 30), args.tol)) + "\n")
 
     from dit4edit.pipeline import DiT4EditPipeline
     from dit4edit.tiny import tiny_components

@@ -11,15 +11,20 @@ SOURCE = "a red circle on a white background"
 TARGET = "a blue circle on a white background"
 
 
-@pytest.fixture(scope="session")
-def tiny_pipe():
+def fresh_pipe(**components):
+    """A new tiny random-weight pipeline (seed 0), progress bars off; `components` replace the tiny ones."""
     from dit4edit.pipeline import DiT4EditPipeline
     from dit4edit.tiny import tiny_components
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    pipe = DiT4EditPipeline(**tiny_components(seed=0))
+    pipe = DiT4EditPipeline(**{**tiny_components(seed=0), **components})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return fresh_pipe()
 
 
 @pytest.fixture(scope="session")

@@ -12,22 +12,15 @@ import os
 
 import pytest
 import torch
-from conftest import SOURCE, TARGET, random_image, relative_error
+from conftest import SOURCE, TARGET, fresh_pipe, random_image, relative_error
 from torch._dynamo.utils import counters
 
 from dit4edit.compiling import blocks_compiled, compiled_blocks, uncompile_blocks
 from dit4edit.errors import DiT4EditError
 from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline
-from dit4edit.tiny import tiny_components
 
 MERGE = MergeConfig(ratio=0.5, stride=(2, 2), min_tokens=0)  # merging applies at 64 px
-
-
-def fresh_pipe() -> DiT4EditPipeline:
-    pipe = DiT4EditPipeline(**tiny_components(seed=0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dit4edit.control import (
@@ -32,20 +31,10 @@ GRID = (4, 4)  # sample_size 8, patch 2
 # ---- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def transformer():
+    from dit4edit.tiny import tiny_transformer
+
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=4,
-        cross_attention_dim=16,
-        caption_channels=32,
-        sample_size=8,
-        norm_num_groups=4,
-    )
-    model.eval()
-    return model
+    return tiny_transformer(num_layers=4)
 
 
 def batch(layout: BatchLayout, same: bool = False, seed: int = 1):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SOURCE, TARGET, random_image, relative_error
+from conftest import SOURCE, TARGET, fresh_pipe, random_image, relative_error
 
 from dit4edit.errors import DiT4EditError
 from dit4edit.pipeline import DiT4EditPipeline, Inversion
@@ -341,13 +341,11 @@ def test_merge_plans_come_from_the_source_conditional_row(tiny_pipe, monkeypatch
 
 
 def test_prompt_length_is_the_models(tiny_pipe, tmp_path):
-    from dit4edit.tiny import tiny_components
-
     assert tiny_pipe.max_sequence_length == 120
     long_prompt = " ".join(["red circle"] * 25)  # between 120 and 300 tokens
     with pytest.raises(DiT4EditError, match="reads at most 120"):
         tiny_pipe.check_prompt(long_prompt)
-    longer = DiT4EditPipeline(**tiny_components(seed=0), max_sequence_length=300)
+    longer = fresh_pipe(max_sequence_length=300)
     longer.save_pretrained(tmp_path)
     loaded = DiT4EditPipeline.from_pretrained(tmp_path)
     assert loaded.max_sequence_length == 300 and loaded.check_prompt(long_prompt) == long_prompt

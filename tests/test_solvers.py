@@ -9,7 +9,7 @@ import torch
 
 from dit4edit import solvers
 from dit4edit.solvers import INVERSIONS, Schedule, sampler_for
-from dit4edit.tiny import pixart_scheduler
+from dit4edit.tiny import gaussian_denoiser, pixart_scheduler
 
 
 def nmse(a, b):
@@ -18,16 +18,6 @@ def nmse(a, b):
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def gaussian_denoiser(schedule: Schedule, c: float):
-    """Exact D(x) for data x0 ~ N(0, c^2 I): D = a c^2 x / (a^2 c^2 + s^2)."""
-
-    def denoise(x, i):
-        a, s = schedule.alphas[i], schedule.sigmas[i]
-        return a * c**2 * x / (a**2 * c**2 + s**2)
-
-    return denoise
 
 
 @pytest.mark.parametrize("steps", [10, 20, 30])

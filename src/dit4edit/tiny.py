@@ -63,6 +63,36 @@ def pixart_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)
 
 
+def tiny_transformer(num_layers: int = 2, *, sample_size: int = 8, micro_conditions: bool = False,
+                     caption_channels: int = 32) -> PixArtTransformer2DModel:
+    """A random-weight PixArt transformer, 2 heads x 8 wide (x 12 with micro-conditions), patch 2, captions
+    `caption_channels` wide (the tiny T5's width)."""
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=12 if micro_conditions else 8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        cross_attention_dim=24 if micro_conditions else 16,
+        caption_channels=caption_channels,
+        sample_size=sample_size,
+        patch_size=2,
+        norm_num_groups=4,
+        use_additional_conditions=micro_conditions,
+    ).eval()
+
+
+def gaussian_denoiser(schedule, c: float = 0.5):
+    """The exact denoiser of data `x0 ~ N(0, c^2 I)` on a `solvers.Schedule`: `D(x_i) = a c^2 x / (a^2 c^2 + s^2)`
+    at point i, an analytic model whose inversions tests and benchmarks can check exactly."""
+
+    def denoise(x, i):
+        a, s = schedule.alphas[i], schedule.sigmas[i]
+        return a * c**2 * x / (a**2 * c**2 + s**2)
+
+    return denoise
+
+
 def tiny_components(seed: int = 0, *, sample_size: int = 8, micro_conditions: bool = False) -> dict:
     """Random-weight PixArt components: 2 transformer blocks, a 3-downsample VAE, a 2-layer T5.
 
@@ -99,19 +129,7 @@ def tiny_components(seed: int = 0, *, sample_size: int = 8, micro_conditions: bo
         sample_size=sample_size * 8,
         scaling_factor=5.0,  # brings this random VAE's latents to about unit scale, like a trained one
     )
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=12 if micro_conditions else 8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=24 if micro_conditions else 16,
-        caption_channels=32,
-        sample_size=sample_size,
-        patch_size=2,
-        norm_num_groups=4,
-        use_additional_conditions=micro_conditions,
-    )
+    transformer = tiny_transformer(sample_size=sample_size, micro_conditions=micro_conditions)
     for module in (text_encoder, vae, transformer):
         module.eval()
     return dict(
