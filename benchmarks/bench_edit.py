@@ -19,15 +19,12 @@ import sys
 import time
 
 import torch
-from diffusers import AutoencoderKL
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
-from transformers import T5Config, T5EncoderModel
 
 from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline
-from dit4edit.tiny import TINY_CAPTIONS, pixart_scheduler, pixart_xl_transformer
-from dit4edit.tokenizer import train_t5_tokenizer
+from dit4edit.tiny import pixart_xl_components
 from dit4edit_research.devices import describe_device, synchronize
 from dit4edit_research.synthetic import generate_scene
 
@@ -35,21 +32,7 @@ SOURCE, TARGET = "a red circle on a white background", "a blue circle on a white
 
 
 def build_pipeline(blocks: int, t5_layers: int, sample_size: int, device, dtype) -> DiT4EditPipeline:
-    tokenizer = train_t5_tokenizer(TINY_CAPTIONS, vocab_size=96)
-    with torch.device(device):  # initialise on the device: random init of ~1B parameters is slow on a CPU
-        text_encoder = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_layers, num_heads=64,
-            feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0,
-        ))
-        vae = AutoencoderKL(  # the SD VAE layout (sd-vae-ft-ema), which PixArt-alpha uses
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            scaling_factor=0.18215,
-        )
-        transformer = pixart_xl_transformer(blocks, sample_size)
-    pipe = DiT4EditPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                            scheduler=pixart_scheduler())
+    pipe = DiT4EditPipeline(**pixart_xl_components(blocks, t5_layers, sample_size, device))
     return pipe.to(device=device, dtype=dtype)
 
 

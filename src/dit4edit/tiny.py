@@ -59,6 +59,31 @@ def pixart_xl_transformer(blocks: int = 28, sample_size: int = 64) -> PixArtTran
     )
 
 
+def pixart_xl_components(blocks: int = 28, t5_layers: int = 24, sample_size: int = 64, device=None) -> dict:
+    """PixArt-alpha's full pipeline architecture with random weights, for speed and memory benchmarks: the
+    PixArt-XL-2 transformer (`pixart_xl_transformer`), the SD VAE PixArt uses (sd-vae-ft-ema layout), and a T5 encoder
+    shaped like T5-XXL's (4096 wide, 64 heads, 32128-token vocabulary, `t5_layers` of its 24 layers) behind this
+    module's small trained tokenizer. Modules are created on `device` (random init of ~5 B parameters is slow on a
+    CPU)."""
+    tokenizer = train_t5_tokenizer(TINY_CAPTIONS, vocab_size=96)
+    with torch.device(device or "cpu"):
+        text_encoder = T5EncoderModel(T5Config(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_layers, num_heads=64,
+            feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        ))
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            scaling_factor=0.18215,
+        )
+        transformer = pixart_xl_transformer(blocks, sample_size)
+    for module in (text_encoder, vae, transformer):
+        module.eval()
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                scheduler=pixart_scheduler())
+
+
 def pixart_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)
 
