@@ -140,3 +140,16 @@ def test_inversion_names_match_the_solvers():
 def test_embedded_model_folder_is_valid():
     info = check_folder(model_folder.default_model())
     assert info.native_size == 128 and info.latent_channels == 4
+
+
+def test_demo_runs_with_the_same_settings_as_edit(monkeypatch, tmp_path, capsys):
+    """The demo passes no settings of its own: it edits with the model's defaults, as `dit4edit edit` does."""
+    from dit4edit import cli, demo
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    assert demo.main([str(tmp_path)]) == 0
+    edit = calls[-1]
+    assert edit[0] == "edit" and not {"--steps", "--guidance", "--inversion", "--tol"} & set(edit)
+    defaults = ModelDefaults.from_folder(model_folder.EMBEDDED_MODEL)
+    assert f"{defaults.num_inference_steps} steps, {defaults.inversion}" in capsys.readouterr().out

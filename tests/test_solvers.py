@@ -206,3 +206,14 @@ def test_a_swapped_scheduler_is_honoured_or_refused():
     ]:
         with pytest.raises(DiT4EditError, match=message):
             Schedule.from_scheduler(scheduler, 10)
+
+
+def test_dpm_exact_progress_bar_ends_full(capsys):
+    """One bar for warm start and sweeps; converging before max_sweeps still ends at 100%, not "11/40 28%"."""
+    schedule = Schedule.from_scheduler(pixart_scheduler(), 10)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solvers.invert_dpm_exact(gaussian_denoiser(schedule, 0.5), x, schedule, tol=1e-8, disable=False)
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "warm start" not in final and final.startswith("exact inversion: 100%"), final
+    assert err.count("exact inversion:") >= 1 and "warm start:" in err  # the same bar, renamed

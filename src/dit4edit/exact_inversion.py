@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from .solvers import Denoiser, InversionResult, Schedule, dpm_step, step_coefficients
 
@@ -108,12 +108,23 @@ class ExactInverter:
         return InversionResult(trajectory=list(self.xs), residuals=residuals, nfe=self.nfe)
 
     def solve_coupled(self, max_sweeps: int, disable: bool) -> InversionResult:
-        """All N step equations of a multistep schedule at once (see `invert_dpm_exact`)."""
+        """All N step equations of a multistep schedule at once (see `invert_dpm_exact`). One progress bar: the
+        N warm-start steps, then up to `max_sweeps` sweeps; it ends full when the sweeps stop early."""
+        bar = tqdm(total=self.schedule.num_steps + max_sweeps, disable=disable, desc="exact inversion: warm start")
+        try:
+            return self._solve_coupled(max_sweeps, bar)
+        finally:
+            bar.total = bar.n  # converged before max_sweeps: the run is finished, show it full
+            bar.refresh()
+            bar.close()
+
+    def _solve_coupled(self, max_sweeps: int, bar) -> InversionResult:
         n, schedule = self.schedule.num_steps, self.schedule
         secants = Secants(n)
         # Warm start: first-order exact inversion, loosely (the sweeps correct it; its evaluations seed the models).
         first = schedule.first_order()
-        for i in trange(n - 1, -1, -1, disable=disable, desc="warm start", leave=False):
+        for i in range(n - 1, -1, -1):
+            bar.update()
             if i == n - 1 and schedule.orders[i] == 1:
                 # A first-order last step depends on x_{N-1} alone: solve it once, here, by ddim-exact's damped
                 # secant. At a clean end it reads x_N = D(x_{N-1}) with dD/dx nearly singular for a trained model:
@@ -149,13 +160,15 @@ class ExactInverter:
         merit = rel.norm().item()  # acceptance: all residuals together (the largest alone stalls on one step)
         target = self.tol
         damp, history = self.damping, [best]
-        for _ in trange(max_sweeps, disable=disable, desc="exact inversion"):
+        bar.set_description("exact inversion")
+        for _ in range(max_sweeps):
             if best <= target:
                 if target <= self.tol * FORWARD_MARGIN**-FORWARD_TIGHTENINGS or self._forward_ok(*best_state):
                     break
                 target /= FORWARD_MARGIN  # the sampler amplifies these residuals: solve further
             if len(history) > STALL_SWEEPS and history[-1] > STALL_GAIN * history[-1 - STALL_SWEEPS]:
                 break  # stalled: at the denoiser's precision, or the models cannot get further
+            bar.update()
             models = [self._model(secants, i, self.xs[i], self.ds[i]) for i in range(m)]
             # no more accurate than reaching the target needs
             rtol = min(GMRES_RTOL_MAX, max(GMRES_RTOL_MIN, GMRES_RTOL_SHARE * target / best))
