@@ -7,21 +7,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APP_STAMP := $(VENV)/.installed-app
 OUT ?= out
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: install demo serve test browser bench clean
 
 $(STAMP): pyproject.toml research/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch pinned; PyPI's Linux wheel bundles the CUDA libraries (several GB), so a machine without an NVIDIA GPU
-	# gets the CPU-only build from PyTorch's CPU index (PyPI's build when that index cannot be reached)
-	if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install --quiet torch==2.13.0; \
-	else \
-		$(BIN)/python -m pip install --quiet --index-url $(TORCH_CPU_INDEX) torch==2.13.0 \
-		|| $(BIN)/python -m pip install --quiet torch==2.13.0; \
-	fi
+	# torch pinned. On Linux, PyPI's wheel bundles the CUDA libraries (several GB); on a machine without an NVIDIA GPU
+	# pass TORCH_INDEX=<PyTorch's CPU wheel index URL> to get the CPU-only build instead (not tried by default: a
+	# machine that cannot reach that index would wait on it)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# the research package (synthetic world, editing benchmark) that the tests and `dit4edit-bench` use
 	$(BIN)/python -m pip install --quiet --no-deps -e research
