@@ -143,6 +143,27 @@ def test_the_apps_defaults_are_the_command_lines(tiny_model_dir):
     assert (started.steps, started.inversion, started.guidance) == (7, "ddim", defaults.guidance)
 
 
+def test_the_page_starts_from_the_models_own_defaults(tiny_pipe, monkeypatch):
+    from dit4edit.model_folder import ModelDefaults
+
+    assert PageSettings.of_model(tiny_pipe) == PageSettings()  # no dit4edit.json: the library's
+    monkeypatch.setattr(tiny_pipe, "defaults", ModelDefaults(guidance_scale=2.5, num_inference_steps=12,
+                                                             inversion="dpm"))
+    own = PageSettings.of_model(tiny_pipe)
+    assert (own.steps, own.guidance, own.inversion, own.tol) == (12, 2.5, "dpm", PageSettings().tol)
+
+
+def test_the_librarys_warnings_reach_the_page(editor, tiny_pipe, picture, monkeypatch):
+    from dit4edit.model_folder import ModelDefaults
+
+    words = ["a", "red", "circle", "on", "white", "background"]
+    monkeypatch.setattr(tiny_pipe, "defaults", ModelDefaults(vocabulary=words))
+    outcome = editor.edit(picture, SOURCE, TARGET, FAST)
+    assert len(outcome.warnings) == 1 and "not trained on: blue" in outcome.warnings[0]
+    assert outcome.status().splitlines()[-1] == f"Warning: {outcome.warnings[0]}"
+    assert editor.edit(picture, SOURCE, SOURCE, FAST).warnings == []
+
+
 def cli_settings(flags):
     """The settings the command line runs with: its flags, then the model's defaults, then the library's."""
     from dit4edit.defaults import RunSettings

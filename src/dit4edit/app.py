@@ -8,6 +8,7 @@ target prompt, then the settings, each optional) whose first output is the edite
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -71,6 +72,12 @@ class PageSettings:
         """The app's defaults when the server was started with other run settings (`dit4edit serve --steps 10`)."""
         return cls(steps=run.steps, guidance=run.guidance, inversion=run.inversion, tol=run.tol)
 
+    @classmethod
+    def of_model(cls, pipe: DiT4EditPipeline) -> PageSettings:
+        """The defaults of the model the pipeline was loaded from (its `dit4edit.json`, else the library's)."""
+        model = pipe.defaults
+        return cls(steps=model.num_inference_steps, guidance=model.guidance_scale, inversion=model.inversion)
+
     def control(self) -> AttentionControl:
         """The attention control these settings ask for, parsed and validated as the command line's flags are."""
         from .cli import control_from_args
@@ -101,15 +108,16 @@ class EditOutcome:
     inversion_seconds: float  # how long the inversion took (when reused: the time saved)
     edit_seconds: float
     nfe: int  # model evaluations of the inversion
+    warnings: list[str] = field(default_factory=list)  # what the library warned about during this edit
 
     def status(self) -> str:
-        """One line for the page: how the inversion was obtained, and what that cost or saved."""
+        """How the inversion was obtained and what that cost or saved, in one line; then one line per warning."""
         if self.reused:
             head = (f"Reused the inversion of this image and source prompt: saved {self.inversion_seconds:.1f} s "
                     f"({self.nfe} model evaluations).")
         else:
             head = f"Inverted in {self.inversion_seconds:.1f} s ({self.nfe} model evaluations)."
-        return f"{head} Edited in {self.edit_seconds:.1f} s."
+        return "\n\n".join([f"{head} Edited in {self.edit_seconds:.1f} s.", *(f"Warning: {w}" for w in self.warnings)])
 
 
 @dataclass
@@ -139,6 +147,12 @@ class Editor:
              mask: Image.Image | None = None) -> EditOutcome:
         """Edit `image` (a PIL image or a file) from `source` towards `target`; `mask` (white = editable) is
         resized to the image. Inverts only when no kept inversion matches."""
+        with _warnings_logged() as warnings:
+            outcome = self._edit(image, source, target, settings, mask)
+        outcome.warnings = list(dict.fromkeys(warnings))  # a prompt is checked more than once on the way
+        return outcome
+
+    def _edit(self, image, source: str, target: str, settings: PageSettings, mask) -> EditOutcome:
         image = self._load(image)
         for prompt, what in ((source, "source prompt"), (target, "target prompt")):
             self.pipe.check_prompt(prompt if isinstance(prompt, str) else "", what)
@@ -201,6 +215,27 @@ class Editor:
         return imgs.save_image(image, Path(self._outputs.name) / f"dit4edit-edit-{self._count}.png")
 
 
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[str]):
+        super().__init__(logging.WARNING)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings_logged():
+    """The messages the package logs at WARNING and above while the block runs (the page shows them)."""
+    records: list[str] = []
+    handler, package = _ListHandler(records), logging.getLogger(__name__.rpartition(".")[0])
+    package.addHandler(handler)
+    try:
+        yield records
+    finally:
+        package.removeHandler(handler)
+
+
 def _digest(image: Image.Image) -> str:
     """Identifies an image by its pixels (the same picture uploaded twice has two file names)."""
     return hashlib.sha256(f"{image.size}{image.mode}".encode() + image.tobytes()).hexdigest()
@@ -241,10 +276,12 @@ TITLE = "dit4edit: text-guided image editing with diffusion transformers"
 MODEL_QUEUE = "model"
 
 
-def build_app(editor: Editor, defaults: PageSettings = PageSettings()):
-    """The Gradio page around `editor` (a `gradio.Blocks`, queued one model call at a time); launch it with
-    `serve` or `.launch()`."""
+def build_app(editor: Editor, defaults: PageSettings | None = None):
+    """The Gradio page around `editor` (a `gradio.Blocks`, queued one model call at a time), its fields set to
+    `defaults` (None: the model's own, `PageSettings.of_model`); launch it with `serve` or `.launch()`."""
     import gradio as gr
+
+    defaults = defaults or PageSettings.of_model(editor.pipe)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"## {TITLE}\nUpload an image, describe it (source prompt), describe the edit (target prompt), "
@@ -364,13 +401,15 @@ def _edit_handler(editor: Editor, gr):
         except Exception as error:  # a bug: the log gets the traceback, the page one line
             logger.exception("edit failed")
             raise gr.Error(f"internal error: {type(error).__name__}: {error}", print_exception=False) from None
+        for warning in outcome.warnings:
+            gr.Warning(warning)
         return (outcome.edited, outcome.reconstruction, outcome.blend_mask, outcome.word_maps, str(outcome.download),
                 outcome.status())
 
     return edit
 
 
-def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: PageSettings = PageSettings(),
+def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: PageSettings | None = None,
           block: bool = True):
     """Build the page and serve it on `host:port`; with `block=False` return the running app (for tests)."""
     app = build_app(editor, defaults)
