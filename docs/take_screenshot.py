@@ -35,7 +35,7 @@ def main(out: str = "docs/app.png") -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = serve(Editor(pipe), "127.0.0.1", port, settings, block=False)
+    app = serve(Editor(pipe), "127.0.0.1", port, settings)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={WINDOW[0]},{WINDOW[1]}"):

@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -205,15 +206,17 @@ def test_serve_loads_the_model_once_and_warns_off_loopback(tiny_pipe, tiny_model
 
     loads, served = [], []
     monkeypatch.setattr(cli, "load_pipeline", lambda args, *more, **named: loads.append(args.model) or tiny_pipe)
-    monkeypatch.setattr(app, "serve", lambda *args: served.append(args))
+    running = SimpleNamespace(local_url="http://here/", block_thread=lambda: served.append("blocked"))
+    monkeypatch.setattr(app, "serve", lambda *args: served.append(args) or running)
     port = free_port()
     model = str(tiny_model_dir)
     assert cli.main(["serve", "--host", host, "--port", str(port), "--steps", "5", "--model", model]) == 0
     err = capsys.readouterr().err
-    assert loads == [model] and len(served) == 1
+    assert loads == [model] and len(served) == 2 and served[1] == "blocked"
     editor, served_host, served_port, settings = served[0]
     assert editor.pipe is tiny_pipe and (served_host, served_port, settings.steps) == (host, port, 5)
-    assert ("warning: serving on 0.0.0.0" in err) is warned and err.count("\n") == int(warned)
+    assert ("warning: serving on 0.0.0.0" in err) is warned and "the editor is at http://here/" in err
+    assert err.count("\n") == 1 + int(warned)
 
 
 # --- the running app: API and browser ----------------------------------------------------------------------------
@@ -225,7 +228,7 @@ def server(tiny_pipe):
     from dit4edit.app import serve
 
     editor = Editor(tiny_pipe)
-    app = serve(editor, "127.0.0.1", free_port(), FAST, block=False)
+    app = serve(editor, "127.0.0.1", free_port(), FAST)
     yield app, editor
     app.close()
 

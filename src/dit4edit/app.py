@@ -409,13 +409,13 @@ def _edit_handler(editor: Editor, gr):
     return edit
 
 
-def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: PageSettings | None = None,
-          block: bool = True):
-    """Build the page and serve it on `host:port`; with `block=False` return the running app (for tests)."""
+def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: PageSettings | None = None):
+    """Build the page and start serving it on `host:port` in the background; returns the running app
+    (`app.local_url`; `app.block_thread()` waits until Ctrl-C, `app.close()` stops it)."""
     app = build_app(editor, defaults)
     try:
-        app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
-                   prevent_thread_lock=not block, allowed_paths=[str(EXAMPLE.parent)])
+        app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False, quiet=True,
+                   prevent_thread_lock=True, allowed_paths=[str(EXAMPLE.parent)])
     except OSError as error:  # the port was taken between the check and the launch
         raise DiT4EditError(f"cannot serve on {host}:{port}: {error}") from None
     return app

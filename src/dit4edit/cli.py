@@ -748,7 +748,9 @@ def _serve(args) -> int:
               file=sys.stderr)
     editor = web.Editor(load_pipeline(args, run=run), max_pixels=run.max_pixels)
     settings = web.PageSettings.starting_from(RunSettings(run.steps, run.guidance, run.inversion, run.tol))
-    web.serve(editor, args.host, args.port, settings)
+    app = web.serve(editor, args.host, args.port, settings)
+    print(f"dit4edit: the editor is at {app.local_url} (Ctrl-C stops it)", file=sys.stderr)
+    app.block_thread()
     return 0
 
 
