@@ -240,6 +240,31 @@ def test_clip_score_is_100_times_the_cosine_floored_at_zero():
     assert any(value > 0 for value in values) and all(value >= 0 for value in values)
 
 
+def test_lpips_runs_the_squeeze_net_on_inputs_in_minus_one_to_one(monkeypatch):
+    """The lpips package cannot be installed beside this torch: a stand-in records what the wrapper asks of it."""
+    import types
+
+    calls = {}
+
+    class FakeLpips(torch.nn.Module):
+        def __init__(self, net, verbose):
+            super().__init__()
+            calls.update(net=net, verbose=verbose)
+
+        def forward(self, x, y):
+            calls.update(shape=tuple(x.shape), low=float(min(x.min(), y.min())), high=float(max(x.max(), y.max())))
+            return (x - y).abs().mean().reshape(1, 1, 1, 1)
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLpips))
+    a, b = np.zeros((8, 6, 3)), np.ones((8, 6, 3))
+    value = metrics.Lpips()(a, b)
+    assert calls["net"] == "squeeze" and calls["shape"] == (1, 3, 8, 6)
+    assert (calls["low"], calls["high"]) == (-1.0, 1.0) and value == pytest.approx(2.0)
+    monkeypatch.setitem(sys.modules, "lpips", None)  # not importable: a one-line reason, no exception
+    loaded, reason = metrics.load_metric(metrics.Lpips)
+    assert loaded is None and "LPIPS needs the lpips package" in reason and "\n" not in reason
+
+
 def test_scorer_applies_the_protocol(pie_data, tmp_path):
     """Unedited-part metrics on images multiplied by (1 - mask); NaN (null) when the mask covers everything."""
     scorer = piebench.Scorer(pie_data, tmp_path, ("psnr", "mse", "ssim", "clip_edited"))
