@@ -174,3 +174,19 @@ def test_batch_two_processes_split_the_items_disjointly(tiny_model_dir, tmp_path
               for rank in (0, 1)]
     assert shards[0] and shards[1] and not shards[0] & shards[1]
     assert len(shards[0] | shards[1]) == expected
+
+
+def test_a_failing_scorer_fails_its_output_and_not_the_batch(tiny_pipe, tmp_path):
+    random_image(32, 32).save(tmp_path / "in.png")
+    settings = batch.EditSettings(steps=2, inversion="ddim")
+    job = batch.Job(item="a", line=1, image=tmp_path / "in.png", source=SOURCE, targets=(TARGET, OTHER),
+                    outputs=("a-0.png", "a-1.png"), settings=settings)
+
+    def scorer(job, k, image):
+        if k == 0:
+            raise ValueError("run (9, 1) is outside a 2x2 mask\nsecond line")
+        return {"score": float(image.size[0])}
+
+    rows = batch.run_job(tiny_pipe, job, tmp_path, scorer=scorer)
+    assert [row["status"] for row in rows] == ["failed", "ok"]
+    assert rows[0]["error"] == "ValueError: run (9, 1) is outside a 2x2 mask" and rows[1]["score"] == 32.0

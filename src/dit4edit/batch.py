@@ -307,11 +307,12 @@ def run_job(pipe, job: Job, out: Path, done: dict | None = None, scorer: Scorer 
                                pin_source=settings.pin_source, control=settings.control, mask=settings.mask,
                                merge=settings.merge, disable_progress=True)
             imgs.save_image(result.images[0], out / job.outputs[k])
+            seconds = share + time.perf_counter() - start
+            scores = scorer(job, k, result.images[0]) if scorer else {}
         except Exception as error:  # noqa: BLE001
             reasons[k] = _reason(error, job)
             continue
-        seconds = share + time.perf_counter() - start
-        rows[k] = _row(job, k, seconds=seconds, **(scorer(job, k, result.images[0]) if scorer else {}))
+        rows[k] = _row(job, k, seconds=seconds, **scores)
     for k, reason in reasons.items():
         rows[k] = _row(job, k, error=reason)
     return [rows[k] for k in todo]
