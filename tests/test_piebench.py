@@ -353,7 +353,8 @@ def test_pie_bench_bad_input_is_one_line(pie_data, tmp_path, capsys):
                           (["--data", str(pie_data), "--metrics", "fid"], "--metrics takes"),
                           (["--data", str(pie_data), "--limit", "0"], "--limit must be"),
                           (["--data", str(pie_data), "--local-blend-from-bench", "--no-attention-control"],
-                           "needs attention control")]:
+                           "needs attention control"),
+                          (["--data", str(pie_data), "--mask", str(pie_data / "mapping_file.json")], "--mask does not")]:
         assert main(["pie-bench", *args, "-o", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1

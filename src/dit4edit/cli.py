@@ -679,6 +679,8 @@ def _pie_bench(args) -> int:
                             f"got {args.metrics!r}")
     if args.limit is not None and args.limit < 1:
         raise DiT4EditError(f"--limit must be >= 1, got {args.limit}")
+    if args.mask is not None:
+        raise DiT4EditError("--mask does not apply to pie-bench: one mask cannot fit every image of the benchmark")
     if args.local_blend_from_bench and settings.control is None:
         raise DiT4EditError("--local-blend-from-bench needs attention control (drop --no-attention-control)")
     jobs = piebench.read_benchmark(args.data, settings, types, args.limit, args.local_blend_from_bench)

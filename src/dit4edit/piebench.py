@@ -5,7 +5,8 @@ The data set is read as distributed: `DIR/mapping_file.json` (keyed by a 12-digi
 `original_prompt`, `editing_prompt` with the edited words in `[ ]`, `editing_instruction`, `editing_type_id`
 "0".."9", `blended_word`, `mask` as run-length pairs) and the images under `DIR/annotation_images/`. Each edited image
 is saved under the output folder at `annotation_images/<image_path>` (same name and format, as the reference runners
-save them, so other tools can score the outputs), and scored from the file as saved. It is a batch
+save them, so other tools can score the outputs: a `.jpg` name is JPEG at Pillow's default quality, as there), and
+scored from the file as saved. It is a batch
 (`dit4edit.batch`): resumable, and split across processes under `accelerate launch` / `torchrun`.
 """
 
