@@ -30,6 +30,10 @@ DEFAULTS_FILE = "dit4edit.json"
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 WEIGHTED_COMPONENTS = ("text_encoder", "vae", "transformer")
 TRANSFORMER_CLASS = "PixArtTransformer2DModel"
+#: Prompt length in T5 tokens of each PixArt pipeline class, as diffusers' pipelines encode prompts (PixArt-Sigma
+#: reads 300; PixArt-alpha, and any other class, 120). A `max_sequence_length` in model_index.json wins.
+PROMPT_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
+DEFAULT_PROMPT_LENGTH = PROMPT_LENGTHS["PixArtAlphaPipeline"]
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -140,6 +144,7 @@ class ModelInfo:
     patch_size: int
     sample_size: int  # latent side the transformer was built for
     defaults: ModelDefaults
+    max_sequence_length: int = DEFAULT_PROMPT_LENGTH  # T5 tokens per prompt (`prompt_length`)
 
     @property
     def native_size(self) -> int:
@@ -177,7 +182,17 @@ def check_folder(folder: str | Path) -> ModelInfo:
         patch_size=int(transformer.get("patch_size") or 2),
         sample_size=int(transformer["sample_size"]),
         defaults=ModelDefaults.from_folder(folder),
+        max_sequence_length=prompt_length(index),
     )
+
+
+def prompt_length(index: dict) -> int:
+    """How many T5 tokens a pipeline's prompts are encoded to, from its `model_index.json`: its own
+    `max_sequence_length` (a saved dit4edit pipeline), else its pipeline class's (`PROMPT_LENGTHS`)."""
+    length = index.get("max_sequence_length")
+    if length is None:
+        return PROMPT_LENGTHS.get(index.get("_class_name"), DEFAULT_PROMPT_LENGTH)
+    return checks.integer(length, "max_sequence_length in model_index.json", low=2, high=4096)
 
 
 def check_component_shapes(transformer: dict, vae: dict, text_encoder: dict, name: str) -> None:

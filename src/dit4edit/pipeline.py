@@ -22,8 +22,8 @@ from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
 from .inversion_file import GENERATED, Inversion
 from .merging import MergeConfig, token_merging
-from .model_folder import (EMBEDDED_MODEL, ModelDefaults, check_component_shapes, check_folder, default_model,
-                           local_folder)
+from .model_folder import (DEFAULT_PROMPT_LENGTH, EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
+                           check_folder, default_model, local_folder, prompt_length)
 from .prompts import PIXART_ALPHA_TOKENS
 from .solvers import INVERSIONS, SAMPLERS, Schedule
 
@@ -108,7 +108,10 @@ class DiT4EditPipeline(DiffusionPipeline):
         if kwargs.setdefault("use_safetensors", True) is not True:
             raise DiT4EditError("dit4edit loads safetensors weights only (use_safetensors=True)")
         folder = local_folder(name)
-        defaults = check_folder(folder).defaults if folder is not None else ModelDefaults()
+        info = check_folder(folder) if folder is not None else None
+        defaults = info.defaults if info is not None else ModelDefaults()
+        if "max_sequence_length" not in kwargs:  # the model's prompt length (PixArt-Sigma: 300 T5 tokens)
+            kwargs["max_sequence_length"] = info.max_sequence_length if info is not None else _hub_prompt_length(name)
         try:
             with _quiet_loaders():
                 pipe = super().from_pretrained(str(folder) if folder is not None else name, **kwargs)
@@ -589,6 +592,15 @@ class DiT4EditPipeline(DiffusionPipeline):
             original = imgs.to_rgb(image) if isinstance(image, Image.Image) else imgs.load_image(image, max_pixels)
         return self.edit(inversion, target_prompt, guidance_scale, pin_source, control, mask, merge,
                          disable_progress=disable_progress, source_image=original)
+
+
+def _hub_prompt_length(name: str) -> int:
+    """The prompt length of a hub model, from its model_index.json (`model_folder.prompt_length`)."""
+    try:
+        index = DiffusionPipeline.load_config(name)
+    except Exception:  # unreachable or not a pipeline: from_pretrained reports it
+        return DEFAULT_PROMPT_LENGTH
+    return prompt_length(dict(index))
 
 
 def _dtype_kwarg() -> str:
