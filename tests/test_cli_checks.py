@@ -257,3 +257,15 @@ def test_defaults_file_sets_the_cli_settings(tiny_model_dir, tmp_path, files, ca
     code, err = run_main(["edit", files["good"], "-s", SOURCE, "-t", TARGET, "-o", files["out"], "--model", model],
                          capsys)
     assert code == 2 and "unknown setting(s) steps" in err and err.count("\n") == 1
+
+
+def test_folders_where_files_belong(files, tiny_model_dir, no_heavy_work, capsys):
+    base = ["-s", SOURCE, "-t", TARGET, "--model", tiny_model_dir]
+    for argv, message in ((["edit", files["dir"], "-o", files["out"], *base], "input image is not a file"),
+                          (["edit", files["good"], "-o", files["out"], "--mask", files["dir"], *base],
+                           "mask is not a file"),
+                          (["edit", files["good"], "-o", files["out"], "-s", SOURCE, "-t", TARGET, "--model",
+                            files["good"]], "model path is not a folder"),
+                          (["edit", files["good"], "-o", files["dir"], *base], "output path is a directory")):
+        code, err = run_main(argv, capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err

@@ -351,3 +351,20 @@ def test_prompt_length_is_the_models(tiny_pipe, tmp_path):
     assert loaded.max_sequence_length == 300 and loaded.check_prompt(long_prompt) == long_prompt
     embeds, mask = loaded.encode_prompt([SOURCE])
     assert embeds.shape[1] == mask.shape[1] == 300
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(inversion="inv.safetensors"), "inversion must be Inversion, got str"),
+    (dict(target_prompt=7), "target_prompt must be str or list or tuple, got int"),
+    (dict(control={"self_replace_steps": 0.4}), "control must be AttentionControl or None, got dict"),
+    (dict(mask=42), "mask must be Image or str or PathLike or Tensor or None, got int"),
+    (dict(merge=0.5), "merge must be MergeConfig or None, got float"),
+    (dict(source_image=np.zeros((8, 8, 3))), "source_image must be Image or None, got ndarray"),
+])
+def test_edit_arguments_of_the_wrong_type(tiny_pipe, arguments, message):
+    inversion = tiny_pipe.invert(random_image(32, 32), SOURCE, 2, method="ddim")
+    call = {"inversion": inversion, "target_prompt": TARGET, **arguments}
+    with pytest.raises(DiT4EditError, match=message):
+        tiny_pipe.edit(**call)
+    with pytest.raises(DiT4EditError, match="max_pixels must be an integer"):
+        tiny_pipe.invert(random_image(32, 32), SOURCE, 2, max_pixels="big")

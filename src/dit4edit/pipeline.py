@@ -213,6 +213,7 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     def prepare_image(self, image: Image.Image | str | os.PathLike, max_pixels: int = imgs.MAX_PIXELS):
         """(RGB image at the working size, original (width, height))."""
+        checks.integer(max_pixels, "max_pixels", 1)
         if isinstance(image, (str, os.PathLike)):
             image = imgs.load_image(image, max_pixels)
         elif not isinstance(image, Image.Image):
@@ -403,6 +404,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         `source_image` (the input, at its original size; default the decoded source branch), blended in over a
         feathered edge inside the mask (see `paste_outside`).
         """
+        _check_edit_arguments(inversion, target_prompt, control, mask, merge, source_image)
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
         if not targets:
             raise DiT4EditError("no target prompt given")
@@ -610,6 +612,27 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
+
+
+def _check_edit_arguments(inversion, target_prompt, control, mask, merge, source_image) -> None:
+    """One-line errors for arguments of the wrong type (before they fail deep inside the loop)."""
+    expected = (
+        ("inversion", inversion, Inversion, False),
+        ("target_prompt", target_prompt, (str, list, tuple), False),
+        ("control", control, AttentionControl, True),
+        ("mask", mask, (Image.Image, str, os.PathLike, torch.Tensor), True),
+        ("merge", merge, MergeConfig, True),
+        ("source_image", source_image, Image.Image, True),
+    )
+    for name, value, types, optional in expected:
+        if not (isinstance(value, types) or (optional and value is None)):
+            raise DiT4EditError(f"{name} must be {_type_names(types)}{' or None' if optional else ''}, "
+                                f"got {type(value).__name__}")
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
 
 
 def _parameter_values(module: torch.nn.Module, name: str, parameter: torch.Tensor) -> torch.Tensor | None:
