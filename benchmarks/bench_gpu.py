@@ -243,7 +243,11 @@ def summarize(pipe, width, height, variants, runs, warm, generation, graphs) -> 
                    first_edit_s=warm[v.name]["total"], compile_s=warm[v.name]["total"] - whole if v.compile else None)
         row["flops"] = row["sample_forwards"] * per_forward
         rows.append(row)
-    model = "PixArt-XL-2-1024-MS" if pipe.transformer.config.use_additional_conditions else "PixArt-XL-2-512x512"
+    config = pipe.transformer.config
+    model = "PixArt-XL-2-1024-MS" if config.use_additional_conditions else "PixArt-XL-2-512x512"
+    width_d = config.num_attention_heads * config.attention_head_dim
+    if (config.num_layers, width_d) != (28, 1152):
+        model = f"{config.num_layers} blocks x {width_d}, {model} layout"
     return dict(size=f"{width}x{height}", model=model, tokens=(height // factor // 2) * (width // factor // 2),
                 flops_per_forward=per_forward, generation_s=generation_s, generation_peak_gib=peak(generation),
                 generation_sample_forwards=generation[0]["rows"], base_sample_forwards=base_rows,

@@ -26,12 +26,13 @@ def close(a: float, b: float) -> bool:
 
 def test_tiny_run_reports_every_field_from_its_measurements(bench_gpu, tmp_path, capsys):
     out = tmp_path / "tiny.json"
-    assert bench_gpu.main(["--tiny", "--sizes", "64x128", "--json", str(out)]) == 0
+    # the eager backend: dynamo's capture and guards without AOT tracing (compiling is tested in test_compile.py)
+    assert bench_gpu.main(["--tiny", "--sizes", "64x128", "--compile-backend", "eager", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["card"] and results["device"] == "cpu" and results["tiny"] and results["steps"] == 2
     assert results["peak_tflops"] > 0 and "measured" in results["peak_source"] and "N" in results["flops_formula"]
     (size,) = results["sizes"]
-    assert size["size"] == "64x128" and size["model"] == "PixArt-XL-2-1024-MS"
+    assert size["size"] == "64x128" and size["model"] == "2 blocks x 24, PixArt-XL-2-1024-MS layout"
     assert size["tokens"] == (128 // 8 // 2) * (64 // 8 // 2)
     assert size["generation_s"] > 0 and size["generation_sample_forwards"] == 2 * 2  # 2 steps x [uncond, cond]
     assert size["generation_peak_gib"] is None  # no GPU
@@ -55,7 +56,7 @@ def test_tiny_run_reports_every_field_from_its_measurements(bench_gpu, tmp_path,
     assert "| compile+merge+rows3 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sample_size, height, width", [(64, 64, 64), (128, 128, 128), (128, 128, 256)])
+@pytest.mark.parametrize("sample_size, height, width", [(64, 64, 64), (128, 128, 256)])  # 512; 1024-MS, 1024x2048
 def test_flop_formula_matches_torch_flop_counter(bench_gpu, sample_size, height, width):
     """Full-size PixArt-XL-2 on the meta device: torch counts every matmul and convolution without computing."""
     from torch.utils.flop_counter import FlopCounterMode
