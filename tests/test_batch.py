@@ -161,19 +161,24 @@ def test_batch_resumes_after_kill_9_losing_and_repeating_nothing(tiny_model_dir,
     assert len(recorded) == expected and recorded[: len(first)] == first  # nothing redone, nothing lost
 
 
-def test_batch_two_processes_split_the_items_disjointly(tiny_model_dir, tmp_path):
-    spec, expected = _spec_of(tmp_path, 7)
+def test_batch_two_processes_split_the_items_disjointly_and_resume_after_kill_9(tiny_model_dir, tmp_path):
+    spec, expected = _spec_of(tmp_path, 12)
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "dit4edit", "batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir),
-                           "--steps", "3", "--quiet"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dit4edit", "batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir),
+               "--steps", "3", "--inversion", "ddim", "--quiet"]
+    shard_paths = [out / "shards" / f"results-{rank:05d}.jsonl" for rank in (0, 1)]
+    kill_9_after_first_record(command, shard_paths[0])  # the launcher and both workers
+    before = sum(len(batch.read_rows(path)) for path in shard_paths)
+    assert 0 < before < expected and not (out / "results.jsonl").exists()
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     _check_complete(out, expected)
-    shards = [{(row["item"], row["target"]) for row in batch.read_rows(out / "shards" / f"results-{rank:05d}.jsonl")}
-              for rank in (0, 1)]
-    assert shards[0] and shards[1] and not shards[0] & shards[1]
-    assert len(shards[0] | shards[1]) == expected
+    shards = [[(row["item"], row["target"]) for row in batch.read_rows(path)] for path in shard_paths]
+    assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
+    assert len(shards[0]) + len(shards[1]) == expected  # every output recorded once: nothing lost or redone
 
 
 def test_a_failing_scorer_fails_its_output_and_not_the_batch(tiny_pipe, tmp_path):
@@ -190,3 +195,11 @@ def test_a_failing_scorer_fails_its_output_and_not_the_batch(tiny_pipe, tmp_path
     rows = batch.run_job(tiny_pipe, job, tmp_path, scorer=scorer)
     assert [row["status"] for row in rows] == ["failed", "ok"]
     assert rows[0]["error"] == "ValueError: run (9, 1) is outside a 2x2 mask" and rows[1]["score"] == 32.0
+
+
+def test_results_are_written_whole_with_the_umask_mode(tmp_path):
+    path = batch.write_atomic(tmp_path / "sub" / "results.jsonl", '{"item": "a"}\n')
+    assert path.read_text() == '{"item": "a"}\n' and list(path.parent.iterdir()) == [path]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
