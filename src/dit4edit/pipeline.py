@@ -110,10 +110,11 @@ class DiT4EditPipeline(DiffusionPipeline):
         folder = local_folder(name)
         info = check_folder(folder) if folder is not None else None
         defaults = info.defaults if info is not None else ModelDefaults()
-        if "max_sequence_length" not in kwargs:  # the model's prompt length (PixArt-Sigma: 300 T5 tokens)
-            kwargs["max_sequence_length"] = info.max_sequence_length if info is not None else _hub_prompt_length(name)
         try:
             with _quiet_loaders():
+                if "max_sequence_length" not in kwargs:  # the model's prompt length (PixArt-Sigma: 300 T5 tokens)
+                    kwargs["max_sequence_length"] = (info.max_sequence_length if info is not None
+                                                     else _hub_prompt_length(name, kwargs))
                 pipe = super().from_pretrained(str(folder) if folder is not None else name, **kwargs)
         except DiT4EditError:
             raise
@@ -596,10 +597,12 @@ class DiT4EditPipeline(DiffusionPipeline):
                          disable_progress=disable_progress, source_image=original)
 
 
-def _hub_prompt_length(name: str) -> int:
-    """The prompt length of a hub model, from its model_index.json (`model_folder.prompt_length`)."""
+def _hub_prompt_length(name: str, kwargs: dict) -> int:
+    """The prompt length of a hub model, from its model_index.json (`model_folder.prompt_length`); where and how
+    to look (`local_files_only`, `revision`, `cache_dir`, `token`) as `kwargs` tell `from_pretrained`."""
+    where = {k: kwargs[k] for k in ("local_files_only", "revision", "cache_dir", "token") if k in kwargs}
     try:
-        index = DiffusionPipeline.load_config(name)
+        index = DiffusionPipeline.load_config(name, **where)
     except Exception:  # unreachable or not a pipeline: from_pretrained reports it
         return DEFAULT_PROMPT_LENGTH
     return prompt_length(dict(index))
@@ -610,8 +613,6 @@ def _dtype_kwarg() -> str:
     from diffusers.utils import deprecation_utils
 
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
 
 
 def _check_edit_arguments(inversion, target_prompt, control, mask, merge, source_image) -> None:
