@@ -30,23 +30,15 @@ from PIL import Image
 from common import setup
 from dit4edit_research import synthetic as world
 from dit4edit.pipeline import DiT4EditPipeline
+from dit4edit_research.bench_synthetic import make_pairs
 
 EDIT_CHECK_SEED = 1_500_000_000
 GROW = 3
 
 
-def edit_pairs(n: int, seed: int = EDIT_CHECK_SEED, width: int = 128, height: int = 128) -> list:
-    """`n` held-out (scene, edit) pairs cycling through the edit kinds."""
-    pairs = []
-    for k in range(n):
-        scene = world.generate_scene(seed + k, width, height)
-        kind = world.EDIT_KINDS[k % len(world.EDIT_KINDS)]
-        try:
-            edit = world.random_edit(scene, seed + k, kind)
-        except ValueError:
-            edit = world.random_edit(scene, seed + k)
-        pairs.append(world.apply_edit(scene, edit))
-    return pairs
+def edit_pairs(n: int, seed: int = EDIT_CHECK_SEED) -> list:
+    """`n` held-out 128x128 (scene, edit) pairs cycling through the edit kinds."""
+    return make_pairs(n, ((128, 128),), seed)
 
 
 def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
