@@ -40,6 +40,9 @@ SCALES = {"structure_distance": 1e3, "psnr": 1.0, "lpips": 1e3, "mse": 1e4, "ssi
           "clip_edited": 1.0}
 HEADINGS = {"structure_distance": "structure x10^3", "psnr": "PSNR", "lpips": "LPIPS x10^3", "mse": "MSE x10^4",
             "ssim": "SSIM x10^2", "clip_whole": "CLIP whole", "clip_edited": "CLIP edited"}
+#: The model each model-based metric needs.
+METRIC_MODELS = {"structure_distance": "structure_distance", "lpips": "lpips", "clip_whole": "clip",
+                 "clip_edited": "clip"}
 MAPPING = "mapping_file.json"
 IMAGES = "annotation_images"
 
@@ -129,10 +132,8 @@ class Scorer:
             return
         loaders = {"structure_distance": (m.StructureDistance.from_pretrained, self.dino_model, self.device),
                    "lpips": (m.Lpips, self.device), "clip": (m.ClipScore.from_pretrained, self.clip_model, self.device)}
-        wanted = {"structure_distance": "structure_distance", "lpips": "lpips", "clip_whole": "clip",
-                  "clip_edited": "clip"}
         self.models = {}
-        for model in dict.fromkeys(wanted[name] for name in self.names if name in wanted):
+        for model in dict.fromkeys(METRIC_MODELS[name] for name in self.names if name in METRIC_MODELS):
             loaded, reason = m.load_metric(*loaders[model])
             if loaded is None:
                 self.skipped[model] = reason
@@ -166,11 +167,9 @@ class Scorer:
             "clip_whole": lambda: models["clip"](edited, prompt),
             "clip_edited": lambda: math.nan if edit_none else models["clip"](m.masked_uint8(edited, mask), prompt),
         }
-        needs = {"structure_distance": "structure_distance", "lpips": "lpips", "clip_whole": "clip",
-                 "clip_edited": "clip"}
         row = {}
         for name in self.names:
-            if name in needs and models.get(needs[name]) is None:
+            if name in METRIC_MODELS and models.get(METRIC_MODELS[name]) is None:
                 continue
             value = float(compute[name]())
             row[name] = None if math.isnan(value) else value
