@@ -269,3 +269,19 @@ def test_folders_where_files_belong(files, tiny_model_dir, no_heavy_work, capsys
                           (["edit", files["good"], "-o", files["dir"], *base], "output path is a directory")):
         code, err = run_main(argv, capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_words_outside_the_vocabulary_draw_one_warning_line(tiny_model_dir, tmp_path, files, capsys, caplog):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "dit4edit.json").write_text(json.dumps({"num_inference_steps": 2, "inversion": "ddim",
+                                                     "vocabulary": SOURCE.split() + ["blue"]}))
+    with caplog.at_level("WARNING"):
+        code, err = run_main(["edit", files["good"], "-s", SOURCE, "-t", "a blue dog on a white watercolor background",
+                              "-o", files["out"], "--model", model, "--quiet"], capsys)
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["the target prompt has words this model was not trained on: dog, watercolor "
+                        "(it ignores or misreads them)"]

@@ -84,6 +84,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
+        self._vocabulary_warned: set[str] = set()  # prompts already warned about (see `check_prompt`)
         self.register_to_config(max_sequence_length=int(max_sequence_length))
 
     @property
@@ -195,7 +196,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         if count > self.max_sequence_length:
             raise DiT4EditError(f"the {what} is {count} T5 tokens long; this model reads at most "
                                 f"{self.max_sequence_length}")
-        self.defaults.warn_unknown_words(prompt, what)
+        if prompt not in self._vocabulary_warned and self.defaults.unknown_words(prompt):
+            self._vocabulary_warned.add(prompt)  # once per prompt, not at every check of it
+            self.defaults.warn_unknown_words(prompt, what)
         return prompt
 
     @torch.no_grad()
