@@ -65,6 +65,8 @@ def test_custom_methods_and_merging_reach_the_edit(tiny_pipe, tmp_path):
         "plain": bench.Method("plain", inversion="dpm", control=None),
         "no-merge": bench.Method("no-merge", inversion="dpm", control=None, merge=None),
         "merged": bench.Method("merged", inversion="dpm", control=None, merge=MergeConfig(ratio=0.5, min_tokens=0)),
+        "controlled": bench.Method("controlled", inversion="dpm"),
+        "3-rows": bench.Method("3-rows", inversion="dpm", rows="3"),
     }
     bench.run_editing(tiny_pipe, tmp_path, count=1, steps=2, grid_pairs=0, disable_progress=True,
                       available=available)
@@ -72,6 +74,7 @@ def test_custom_methods_and_merging_reach_the_edit(tiny_pipe, tmp_path):
     assert set(psnr) == set(available)
     assert psnr["plain"] == psnr["no-merge"]  # the default config never merges grids this small
     assert psnr["merged"] != psnr["plain"]
+    assert psnr["3-rows"] != psnr["controlled"]  # 3 rows: the target's unconditional row runs without control
 
 
 class GroundTruthPipe:

@@ -66,6 +66,7 @@ class Method:
     control: AttentionControl | None = field(default_factory=AttentionControl)
     sdedit_strength: float | None = None
     merge: MergeConfig | None = field(default_factory=MergeConfig)
+    rows: str = "4"  # the edit's batch layout under guidance: "3" leaves out the source's unconditional row
 
 
 def default_methods() -> dict[str, Method]:
@@ -79,6 +80,7 @@ def default_methods() -> dict[str, Method]:
         Method("sdedit-0.6", control=None, sdedit_strength=0.6),
         # The paper's merging (ratio 0.8, 3x3 cells) forced onto these small grids (64-128 tokens).
         Method("dit4edit-merged", merge=MergeConfig(min_tokens=0)),
+        Method("dit4edit-3rows", rows="3"),
     ]
     return {m.name: m for m in methods}
 
@@ -247,7 +249,7 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                                                                    guidance, method.inversion,
                                                                    disable_progress=True)
                     output = pipe.edit(inversions[method.inversion], pair.target_caption, guidance,
-                                       control=method.control, merge=method.merge,
+                                       control=method.control, merge=method.merge, rows=method.rows,
                                        disable_progress=True).images[0]
                 seconds = time.perf_counter() - start
                 if k < grid_pairs:
