@@ -272,6 +272,15 @@ def test_the_api_edits_with_three_inputs_and_answers_bad_requests_with_errors(se
     assert fetched(edited["url"]).size == (64, 48) and "Reused the inversion" in status
     assert inverts.calls == 1
 
+    layer = tmp_path / "brush.png"  # the image editor's value: the left half brushed
+    brushed = Image.new("RGBA", (64, 48))
+    brushed.paste((255, 0, 255, 255), (0, 0, 32, 48))
+    brushed.save(layer)
+    brush = {"background": handle_file(str(picture)), "layers": [handle_file(str(layer))], "composite": None}
+    edited, _, shown, *_ = client.predict(handle_file(str(picture)), SOURCE, GREEN, mask=brush, api_name="/edit")
+    region = np.asarray(fetched(shown["url"]).convert("L"), dtype=float)
+    assert region.shape == (48, 64) and region[:, :32].mean() > 1.5 * region[:, 40:].mean()
+
 
 def test_concurrent_requests_are_queued_on_the_model(server, picture, monkeypatch):
     from gradio_client import Client, handle_file
