@@ -17,7 +17,7 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import cli
-from dit4edit.app import PageSettings, Editor, editor_mask, is_loopback
+from dit4edit.app import Editor, PageSettings, editor_mask, is_loopback
 from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
 
@@ -26,16 +26,18 @@ GREEN = "a green circle on a white background"
 
 
 class Counting:
-    """Counts a pipeline method's calls and the most calls that ran at once."""
+    """Counts a pipeline method's calls, keeps the keyword arguments of the last one, and the most calls that ran
+    at once."""
 
     def __init__(self, pipe, name: str, monkeypatch):
-        self.calls, self.running, self.most_at_once = 0, 0, 0
+        self.calls, self.running, self.most_at_once, self.kwargs = 0, 0, 0, {}
         self._lock = threading.Lock()
         original = getattr(pipe, name)
 
         def counted(*args, **kwargs):
             with self._lock:
                 self.calls += 1
+                self.kwargs = kwargs
                 self.running += 1
                 self.most_at_once = max(self.most_at_once, self.running)
             try:
@@ -63,10 +65,12 @@ def picture(tmp_path):
 
 
 def test_a_second_target_reuses_the_inversion(editor, tiny_pipe, picture, monkeypatch):
-    inverts = Counting(tiny_pipe, "invert", monkeypatch)
+    inverts, edits = Counting(tiny_pipe, "invert", monkeypatch), Counting(tiny_pipe, "edit", monkeypatch)
     first = editor.edit(picture, SOURCE, TARGET, FAST)
     second = editor.edit(Image.open(picture), SOURCE, GREEN, FAST)  # same pixels, given another way
     assert inverts.calls == 1
+    # the pipeline's progress bars run: the page's progress bar follows them (gr.Progress(track_tqdm=True))
+    assert inverts.kwargs["disable_progress"] is False and edits.kwargs["disable_progress"] is False
     assert not first.reused and second.reused
     assert "Reused the inversion" in second.status() and f"saved {first.inversion_seconds:.1f} s" in second.status()
     assert "Inverted in" in first.status()
