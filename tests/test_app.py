@@ -17,7 +17,7 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import cli
-from dit4edit.app import Editor, PageSettings, editor_mask, is_loopback
+from dit4edit.app import EXAMPLE_SOURCE, EXAMPLE_TARGET, Editor, PageSettings, editor_mask, is_loopback
 from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
 
@@ -361,3 +361,7 @@ def test_in_a_browser_upload_type_edit_and_see_the_picture(server, browser, tmp_
     target.clear()
     target.send_keys(GREEN)
     assert status_changes(browser.find_element(By.CSS_SELECTOR, "#edit").click).startswith("Reused the inversion")
+
+    browser.find_element(By.CSS_SELECTOR, "tr.tr-body").click()  # the shipped example fills the inputs
+    wait.until(lambda page: source.get_attribute("value") == EXAMPLE_SOURCE)
+    assert target.get_attribute("value") == EXAMPLE_TARGET
