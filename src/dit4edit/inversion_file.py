@@ -100,14 +100,16 @@ class Inversion:
                 metadata = handle.metadata() or {}
                 names = list(handle.keys())
                 shapes = {name: handle.get_slice(name).get_shape() for name in names}
-                dtypes = {name: handle.get_slice(name).get_dtype() for name in names}
                 meta = _parse_metadata(metadata, path)
-                _check_tensors(names, shapes, dtypes, meta, path, max_pixels)
-                trajectory = handle.get_tensor("trajectory")
+                _check_tensors(names, shapes, meta, path, max_pixels)
+                trajectory = handle.get_tensor("trajectory")  # its size is known to fit now
         except DiT4EditError:
             raise
         except Exception as error:  # safetensors raises several types for a bad file
             raise DiT4EditError(f"{path} is not a dit4edit inversion file ({type(error).__name__})") from None
+        if trajectory.dtype not in (torch.float32, torch.float64):
+            raise DiT4EditError(f"{path} is not a valid dit4edit inversion file: its trajectory is {trajectory.dtype}, "
+                                "not float32")
         if not bool(torch.isfinite(trajectory).all()):
             raise DiT4EditError(f"{path}: the trajectory holds NaN or infinite values")
         meta["original_size"] = tuple(meta["original_size"])
@@ -168,19 +170,17 @@ def _check_model_record(model) -> None:
         raise DiT4EditError("model probe must be a list of finite numbers")
 
 
-def _check_tensors(names, shapes, dtypes, meta: dict, path: Path, max_pixels: int) -> None:
-    """The trajectory's name, dtype and shape fit the settings, and the image it decodes to fits `max_pixels`."""
+def _check_tensors(names, shapes, meta: dict, path: Path, max_pixels: int) -> None:
+    """The trajectory's name and shape fit the settings, and the image it decodes to fits `max_pixels`."""
     if names != ["trajectory"]:
         raise DiT4EditError(f"{path} is not a valid dit4edit inversion file: tensors {names}, expected trajectory")
-    shape, dtype = list(shapes["trajectory"]), dtypes["trajectory"]
+    shape = list(shapes["trajectory"])
     width, height = meta["original_size"]
     imgs.check_size((width, height), max_pixels, what=f"the image of inversion {path}")
     steps, model = meta["num_inference_steps"], meta["model"]
     factor = model["vae_scale_factor"]
     work = imgs.work_size((width, height))
     expected = [steps + 1, model["latent_channels"], work[1] // factor, work[0] // factor]
-    if dtype not in ("F32", "F64") or shape != expected:
-        raise DiT4EditError(
-            f"{path} is not a valid dit4edit inversion file: its trajectory is {dtype} {shape}; "
-            f"{steps} steps of a {width}x{height} image need float32 {expected}"
-        )
+    if shape != expected:
+        raise DiT4EditError(f"{path} is not a valid dit4edit inversion file: its trajectory is {shape}; "
+                            f"{steps} steps of a {width}x{height} image need {expected}")
