@@ -55,8 +55,8 @@ class MergeConfig:
     merge_ff: also merge the feed-forward input of the same blocks (own plan per block, computed from that input;
             not with diffusers' feed-forward chunking, which feeds the FF slices of the grid).
     min_tokens: the pipeline merges only token grids at least this large (the functions here merge what they
-            are given). Below ~1024 tokens (512² images) merging saves
-            little (measured 0.86x of a forward at 1024 tokens on the CPU) and costs detail; see BENCHMARKS.md.
+            are given). The saving grows with the grid (attention is quadratic in it) while the lost detail does
+            not shrink; below ~1024 tokens (512² images) it is not worth it; see BENCHMARKS.md.
     blocks: `[start, end)` transformer blocks that merge in an edit (None = all).
     skip_steps: the first `skip_steps` denoising steps of an edit run unmerged (the layout is decided early).
     """
