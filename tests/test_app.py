@@ -3,6 +3,7 @@ one end-to-end run in a real headless browser (skipped where chromium is not ins
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import shutil
@@ -320,14 +321,36 @@ def browser():
 
 
 def test_in_a_browser_upload_type_edit_and_see_the_picture(server, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as shown
     from selenium.webdriver.support.ui import WebDriverWait
 
     app, _ = server
     picture = tmp_path / "upload.png"
     random_image(64, 48, seed=3).save(picture)
     wait = WebDriverWait(browser, 120)
+    with page_state_on_failure(browser, tmp_path / "failure.png"):
+        drive_the_page(app, browser, wait, picture)
+
+
+@contextlib.contextmanager
+def page_state_on_failure(browser, screenshot):
+    """On a failure, say what the page showed (status line, messages) and keep a screenshot."""
+    from selenium.webdriver.common.by import By
+
+    try:
+        yield
+    except Exception as error:
+        browser.save_screenshot(str(screenshot))
+        status = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#status")]
+        messages = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".toast-body")]
+        raise AssertionError(f"{type(error).__name__} in the browser: status {status}, messages {messages}, "
+                             f"screenshot {screenshot}") from error
+
+
+def drive_the_page(app, browser, wait, picture):
+    """Upload, type, meet the empty-prompt message, edit, check the picture, edit another target, load the example."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shown
+
     browser.get(app.local_url)
     wait.until(lambda page: "dit4edit" in page.title)
 

@@ -317,7 +317,7 @@ def _settings_fields(gr, defaults: PageSettings) -> list:
     """The settings, in `PageSettings` field order (the API's inputs 4 to 14)."""
     with gr.Accordion("settings", open=False):
         values = [
-            gr.Slider(1, 100, value=defaults.steps, step=1, label="steps"),
+            gr.Slider(1, max(100, defaults.steps), value=defaults.steps, step=1, label="steps"),
             gr.Number(value=defaults.guidance, label="guidance (classifier-free)"),
             gr.Dropdown(list(INVERSION_METHODS), value=defaults.inversion, label="inversion method"),
             gr.Number(value=defaults.tol, label="exact inversion tolerance"),
