@@ -251,7 +251,7 @@ def main(argv=None) -> int:
 
     text_encoder = build_text_encoder(len(tokenizer), args.t5_width, args.t5_layers).to(device)
     transformer = build_transformer(args.width, args.layers, args.t5_width, patch_size=args.patch_size).to(device)
-    if args.init_from:
+    if args.init_from and not (args.out / "dit.ckpt").exists():  # a resumed run loads its checkpoint instead
         copied = warm_start(text_encoder, T5EncoderModel, args.init_from / "text_encoder")
         copied += warm_start(transformer, PixArtTransformer2DModel, args.init_from / "transformer")
         log.info("warm start from %s: %d tensors copied", args.init_from, copied)

@@ -1,0 +1,48 @@
+"""The training scripts' own logic: the generate-then-edit scorer that selects weights, and the warm start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("dit4edit_research")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+import eval_editing  # noqa: E402
+from train_dit import build_transformer, warm_start  # noqa: E402
+
+
+@pytest.mark.parametrize("k", range(4))  # one pair per edit kind
+def test_a_perfect_edit_scores_success_and_an_unchanged_image_does_not(k):
+    pair = eval_editing.edit_pairs(4)[k]
+    perfect = eval_editing.score_edit(pair.source.image, pair.target.image, pair)
+    assert perfect["kind"] == pair.edit.kind
+    assert perfect["source_ok"] and perfect["success"]
+    if pair.edit.kind != "background":  # outside the edited object nothing moved
+        assert perfect["background_psnr"] == float("inf")
+    unchanged = eval_editing.score_edit(pair.source.image, pair.source.image, pair)
+    assert not unchanged["success"]
+
+
+def test_a_changed_background_lowers_the_background_psnr():
+    pair = next(p for p in eval_editing.edit_pairs(4) if p.edit.kind == "colour")
+    noisy = np.clip(pair.target.image.astype(np.int16) + 12, 0, 255).astype(np.uint8)
+    assert eval_editing.score_edit(pair.source.image, noisy, pair)["background_psnr"] < 30
+
+
+def test_warm_start_copies_the_tensors_whose_shapes_match(tmp_path):
+    torch.manual_seed(0)
+    source = build_transformer(64, 2, 32, sample_size=8, patch_size=2)
+    source.save_pretrained(tmp_path)
+    finer = build_transformer(64, 2, 32, sample_size=8, patch_size=1)
+    before = {k: v.clone() for k, v in finer.state_dict().items()}
+    copied = warm_start(finer, type(source), tmp_path)
+    after, reference = finer.state_dict(), source.state_dict()
+    same_shape = [k for k in after if k in reference and reference[k].shape == after[k].shape]
+    assert copied == len(same_shape) < len(after)
+    assert all(torch.equal(after[k], reference[k]) for k in same_shape)
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in same_shape)  # patch layers left as built
