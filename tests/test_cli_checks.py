@@ -13,7 +13,7 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import __version__
-from dit4edit.cli import build_parser, main
+from dit4edit.cli import build_parser, main, merge_from_args
 from dit4edit.pipeline import DiT4EditPipeline
 
 
@@ -65,6 +65,7 @@ EARLY = [
     (["--merge-ratio", "nan"], "merge ratio"),
     (["--merge-min-tokens", "-5"], "--merge-min-tokens must be >= 0"),
     (["--merge-blocks", "0:99"], "outside the model's 2 blocks"),
+    (["--merge-plan-every", "0"], "merge plan_every must be an integer >= 1"),
     (["--mask", "{dir}/nomask.png"], "mask not found"),
     (["--mask", "{small}"], "mask is 16x16, the image is 32x32"),
     (["--save-inversion", "{good}/x.safetensors"], "is a file, not a folder"),
@@ -155,6 +156,12 @@ def test_version_and_help_for_every_argument():
                if action.dest != "help" and not action.help]
     assert missing == []
     assert "default: the embedded model" in commands.choices["edit"].format_help()
+
+
+def test_merge_plan_every_flag_sets_the_config():
+    edit = ["edit", "in.png", "-s", SOURCE, "-t", TARGET, "-o", "out.png"]
+    assert merge_from_args(build_parser().parse_args([*edit, "--merge-plan-every", "4"])).plan_every == 4
+    assert merge_from_args(build_parser().parse_args(edit)).plan_every == 1
 
 
 def test_saved_inversion_settings_are_used_and_said(files, tiny_model_dir, tmp_path, capsys, monkeypatch):

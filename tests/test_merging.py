@@ -1,12 +1,16 @@
 """Token merging: plans, merge/unmerge identities, the hooks around attn1/ff on a tiny PixArt, install/restore."""
 
+import contextlib
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dit4edit.errors import DiT4EditError
-from dit4edit.merging import MergeConfig, _partition, identity, plan_merge, required_stride, token_merging
-from dit4edit.tiny import tiny_components
+from dit4edit import merging
+from dit4edit.merging import (MergeConfig, _partition, identity, layer_seed, plan_merge, required_stride,
+                              token_merging)
+from dit4edit.tiny import tiny_components, tiny_transformer
 
 
 def gen(seed=0):
@@ -126,11 +130,17 @@ def test_ratio_needs_a_large_enough_stride():
         (dict(stride=(0, 3)), "positive integers"),
         (dict(stride=(3,)), "positive integers"),
         (dict(ratio=0.5, stride=(1, 1)), r"use stride \(2, 2\)"),
+        (dict(plan_every=0), r"plan_every must be an integer >= 1 .*got 0"),
+        (dict(plan_every=-2), r"plan_every must be an integer >= 1"),
+        (dict(plan_every=1.5), r"plan_every must be an integer >= 1"),
+        (dict(plan_every=True), r"plan_every must be an integer >= 1"),
+        (dict(plan_every="2"), r"plan_every must be an integer >= 1"),
     ],
 )
 def test_config_validation(kwargs, message):
-    with pytest.raises(DiT4EditError, match=message):
+    with pytest.raises(DiT4EditError, match=message) as error:
         MergeConfig(**kwargs)
+    assert "\n" not in str(error.value)
 
 
 def test_grid_must_match_token_count():
@@ -147,7 +157,7 @@ def transformer():
 
 
 def run(transformer, latent_hw=(8, 8), batch=2, **kwargs):
-    g = gen(11)
+    g = gen(11)  # the same inputs every call
     latents = torch.randn(batch, 4, *latent_hw, generator=g)
     text = torch.randn(batch, 6, 32, generator=g)
     with torch.no_grad():
@@ -248,3 +258,119 @@ def test_blocks_outside_the_model(transformer):
         with token_merging(transformer, MergeConfig(blocks=(1, 5)), (4, 4)):
             pass
     assert hooks(transformer) == 0
+
+
+# --- plans reused across blocks (plan_every) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A tiny PixArt with 5 blocks, so groups of 2 blocks end inside the model."""
+    torch.manual_seed(1)
+    return tiny_transformer(5)
+
+
+class PlanSpy:
+    """Records every `plan_merge` call of `token_merging`: the features it plans from and the seed."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        monkeypatch.setattr(merging, "plan_merge", self)
+
+    def __call__(self, metric, grid, config, generator):
+        self.calls.append(dict(metric=metric.clone(), seed=generator.initial_seed()))
+        return plan_merge(metric, grid, config, generator)
+
+
+@contextlib.contextmanager
+def recorded(transformer, part="attn1", first=True):
+    """`inputs[i]`: the input of block i's `part`, one per forward: as it arrives (`first`: before any merging hook)
+    or as the module sees it (installed inside `token_merging`: after merging)."""
+    inputs, handles = {}, []
+    try:
+        for i, block in enumerate(transformer.transformer_blocks):
+            handles.append(getattr(block, part).register_forward_pre_hook(
+                lambda m, args, i=i: inputs.setdefault(i, []).append(args[0].clone()), prepend=first))
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def seed_of(config, block, step, ff=False):
+    return layer_seed(config.seed, block, ff) * 1009 + step
+
+
+@pytest.mark.parametrize("plan_every, blocks, planners", [
+    (1, None, [0, 1, 2, 3, 4]),
+    (2, None, [0, 2, 4]),
+    (3, None, [0, 3]),
+    (2, (1, 5), [1, 3]),  # groups count from the first merging block
+    (5, None, [0]),
+    (99, None, [0]),  # more than the model has: one plan per step
+])
+def test_a_fresh_plan_at_each_group_start_and_step(deep, monkeypatch, plan_every, blocks, planners):
+    spy = PlanSpy(monkeypatch)
+    config = MergeConfig(ratio=0.5, seed=2, blocks=blocks, plan_every=plan_every, merge_ff=True)
+    with recorded(deep) as attn_in, recorded(deep, "ff") as ff_in:
+        with token_merging(deep, config, (4, 4), plan_row=1):
+            for step in (3, 4):
+                run(deep, batch=3, cross_attention_kwargs={"step_index": step})
+    assert hooks(deep) == 0
+    expected = [(block, step, ff) for step in (0, 1) for block in planners for ff in (False, True)]
+    assert len(spy.calls) == len(expected)
+    for call, (block, forward, ff) in zip(spy.calls, expected):
+        features = (ff_in if ff else attn_in)[block][forward][1]  # the plan row of the planning block's input
+        assert torch.equal(call["metric"], features)
+        assert call["seed"] == seed_of(config, block, 3 + forward, ff)
+
+
+def test_blocks_of_a_group_merge_by_the_first_blocks_plan(deep):
+    """Each block's merged attn1 input equals a plan made by hand from its group's first block, applied to the
+    block's own input; the next group's first block does not follow the previous plan."""
+    config, grid, step = MergeConfig(ratio=0.5, plan_every=2), (4, 4), 7
+    with recorded(deep) as inputs, token_merging(deep, config, grid, plan_row=1), recorded(deep, first=False) as merged:
+        run(deep, batch=3, cross_attention_kwargs={"step_index": step})
+    plans = {}
+    for block in range(5):
+        first = block - block % 2
+        if first not in plans:
+            plans[first] = plan_merge(inputs[first][0][1], grid, config, gen(seed_of(config, first, step)))
+        merge = plans[first][0]
+        assert merged[block][0].shape[1] == 16 - config.removed(16)
+        torch.testing.assert_close(merged[block][0], merge(inputs[block][0]), rtol=1e-6, atol=1e-7)
+    previous = plans[0][0](inputs[2][0])
+    assert (merged[2][0] - previous).abs().max() > 1e-3
+
+
+def test_plan_every_one_is_one_plan_per_block(deep):
+    """plan_every=1 merges every block exactly as that block merging alone would (a single-block install plans
+    from its own input with the block's own seed): bit for bit, the same code path."""
+    config = MergeConfig(ratio=0.5, seed=4, merge_ff=True)
+    assert config.plan_every == 1
+    with token_merging(deep, config, (4, 4), plan_row=1):
+        together = run(deep, batch=3)
+    with contextlib.ExitStack() as stack:
+        for block in range(5):
+            stack.enter_context(token_merging(deep, MergeConfig(ratio=0.5, seed=4, merge_ff=True, plan_every=3,
+                                                                blocks=(block, block + 1)), (4, 4), plan_row=1))
+        alone = run(deep, batch=3)
+    assert torch.equal(together, alone)
+    with token_merging(deep, MergeConfig(ratio=0.5, seed=4, merge_ff=True, plan_every=2), (4, 4), plan_row=1):
+        grouped = run(deep, batch=3)
+    assert not torch.allclose(grouped, together)
+    unmerged = run(deep, batch=3)
+    assert not torch.allclose(grouped, unmerged) and hooks(deep) == 0
+
+
+def test_a_reused_plan_serves_every_row(deep):
+    """Rows equal to the plan row stay equal to it when later blocks reuse the first block's plan."""
+    g = gen(4)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    latents[2] = latents[1]
+    text = torch.randn(1, 6, 32, generator=g).expand(3, -1, -1)
+    with token_merging(deep, MergeConfig(ratio=0.5, plan_every=5), (4, 4), plan_row=1), torch.no_grad():
+        out = deep(latents, encoder_hidden_states=text, timestep=torch.full((3,), 500),
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    torch.testing.assert_close(out[2], out[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[0], out[1])

@@ -214,6 +214,9 @@ def test_patch_merging_in_edit(tiny_pipe):
     attn_only = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0))
     assert relative_error(one_block.latents[1], plain.latents[1]) > 1e-4
     assert relative_error(one_block.latents[1], attn_only.latents[1]) > 1e-4
+    grouped = tiny_pipe.edit(inversion, TARGET, merge=MergeConfig(ratio=0.5, min_tokens=0, plan_every=2))
+    assert relative_error(grouped.latents[1], attn_only.latents[1]) > 1e-4  # block 1 reuses block 0's plan
+    assert torch.equal(grouped.latents[0], plain.latents[0])
     # one plan shared by the branches: with identical prompts the target still equals the free source
     free = tiny_pipe.edit(inversion, SOURCE, pin_source=False, merge=MergeConfig(ratio=0.5, min_tokens=0))
     assert relative_error(free.latents[1], free.latents[0]) < 1e-5

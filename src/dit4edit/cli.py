@@ -182,6 +182,9 @@ def control_options(sub: argparse.ArgumentParser) -> None:
                          help="merge only in transformer blocks [START, END) (default: all)")
     merging.add_argument("--merge-skip-steps", type=int, default=None, metavar="N",
                          help="leave self-attention unmerged in the first N denoising steps (default 0)")
+    merging.add_argument("--merge-plan-every", type=int, default=None, metavar="N",
+                         help="plan once per N merging blocks, reused by the blocks in between (default 1: a plan "
+                              "per block)")
 
 
 class _SettingsParser(_Parser):
@@ -293,6 +296,8 @@ def merge_from_args(args):
         fields["blocks"] = _range(args.merge_blocks, "--merge-blocks")
     if args.merge_skip_steps is not None:
         fields["skip_steps"] = args.merge_skip_steps
+    if args.merge_plan_every is not None:
+        fields["plan_every"] = args.merge_plan_every
     try:
         return MergeConfig(**fields)
     except (TypeError, ValueError) as error:

@@ -20,7 +20,8 @@ How a plan is made (`plan_merge`):
 A plan is one index vector `slot` of length `N` (token -> row of the merged sequence) and the group sizes, so
 `merge` is one `index_add` and a division, `unmerge` one `index_select`. One plan serves every row of the batch,
 computed from one row (for an edit, the source branch's conditional row): row i of every merged row is then the same
-group of patches, which attention control needs (target queries against source keys and values).
+group of patches, which attention control needs (target queries against source keys and values). `token_merging`
+makes a plan per block and step, or, with `MergeConfig.plan_every`, one per group of consecutive blocks and step.
 
 `ratio` is the fraction of ALL tokens removed. A cell keeps at least its destination, so at most
 `1 - 1/(sh*sw)` can go: 0.75 with a 2x2 stride, 0.889 with 3x3 (the paper's 0.8 needs 3x3).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -59,6 +61,15 @@ class MergeConfig:
             not shrink; below ~1024 tokens (512² images) it is not worth it; see BENCHMARKS.md.
     blocks: `[start, end)` transformer blocks that merge in an edit (None = all).
     skip_steps: the first `skip_steps` denoising steps of an edit run unmerged (the layout is decided early).
+    plan_every: make a fresh plan every `plan_every` merging blocks and let the blocks in between reuse it.
+            1 (the default) plans in every block. With k, the merging blocks form groups of k consecutive ones
+            (counted from the first merging block); the first block of a group plans from its own input at the
+            current step, exactly as with 1, and the others merge by that plan, so a step makes
+            ceil(blocks / k) plans instead of one per block. Any k >= the number of merging blocks means one plan
+            per step. Planning (a similarity product, a sort, scatters) costs a GPU about as much as merging
+            saves; reusing a plan saves it, at the price of grouping deeper blocks' tokens by shallower features.
+            With `merge_ff`, the feed-forward plans are grouped the same way, each made from the feed-forward
+            input of its group's first block.
     """
 
     ratio: float = 0.8
@@ -68,6 +79,7 @@ class MergeConfig:
     min_tokens: int = 1024
     blocks: tuple[int, int] | None = None
     skip_steps: int = 0
+    plan_every: int = 1
 
     def __post_init__(self):
         if len(self.stride) != 2 or any(int(s) != s or s < 1 for s in self.stride):
@@ -81,6 +93,9 @@ class MergeConfig:
             object.__setattr__(self, "blocks", (int(self.blocks[0]), int(self.blocks[1])))
         if self.skip_steps < 0:
             raise DiT4EditError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
+        if isinstance(self.plan_every, bool) or not isinstance(self.plan_every, numbers.Integral) or self.plan_every < 1:
+            raise DiT4EditError(f"merge plan_every must be an integer >= 1 (blocks per plan), got {self.plan_every!r}")
+        object.__setattr__(self, "plan_every", int(self.plan_every))
         if self.ratio > self.max_ratio + 1e-9:
             raise DiT4EditError(
                 f"merge ratio {self.ratio} is too high for stride {self.stride}: it removes at most "
@@ -251,18 +266,35 @@ def token_merging(transformer, config: MergeConfig, grid: Grid, plan_row: int = 
         conditional source row of its `BatchLayout`.
     The step index, for `config.skip_steps` and for drawing a fresh plan each step, comes from the loop through
     `cross_attention_kwargs={"step_index": i}` (no step index: step 0); it is not handed on to processors that do
-    not take it. Plans are drawn on the device of the hidden states, from `layer_seed(config.seed, block)` and the step.
+    not take it. Plans are drawn on the device of the hidden states, from `layer_seed(config.seed, block)` and the step,
+    where `block` is the block that makes the plan: with `config.plan_every = k`, the first block of each group of k
+    merging blocks, whose plan the rest of its group reuses within the same forward. Every forward starts with no
+    plans, so a reused plan never outlives the step it was made at.
     """
     blocks = config.block_indices(len(transformer.transformer_blocks))  # a range outside the model: one-line error
+    # The block that makes the plan each merging block uses: the first of its group of `plan_every`, by position
+    # among the merging blocks (fixed here, at install time; no call counting).
+    planner = {block: blocks[i - i % config.plan_every] for i, block in enumerate(blocks)}
     handles = []
     state = {"step": 0}
+    plans: dict[tuple[int, bool], tuple[MergeFn, MergeFn]] = {}  # (planning block, ff) -> this forward's plan
 
     def read_step(module, args, kwargs):
+        plans.clear()  # a new forward: every group plans afresh from this forward's features
         extra = kwargs.get("cross_attention_kwargs") or {}
         state["step"] = extra.get("step_index") or 0
         if "step_index" in extra and not _processors_take(module, "step_index"):
             kwargs = {**kwargs, "cross_attention_kwargs": {k: v for k, v in extra.items() if k != "step_index"}}
         return args, kwargs
+
+    def plan_for(hidden_states: Tensor, block: int, ff: bool) -> tuple[MergeFn, MergeFn]:
+        """The plan of `block` in this forward: its own when it starts a group (or finds none), else its group's."""
+        key = (planner[block], ff)
+        if block == planner[block] or key not in plans:
+            generator = torch.Generator(device=hidden_states.device)
+            generator.manual_seed(layer_seed(config.seed, planner[block], ff) * 1009 + state["step"])
+            plans[key] = plan_merge(hidden_states[plan_row], grid, config, generator)
+        return plans[key]
 
     def around(module, block: int, ff: bool):
         pending: list[MergeFn] = []
@@ -274,9 +306,7 @@ def token_merging(transformer, config: MergeConfig, grid: Grid, plan_row: int = 
                 pending.append(identity)
                 return None
             hidden_states = args[0]  # (B, N, C)
-            generator = torch.Generator(device=hidden_states.device)
-            generator.manual_seed(layer_seed(config.seed, block, ff) * 1009 + state["step"])
-            merge, unmerge = plan_merge(hidden_states[plan_row], grid, config, generator)
+            merge, unmerge = plan_for(hidden_states, block, ff)
             pending.append(unmerge)
             return (merge(hidden_states), *args[1:]), kwargs  # (B, N - r, C)
 
@@ -298,6 +328,7 @@ def token_merging(transformer, config: MergeConfig, grid: Grid, plan_row: int = 
     finally:
         for handle in handles:
             handle.remove()
+        plans.clear()
 
 
 def _processors_take(transformer, name: str) -> bool:
