@@ -7,9 +7,10 @@ VAE, and a T5-XXL-shaped text encoder (24 layers, 4096 wide). For each size it t
 - `generation`: diffusers' `PixArtAlphaPipeline` from the same components, same steps, guidance and size (no
   resolution binning), image out;
 - each edit variant: a whole edit, image in to image out (inversion, edit with attention control, VAE decode).
-  Variants switch on one thing each: `merge` (patch merging, MergeConfig defaults), `rows3` (the 3-row batch
-  without the source's unconditional row), `compile` (regional torch.compile of the transformer blocks; the compile
-  time is the first edit's extra time, reported apart), `offload` (model CPU offload), and `+` combines them.
+  Variants switch on one thing each: `merge` (patch merging, MergeConfig defaults), `plan<K>` (with `merge`: one
+  merging plan per K blocks and step, `MergeConfig.plan_every=K`; `plan28` = one plan per step), `rows3` (the 3-row
+  batch without the source's unconditional row), `compile` (regional torch.compile of the transformer blocks; the
+  compile time is the first edit's extra time, reported apart), `offload` (model CPU offload), and `+` combines them.
 
 Each variant is measured `--rounds` times after one warm-up run (eager variants alternate within a round; compiled
 ones run after compiling once); medians are reported with the peak GPU memory (`torch.cuda.max_memory_allocated`).
@@ -34,7 +35,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import PixArtAlphaPipeline
@@ -50,7 +51,7 @@ from dit4edit_research.devices import cpu_name, synchronize
 from dit4edit_research.synthetic import generate_scene
 
 SWITCHES = ("merge", "rows3", "compile", "offload")
-DEFAULT_VARIANTS = "base,merge,rows3,offload,compile,compile+merge+rows3"
+DEFAULT_VARIANTS = "base,merge,merge+plan28,rows3,offload,compile,compile+merge+rows3"
 TEXT_TOKENS = 120  # PixArt reads 120 T5 tokens
 GUIDANCE = 4.5
 
@@ -62,15 +63,19 @@ class Variant:
     rows3: bool = False
     compile: bool = False
     offload: bool = False
+    plan_every: int = 1  # merging blocks per plan (MergeConfig.plan_every)
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         parts = [] if name == "base" else name.split("+")
-        unknown = [part for part in parts if part not in SWITCHES]
-        if unknown or (("compile" in parts) and ("offload" in parts)):
-            raise SystemExit(f"bench_gpu: unknown or unsupported variant {name!r} (base, or + of {SWITCHES}; "
-                             "compile and offload do not combine here)")
-        return cls(name, **{part: True for part in parts})
+        plans = [part for part in parts if part.startswith("plan") and part[4:].isdigit() and int(part[4:]) >= 1]
+        unknown = [part for part in parts if part not in SWITCHES and part not in plans]
+        if (unknown or (("compile" in parts) and ("offload" in parts)) or len(plans) > 1
+                or (plans and "merge" not in parts)):
+            raise SystemExit(f"bench_gpu: unknown or unsupported variant {name!r} (base, or + of {SWITCHES} and "
+                             "plan<K>; compile and offload do not combine here; plan<K> once, with merge)")
+        flags = {part: True for part in parts if part not in plans}
+        return cls(name, **flags, **({"plan_every": int(plans[0][4:])} if plans else {}))
 
 
 def forward_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> float:
@@ -155,8 +160,9 @@ class Runner:
         pipe = self.pipe
         inversion, t_inv = timed(lambda: pipe.invert(image, SOURCE, self.steps, GUIDANCE, method=self.inversion),
                                  self.device)
-        result, t_edit = timed(lambda: pipe.edit(inversion, TARGET, merge=self.merge if variant.merge else None,
-                                                 rows="3" if variant.rows3 else "4"), self.device)
+        merge = replace(self.merge, plan_every=variant.plan_every) if variant.merge else None
+        result, t_edit = timed(lambda: pipe.edit(inversion, TARGET, merge=merge, rows="3" if variant.rows3 else "4"),
+                               self.device)
         assert result.images[0].size == image.size
         return dict(inversion=t_inv, edit=t_edit)
 

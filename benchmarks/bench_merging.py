@@ -6,10 +6,12 @@ self-attention in the deeper half, Prompt-to-Prompt on cross-attention; `--no-co
 and merging by `token_merging` with one plan from the source's conditional row shared by every row. Sizes 512^2,
 1024^2 and 1024x2048, each merge ratio, variants alternating inside every repeat so machine load hits them alike;
 reports medians, the ratio merged/unmerged, peak memory, the relative error of the output against the unmerged
-forward, and where the time goes (attn1 / attn2 / feed-forward / outside the blocks).
+forward, and where the time goes (attn1 / attn2 / feed-forward / outside the blocks). `--plan-every K ...` adds,
+for each ratio, merging with one plan per K blocks and step (`MergeConfig.plan_every`; K >= the blocks run: one plan
+per step) next to the default plan per block.
 
     python benchmarks/bench_merging.py                                    # CPU, 2 of the 28 blocks
-    python benchmarks/bench_merging.py --device cuda --dtype bfloat16 --blocks 28
+    python benchmarks/bench_merging.py --device cuda --dtype bfloat16 --blocks 28 --plan-every 2 4 7 28
 
 Merging follows Bolya & Hoffman 2023, "Token Merging for Fast Stable Diffusion" (see dit4edit.merging).
 """
@@ -24,7 +26,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,9 @@ def parse_args(argv):
     p.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.8], help="merge ratios besides 0")
     p.add_argument("--ff-ratios", nargs="*", type=float, default=[0.8], help="ratios also run with merge_ff=True")
     p.add_argument("--stride", nargs=2, type=int, default=[3, 3])
+    p.add_argument("--plan-every", nargs="*", type=int, default=[2, 28], metavar="K",
+                   help="also merge with one plan per K blocks, for every ratio (and FF ratio); K is capped at "
+                        "--blocks and repeats dropped (default 2 28)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats at 1024^2")
     p.add_argument("--repeats-small", type=int, default=5, help="repeats at 512^2")
     p.add_argument("--repeats-large", type=int, default=2, help="repeats at 1024x2048")
@@ -309,6 +314,14 @@ def outside_blocks(parts: dict) -> float:
     return parts["total"] - parts["block"]
 
 
+def plan_variants(variants: list[Variant], plan_every: list[int], blocks: int) -> list[Variant]:
+    """Each merging variant again with one plan per K of the `blocks` blocks (K capped at `blocks`, repeats
+    dropped; K = 1 is the variant itself)."""
+    ks = sorted({min(k, blocks) for k in plan_every if k > 1})
+    return [Variant(f"{v.label}, plan every {k}" + (" (one per step)" if k == blocks else ""),
+                    replace(v.config, plan_every=k)) for v in variants for k in ks]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()  # the "keep in float32" notice on .to(dtype) of a random model
@@ -322,11 +335,13 @@ def main(argv=None) -> int:
         Variant(f"ratio {r} + ff", MergeConfig(ratio=r, stride=stride, seed=args.seed, merge_ff=True))
         for r in args.ff_ratios
     ]
+    variants += plan_variants(variants[1:], args.plan_every, args.blocks)
     print(f"# token merging benchmark\n\ndevice: {describe_device(args.device)}, dtype {args.dtype}")
     control = "no attention control" if args.no_control else f"attention control at step {args.step} of {NUM_STEPS}"
     print(f"PixArt-XL-2 architecture, random weights, {args.blocks} of 28 blocks (per-block ratios are what carry "
           f"over to 28), merge stride {stride}, self-attention (attn1) merged in every block with one plan from "
-          f"the source's conditional row; the {LAYOUT.rows}-row edit batch, {control}")
+          f"the source's conditional row (per block and step, or per K blocks with 'plan every K'); the "
+          f"{LAYOUT.rows}-row edit batch, {control}")
     print(f"command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     models = {}
     for size in args.sizes:

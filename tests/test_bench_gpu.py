@@ -42,6 +42,7 @@ def test_tiny_run_reports_every_field_from_its_measurements(bench_gpu, tmp_path,
     # naive inversion: 2 steps x 2 rows; edit: 2 steps x 4 rows (3 without the source's unconditional row)
     assert variants["base"]["sample_forwards"] == 2 * 2 + 2 * 4
     assert variants["rows3"]["sample_forwards"] == 2 * 2 + 2 * 3
+    assert variants["merge"]["sample_forwards"] == variants["merge+plan28"]["sample_forwards"] == 2 * 2 + 2 * 4
     assert close(size["floor_flops"], variants["base"]["sample_forwards"] * size["flops_per_forward"])
     for v in variants.values():
         assert v["whole_edit_s"] == statistics.median(v["times"]) and len(v["times"]) == results["rounds"]
@@ -54,6 +55,15 @@ def test_tiny_run_reports_every_field_from_its_measurements(bench_gpu, tmp_path,
                  - variants["compile"]["whole_edit_s"])
     assert size["graphs_compiled"] > 0 and size["graphs_compiled_in_timed_rounds"] == 0
     assert "| compile+merge+rows3 |" in capsys.readouterr().out
+
+
+def test_variant_names(bench_gpu):
+    assert bench_gpu.Variant.parse("merge+plan7+rows3") == bench_gpu.Variant("merge+plan7+rows3", merge=True,
+                                                                             rows3=True, plan_every=7)
+    assert bench_gpu.Variant.parse("merge").plan_every == 1
+    for bad in ("plan4", "merge+plan0", "merge+plan2+plan3", "merge+planx", "compile+offload"):
+        with pytest.raises(SystemExit, match="unknown or unsupported variant"):
+            bench_gpu.Variant.parse(bad)
 
 
 @pytest.mark.parametrize("sample_size, height, width", [(64, 64, 64), (128, 128, 256)])  # 512; 1024-MS, 1024x2048
