@@ -6,7 +6,9 @@ Not a test. Uses the same pairs and results folder as `python -m dit4edit_resear
 (resumable; naive 2M inversion, as in the settings sweep).
 
     python benchmarks/merge_variants.py -o benchmarks/results/synthetic-merging --pairs 20
-    python benchmarks/merge_variants.py -o OUT --pairs 12 --methods dit4edit,dit4edit-merged,merged-plan-every-2,merged-plan-per-step
+
+The plan_every run (`benchmarks/results/synthetic-merging-plan`) chose its variants with `--methods
+dit4edit,dit4edit-merged,merged-plan-every-2,merged-plan-per-step`.
 """
 
 from __future__ import annotations

@@ -66,8 +66,9 @@ class MergeConfig:
             (counted from the first merging block); the first block of a group plans from its own input at the
             current step, exactly as with 1, and the others merge by that plan, so a step makes
             ceil(blocks / k) plans instead of one per block. Any k >= the number of merging blocks means one plan
-            per step. Planning (a similarity product, a sort, scatters) costs a GPU about as much as merging
-            saves; reusing a plan saves it, at the price of grouping deeper blocks' tokens by shallower features.
+            per step. On a GPU planning (a similarity product, a sort, scatters) is a large part of what
+            merging costs (see BENCHMARKS.md); reusing a plan saves it, at the price of grouping a deeper block's
+            tokens by a shallower block's features.
             With `merge_ff`, the feed-forward plans are grouped the same way, each made from the feed-forward
             input of its group's first block.
     """
@@ -93,7 +94,8 @@ class MergeConfig:
             object.__setattr__(self, "blocks", (int(self.blocks[0]), int(self.blocks[1])))
         if self.skip_steps < 0:
             raise DiT4EditError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
-        if isinstance(self.plan_every, bool) or not isinstance(self.plan_every, numbers.Integral) or self.plan_every < 1:
+        plan_every = self.plan_every
+        if isinstance(plan_every, bool) or not isinstance(plan_every, numbers.Integral) or plan_every < 1:
             raise DiT4EditError(f"merge plan_every must be an integer >= 1 (blocks per plan), got {self.plan_every!r}")
         object.__setattr__(self, "plan_every", int(self.plan_every))
         if self.ratio > self.max_ratio + 1e-9:
