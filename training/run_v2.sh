@@ -24,3 +24,10 @@ training/eval_candidate.sh "$RUNS/pilot-coarse" final 100 20
 $PY training/sweep_settings.py --model "$RUNS/pilot-coarse/eval-final/model" --out "$RUNS/sweep-final" \
     --guidance 2,3,4.5 --inversion dpm --pairs 12
 $PY training/export.py --run "$RUNS/pilot-coarse" --dest src/dit4edit/models/shapes
+
+# v3 (2026-12-02, a later session; /root/runs/v2-long and pilot-coarse were gone with the machine): the same recipe
+# from the v1 weights again, the CPU to itself (one thread; evaluations on the other core), 8,000 world-v2 scenes.
+# Steps 0-2900 ran on a 5,700 s time budget (calibrated to --steps 7618 at 748 ms/step); under the evaluations' load
+# the steps slowed to ~1.1 s, so at step 2900 it was restarted (resumed) with the schedule shortened to 6,000 steps.
+$PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --time-budget 5700 --stop-at 2900
+$PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --steps 6000
