@@ -29,5 +29,5 @@ $PY training/export.py --run "$RUNS/pilot-coarse" --dest src/dit4edit/models/sha
 # from the v1 weights again, the CPU to itself (one thread; evaluations on the other core), 8,000 world-v2 scenes.
 # Steps 0-2900 ran on a 5,700 s time budget (calibrated to --steps 7618 at 748 ms/step); under the evaluations' load
 # the steps slowed to ~1.1 s, so at step 2900 it was restarted (resumed) with the schedule shortened to 6,000 steps.
-$PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --time-budget 5700 --stop-at 2900
+$PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --steps 7618 --stop-at 2900  # as run: --time-budget 5700
 $PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --steps 6000
