@@ -159,6 +159,19 @@ def test_the_page_starts_from_the_models_own_defaults(tiny_pipe, monkeypatch):
     assert (own.steps, own.guidance, own.inversion, own.tol) == (12, 2.5, "dpm", PageSettings().tol)
 
 
+def test_the_page_starts_from_the_models_own_attention_control(tiny_pipe, monkeypatch):
+    from dit4edit.model_folder import ModelDefaults
+
+    model = ModelDefaults(control={"self_mode_early": "p2p", "self_replace_steps": 1.0, "self_layers": [0, 1]})
+    monkeypatch.setattr(tiny_pipe, "defaults", model)
+    page = PageSettings.of_model(tiny_pipe)
+    assert (page.self_replace_steps, page.self_layers) == (1.0, "0:1")
+    # What the page does not show (the early self-attention mode) stays as the model has it.
+    assert page.control(model) == AttentionControl(self_mode_early="p2p", self_replace_steps=1.0, self_layers=(0, 1))
+    moved = PageSettings(**{**vars(page), "self_replace_steps": 0.5})
+    assert moved.control(model) == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5, self_layers=(0, 1))
+
+
 def test_the_librarys_warnings_reach_the_page(editor, tiny_pipe, picture, monkeypatch):
     from dit4edit.model_folder import ModelDefaults
 

@@ -153,3 +153,47 @@ def test_demo_runs_with_the_same_settings_as_edit(monkeypatch, tmp_path, capsys)
     assert edit[0] == "edit" and not {"--steps", "--guidance", "--inversion", "--tol"} & set(edit)
     defaults = ModelDefaults.from_folder(model_folder.EMBEDDED_MODEL)
     assert f"{defaults.num_inference_steps} steps, {defaults.inversion}" in capsys.readouterr().out
+
+
+def test_models_own_attention_control_is_what_an_edit_uses_unless_told(copy, tiny_pipe):
+    from types import SimpleNamespace
+
+    from conftest import SOURCE, TARGET, random_image
+    from dit4edit import cli
+    from dit4edit.control import AttentionControl
+
+    (copy / "dit4edit.json").write_text(json.dumps({"control": {"self_mode_early": "p2p", "self_replace_steps": 1.0,
+                                                                "self_layers": [0, 1]}}))
+    defaults = check_folder(copy).defaults
+    own = AttentionControl(self_mode_early="p2p", self_replace_steps=1.0, self_layers=(0, 1))
+    assert defaults.attention_control() == own
+    assert ModelDefaults().attention_control() == AttentionControl()  # no file: the library's (the paper's)
+
+    # The API: an edit that names no control runs the model's; AttentionControl() asks for the library's.
+    pipe = DiT4EditPipeline(**{name: getattr(tiny_pipe, name) for name in
+                               ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.defaults = defaults
+    inversion = pipe.invert(random_image(32, 32), SOURCE, num_inference_steps=2, method="ddim")
+    assert pipe.edit(inversion, TARGET).controller.config == own
+    assert pipe.edit(inversion, TARGET, control=AttentionControl()).controller.config == AttentionControl()
+
+    # The command line: its flags change the model's control field by field.
+    flags = SimpleNamespace(no_attention_control=False, self_replace_steps=0.5, self_layers=None,
+                            cross_replace_steps=None, edit_mode=None, reweight=[], local_blend=None)
+    assert cli.control_from_args(flags, defaults) == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5,
+                                                                      self_layers=(0, 1))
+    assert cli.control_from_args(SimpleNamespace(**{**vars(flags), "no_attention_control": True}), defaults) is None
+
+
+@pytest.mark.parametrize("control, message", [
+    ({"self_mode": "p2p"}, "unknown attention-control setting(s) self_mode"),
+    ({"self_mode_early": "both"}, "self_mode_early must be one of"),
+    ({"self_replace_steps": 2}, "self_replace_steps"),
+])
+def test_bad_model_control_is_one_line_error(control, message):
+    with pytest.raises(DiT4EditError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        ModelDefaults(control=control).attention_control()
+    assert "\n" not in str(info.value)
+    with pytest.raises(DiT4EditError, match="control must be an object"):
+        ModelDefaults(control=["p2p"])

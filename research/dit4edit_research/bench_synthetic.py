@@ -42,6 +42,7 @@ from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
 from dit4edit.merging import MergeConfig
 from dit4edit.methods import INVERSION_METHODS
+from dit4edit.pipeline import DEFAULT_CONTROL
 
 from . import synthetic as world
 
@@ -58,12 +59,13 @@ RECONSTRUCTION_GAP_DB = 1.0
 
 @dataclass(frozen=True)
 class Method:
-    """One way of editing: inversion, attention control (None = none), token merging (the pipeline's default
-    merges only grids of >= 1024 tokens, i.e. never on this benchmark's images), or SDEdit at a strength."""
+    """One way of editing: inversion, attention control (None = none; by default the model's own, as `edit` runs
+    it when given none: its dit4edit.json's control settings, else the paper's), token merging (the pipeline's
+    default merges only grids of >= 1024 tokens, i.e. never on this benchmark's images), or SDEdit at a strength."""
 
     name: str
     inversion: str = "dpm-exact"
-    control: AttentionControl | None = field(default_factory=AttentionControl)
+    control: AttentionControl | None = DEFAULT_CONTROL
     sdedit_strength: float | None = None
     merge: MergeConfig | None = field(default_factory=MergeConfig)
     rows: str = "4"  # the edit's batch layout under guidance: "3" leaves out the source's unconditional row

@@ -31,6 +31,7 @@ from .control import AttentionControl
 from .defaults import DEFAULTS, RunSettings
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
+from .model_folder import ModelDefaults
 from .pipeline import DEFAULT_MERGE, DiT4EditPipeline, EditResult, Inversion
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ EXAMPLE_SOURCE = "a red circle on a white background"
 EXAMPLE_TARGET = "a blue circle on a white background"
 #: The attention-control defaults the app starts from (those of `AttentionControl`, like the command line's).
 CONTROL_DEFAULTS = AttentionControl()
+
+
+def _page_control(control: AttentionControl) -> dict:
+    """The page's attention-control fields of `control`."""
+    layers = "" if control.self_layers is None else f"{control.self_layers[0]}:{control.self_layers[1]}"
+    return dict(self_replace_steps=control.self_replace_steps, self_layers=layers,
+                cross_replace_steps=control.cross_replace_steps, edit_mode=control.edit_mode)
 
 
 @dataclass(frozen=True)
@@ -68,18 +76,22 @@ class PageSettings:
     merging: bool = True
 
     @classmethod
-    def starting_from(cls, run: RunSettings) -> PageSettings:
-        """The app's defaults when the server was started with other run settings (`dit4edit serve --steps 10`)."""
-        return cls(steps=run.steps, guidance=run.guidance, inversion=run.inversion, tol=run.tol)
+    def starting_from(cls, run: RunSettings, model: ModelDefaults | None = None) -> PageSettings:
+        """The app's defaults when the server was started with other run settings (`dit4edit serve --steps 10`),
+        the page's control fields from the model's attention control (`model`, its `dit4edit.json`)."""
+        return cls(steps=run.steps, guidance=run.guidance, inversion=run.inversion, tol=run.tol,
+                   **_page_control((model or ModelDefaults()).attention_control()))
 
     @classmethod
     def of_model(cls, pipe: DiT4EditPipeline) -> PageSettings:
         """The defaults of the model the pipeline was loaded from (its `dit4edit.json`, else the library's)."""
         model = pipe.defaults
-        return cls(steps=model.num_inference_steps, guidance=model.guidance_scale, inversion=model.inversion)
+        return cls(steps=model.num_inference_steps, guidance=model.guidance_scale, inversion=model.inversion,
+                   **_page_control(model.attention_control()))
 
-    def control(self) -> AttentionControl:
-        """The attention control these settings ask for, parsed and validated as the command line's flags are."""
+    def control(self, model: ModelDefaults | None = None) -> AttentionControl:
+        """The attention control these settings ask for, parsed and validated as the command line's flags are, on
+        top of the model's (`model`: its settings the page does not show stay as the model has them)."""
         from .cli import control_from_args
 
         flags = SimpleNamespace(
@@ -88,7 +100,7 @@ class PageSettings:
             edit_mode=self.edit_mode, reweight=[item for item in self.reweight.split(",") if item.strip()],
             local_blend=self.local_blend.strip() or None,
         )  # fmt: skip
-        return control_from_args(flags)
+        return control_from_args(flags, model)
 
     def inversion_key(self) -> tuple:
         """What an inversion depends on besides the image and the source prompt."""
@@ -157,7 +169,7 @@ class Editor:
         for prompt, what in ((source, "source prompt"), (target, "target prompt")):
             self.pipe.check_prompt(prompt if isinstance(prompt, str) else "", what)
         self.pipe._schedule(int(settings.steps))  # the pipeline's own check of the step count (cheap)
-        control = settings.control()
+        control = settings.control(self.pipe.defaults)
         merge = DEFAULT_MERGE if settings.merging else None
         mask = None if mask is None else mask.convert("L").resize(image.size, Image.NEAREST)
         self._check_controls(image, source, target, int(settings.steps), control, mask)

@@ -248,12 +248,13 @@ def settings_from_args(args, defaults=None):
         checks.integer(args.max_pixels, "--max-pixels", 1)
     return EditSettings(steps=steps, guidance=guidance, inversion=args.inversion or defaults.inversion, tol=tol,
                         max_pixels=args.max_pixels or imgs.MAX_PIXELS, pin_source=not args.free_source,
-                        control=control_from_args(args), merge=merge_from_args(args), mask=args.mask)
+                        control=control_from_args(args, defaults), merge=merge_from_args(args), mask=args.mask)
 
 
-def control_from_args(args):
-    """An `AttentionControl` from the CLI flags, or None for --no-attention-control."""
-    from .control import AttentionControl
+def control_from_args(args, defaults=None):
+    """An `AttentionControl` from the CLI flags on top of the model's (`defaults`, a `ModelDefaults`: its
+    `dit4edit.json`'s control settings; None = the library's), or None for --no-attention-control."""
+    from .model_folder import ModelDefaults
 
     if args.no_attention_control:
         return None
@@ -270,10 +271,7 @@ def control_from_args(args):
         fields["reweight"] = dict(_word_value(item) for item in args.reweight)
     if args.local_blend is not None:
         fields["local_blend_words"] = _blend_words(args.local_blend)
-    try:
-        return AttentionControl(**fields)
-    except (TypeError, ValueError) as error:
-        raise DiT4EditError(str(error)) from None
+    return (defaults or ModelDefaults()).attention_control(**fields)
 
 
 def merge_from_args(args):
@@ -435,7 +433,7 @@ def _check_output(output, *inputs) -> Path:
 def _check_controls(args, run: _Run, source: str | None, target: str | None):
     """The attention-control and merging flags as configs, checked against the prompts' words and, for a local
     folder, the model's blocks."""
-    control, merge = control_from_args(args), merge_from_args(args)
+    control, merge = control_from_args(args, run.defaults), merge_from_args(args)
     if control is not None:
         if control.local_blend_words:
             checks.words_in_prompts(control.local_blend_words, [source, target], "--local-blend word(s)")
@@ -754,7 +752,8 @@ def _serve(args) -> int:
         print(f"dit4edit: warning: serving on {args.host}: anyone who can reach this machine can use the editor",
               file=sys.stderr)
     editor = web.Editor(load_pipeline(args, run=run), max_pixels=run.max_pixels)
-    settings = web.PageSettings.starting_from(RunSettings(run.steps, run.guidance, run.inversion, run.tol))
+    settings = web.PageSettings.starting_from(RunSettings(run.steps, run.guidance, run.inversion, run.tol),
+                                             run.defaults)
     app = web.serve(editor, args.host, args.port, settings)
     print(f"dit4edit: the editor is at {app.local_url} (Ctrl-C stops it)", file=sys.stderr)
     app.block_thread()

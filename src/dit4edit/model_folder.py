@@ -16,6 +16,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 from . import checks
 from .defaults import DEFAULTS
@@ -51,7 +53,8 @@ def default_model() -> str:
 @dataclass(frozen=True)
 class ModelDefaults:
     """Settings a model works best with; a model folder's `dit4edit.json` overrides any of them, e.g.
-    `{"guidance_scale": 2.5, "num_inference_steps": 30, "inversion": "dpm", "vocabulary": ["a", "red", ...]}`.
+    `{"guidance_scale": 2.5, "num_inference_steps": 30, "inversion": "dpm", "vocabulary": ["a", "red", ...],
+    "control": {"self_mode_early": "p2p", "self_replace_steps": 1.0}}`.
 
     guidance_scale: classifier-free guidance of inversion, editing and generation.
     num_inference_steps: denoising (and inversion) steps.
@@ -59,12 +62,16 @@ class ModelDefaults:
     The library's values (`defaults.DEFAULTS`) fill what the file leaves out.
     vocabulary: the words the model was trained on, when it knows only a few (None = any word); a prompt with
         other words draws a one-line warning, since the model ignores or misreads them.
+    control: `AttentionControl` fields this model edits best with (None = the library's, i.e. the paper's); an
+        edit that names no control uses them, and the command line's and the web app's control settings change
+        them field by field (`attention_control`). Checked when first used (that needs torch), before any model load.
     """
 
     guidance_scale: float = DEFAULTS.guidance
     num_inference_steps: int = DEFAULTS.steps
     inversion: str = DEFAULTS.inversion
     vocabulary: frozenset[str] | None = None
+    control: Mapping[str, object] | None = None
 
     def __post_init__(self):
         checks.guidance(self.guidance_scale, "guidance_scale")
@@ -76,6 +83,28 @@ class ModelDefaults:
             if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words) or not words:
                 raise DiT4EditError(f"vocabulary must be a non-empty list of words, got {words!r}")
             object.__setattr__(self, "vocabulary", frozenset(checks.word_key(w) for w in words))
+        if self.control is not None:
+            if not isinstance(self.control, Mapping) or not all(isinstance(k, str) for k in self.control):
+                raise DiT4EditError(f"control must be an object of attention-control settings, got {self.control!r}")
+            object.__setattr__(self, "control", MappingProxyType(dict(self.control)))
+
+    def attention_control(self, **changes):
+        """The attention control this model edits with: `AttentionControl` with the model's `control` fields, then
+        `changes` on top. A setting `AttentionControl` does not know, or a bad value, is a one-line error."""
+        from .control import AttentionControl
+
+        settings = {**(self.control or {}), **changes}
+        known = {f.name for f in fields(AttentionControl)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise DiT4EditError(f"unknown attention-control setting(s) {', '.join(unknown)} "
+                                f"(known: {', '.join(sorted(known))})")
+        try:
+            return AttentionControl(**settings)
+        except DiT4EditError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise DiT4EditError(str(error)) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelDefaults:

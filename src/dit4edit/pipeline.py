@@ -40,7 +40,9 @@ class EditResult:
     controller: AttentionController | None = None  # holds the recorded attention maps, when any
 
 
-#: What `edit` does by default: DiT4Edit's unified attention control with its documented defaults.
+#: What `edit` does when given no control: the model's attention control (`self.defaults.attention_control()`:
+#: DiT4Edit's unified control with its documented defaults, or the settings the model's dit4edit.json names).
+#: Passing `AttentionControl()` itself asks for the library's defaults whatever the model.
 DEFAULT_CONTROL = AttentionControl()
 #: Patch merging by default: the paper's ratio 0.8 (stride 3x3), on grids of 1024 tokens (512² images) and up.
 DEFAULT_MERGE = MergeConfig()
@@ -393,7 +395,8 @@ class DiT4EditPipeline(DiffusionPipeline):
     ) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
-        `control` is DiT4Edit's unified attention control (`AttentionControl`; None = plain inversion-then-denoise).
+        `control` is DiT4Edit's unified attention control (`AttentionControl`; None = plain inversion-then-denoise;
+        not given = the model's, `self.defaults.attention_control()`).
         `mask` (white = editable, the input's size) keeps the source outside it, overriding the attention-derived
         local-blend mask. `pin_source=True` resets the source branch to the stored trajectory after every step, so
         it reproduces the input whatever the guidance or precision; `False` lets it run free (it still reproduces
@@ -408,6 +411,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         `source_image` (the input, at its original size; default the decoded source branch), blended in over a
         feathered edge inside the mask (see `paste_outside`).
         """
+        if control is DEFAULT_CONTROL:  # not given: the model's own (its dit4edit.json), else the library's
+            control = self.defaults.attention_control()
         _check_edit_arguments(inversion, target_prompt, control, mask, merge, source_image)
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
         if not targets:
