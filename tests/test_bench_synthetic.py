@@ -162,14 +162,19 @@ def test_cli_runs_the_sections_asked_for(tiny_model_dir, tmp_path, capsys):
     assert "dit4edit-bench: error:" in capsys.readouterr().err
 
 
-def test_rows_are_keyed_by_their_settings(tiny_pipe, tmp_path):
-    """A rerun with other steps, guidance or model computes its own rows and summarises only those."""
+def test_rows_are_keyed_by_their_settings(tiny_pipe, tmp_path, monkeypatch):
+    """A rerun with other steps, guidance, model or model control computes its own rows and summarises only those."""
+    from dit4edit.model_folder import ModelDefaults
+
     run = dict(count=1, methods=["no-control"], grid_pairs=0, disable_progress=True)
     bench.run_editing(tiny_pipe, tmp_path, steps=2, **run)
     bench.run_editing(tiny_pipe, tmp_path, steps=2, **run)  # same settings: resumed, nothing added
     bench.run_editing(tiny_pipe, tmp_path, steps=3, guidance=2.0, **run)
+    monkeypatch.setattr(tiny_pipe, "defaults", ModelDefaults(control={"self_replace_steps": 1.0}))
+    bench.run_editing(tiny_pipe, tmp_path, steps=3, guidance=2.0, **run)  # the model's control changed: redone
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [(r["steps"], r["guidance"]) for r in rows] == [(2, 4.5), (3, 2.0)]
+    assert [(r["steps"], r["guidance"]) for r in rows] == [(2, 4.5), (3, 2.0), (3, 2.0)]
+    assert [r["model_control"] for r in rows] == [None, None, {"self_replace_steps": 1.0}]
     assert all("model" in r for r in rows)
     pipe = GroundTruthPipe(bench.held_out_scenes(2))
     bench.run_generation(pipe, tmp_path, count=2, steps=5, disable_progress=True)

@@ -229,7 +229,11 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
     names = list(methods or available)
     check_known(names, available, "method")
     pairs = make_pairs(count)
-    settings = run_settings(pipe, steps, guidance, inversion=inversion)
+    # The model's own attention control (its dit4edit.json) decides what `dit4edit` runs: rows made under another
+    # one are not this run's, even from the same model folder.
+    model_control = getattr(getattr(pipe, "defaults", None), "control", None)
+    settings = run_settings(pipe, steps, guidance, inversion=inversion,
+                            model_control=dict(model_control) if model_control else None)
     with ResultLog(out / "results.jsonl", ("pair", "method"), settings) as log:
         todo = [(k, n) for k in range(count) for n in names if (k, n) not in log.done]
         bar = tqdm(total=len(todo), desc="editing benchmark", disable=disable_progress)
