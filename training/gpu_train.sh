@@ -15,7 +15,7 @@
 # call for start-up, rendering, export and the checks). Two files come back (the device returns at most 8, of at most
 # 16 MiB each): $OUT/model.tgz, the exported float16 EMA weights as a pipeline folder (go on training on a CPU from
 # it with `train_dit.py --init-from`; the optimizer state stays behind, too big to return), and $OUT/report.tgz, the
-# training log, the card's name and the checks (held-out generation, 48-pair editing benchmark at guidance 2).
+# training log, the card's name and the checks (held-out generation, 48-pair editing benchmark at the model's settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that comes back}
@@ -29,8 +29,7 @@ if ! python -c "import diffusers" 2>/dev/null; then
 fi
 export PYTHONPATH="$SITE:src:research:training${PYTHONPATH:+:$PYTHONPATH}"
 WORK=${WORK:-/tmp/gpu-train}
-mkdir -p "$OUT"
-mkdir -p "$WORK"
+mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$WORK/card.txt" 2>/dev/null || echo "no GPU" > "$WORK/card.txt"
 RUN="$WORK/run"
 python training/train_dit.py --out "$RUN" --init-from "$INIT" --scenes 40000 --workers "$(nproc)" \
@@ -40,10 +39,11 @@ python training/train_dit.py --out "$RUN" --init-from "$INIT" --scenes 40000 --w
 python training/export.py --run "$RUN" --dest "$WORK/model" 2>&1 | tee -a "$WORK/train.log"
 cp src/dit4edit/models/shapes/dit4edit.json "$WORK/model/"
 tar czf "$OUT/model.tgz" -C "$WORK" model
-# The checks the weights are chosen by: held-out generation and editing at the shipped settings (guidance 2).
+# The checks the weights are chosen by: held-out generation, and editing at the model's settings (its dit4edit.json,
+# copied above: guidance and attention control; naive 2M inversion, as it ships).
 python training/eval_generation.py --model "$WORK/model" --n "$CHECK_N" --steps 20 --json "$WORK/generation.json" \
     --grid "$WORK/grid.png" 2>&1 | tail -20 | tee "$WORK/checks.log"
-python -m dit4edit_research.bench_synthetic --model "$WORK/model" -o "$WORK/bench48" --pairs "$PAIRS" --guidance 2 \
+python -m dit4edit_research.bench_synthetic --model "$WORK/model" -o "$WORK/bench48" --pairs "$PAIRS" \
     --inversion dpm --methods dit4edit,no-control,sdedit-0.6 --quiet 2>&1 | tee -a "$WORK/checks.log"
 tar czf "$OUT/report.tgz" -C "$WORK" card.txt train.log checks.log generation.json grid.png bench48/summary.md \
     bench48/results.jsonl bench48/grid.png

@@ -101,9 +101,7 @@ class ModelDefaults:
                                 f"(known: {', '.join(sorted(known))})")
         try:
             return AttentionControl(**settings)
-        except DiT4EditError:
-            raise
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError) as error:  # its own checks raise DiT4EditError, which passes through
             raise DiT4EditError(str(error)) from None
 
     @classmethod
