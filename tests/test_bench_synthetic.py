@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from dit4edit_research import bench_synthetic as bench
 
@@ -176,6 +177,17 @@ def test_rows_are_keyed_by_their_settings(tiny_pipe, tmp_path, monkeypatch):
     assert [(r["steps"], r["guidance"]) for r in rows] == [(2, 4.5), (3, 2.0), (3, 2.0)]
     assert [r["model_control"] for r in rows] == [None, None, {"self_replace_steps": 1.0}]
     assert all("model" in r for r in rows)
+    first = next(iter(tiny_pipe.transformer.parameters()))  # new weights in the same model folder: redone too
+    kept = first.detach().clone()
+    try:
+        with torch.no_grad():
+            first.add_(1.0)
+        bench.run_editing(tiny_pipe, tmp_path, steps=3, guidance=2.0, **run)
+    finally:
+        with torch.no_grad():
+            first.copy_(kept)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[3]["weights"] != rows[2]["weights"] and rows[3]["model"] == rows[2]["model"]
     pipe = GroundTruthPipe(bench.held_out_scenes(2))
     bench.run_generation(pipe, tmp_path, count=2, steps=5, disable_progress=True)
     summary = bench.run_generation(pipe, tmp_path, count=2, steps=6, disable_progress=True)

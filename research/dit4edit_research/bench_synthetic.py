@@ -327,9 +327,11 @@ def run_reconstruction(pipe, out_dir: str | os.PathLike, count: int = 20,
 
 
 def run_settings(pipe, steps: int, guidance: float, **extra) -> dict:
-    """What a result depends on besides its item: steps, guidance, the model (its folder or hub id) and `extra`."""
+    """What a result depends on besides its item: steps, guidance, the model (its folder or hub id, and a probe of
+    its weights, so new weights saved into the same folder do not resume old rows) and `extra`."""
     model = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return dict(steps=steps, guidance=guidance, model=str(model or ""), **extra)
+    record = pipe.model_record() if hasattr(pipe, "model_record") else {}
+    return dict(steps=steps, guidance=guidance, model=str(model or ""), weights=record.get("probe"), **extra)
 
 
 def check_known(names: Sequence[str], available, what: str) -> None:
