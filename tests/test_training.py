@@ -13,6 +13,7 @@ pytest.importorskip("dit4edit_research")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 import eval_editing  # noqa: E402
+import probe_denoiser  # noqa: E402
 from train_dit import build_transformer, warm_start  # noqa: E402
 
 
@@ -46,3 +47,28 @@ def test_warm_start_copies_the_tensors_whose_shapes_match(tmp_path):
     assert copied == len(same_shape) < len(after)
     assert all(torch.equal(after[k], reference[k]) for k in same_shape)
     assert all(torch.equal(after[k], before[k]) for k in after if k not in same_shape)  # patch layers left as built
+
+
+def test_the_denoiser_probe_inverts_the_noising_it_applies():
+    """A transformer that predicts the very noise added gets the clean latents back; one that predicts no noise
+    gets the noisy latents rescaled, far from them. The learned-sigma half of PixArt's output is ignored."""
+    abar = probe_denoiser.alphas_cumprod()
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    emb, mask = torch.zeros(2, 3, 16), torch.ones(2, 3)
+
+    def knows_the_noise(xt, **kwargs):
+        return (torch.cat([noise, torch.full_like(noise, 7.0)], dim=1),)
+
+    def predicts_no_noise(xt, **kwargs):
+        return (torch.zeros(len(xt), 8, 8, 8),)
+
+    for t in (100, 500, 900):
+        assert torch.allclose(probe_denoiser.predict_x0(knows_the_noise, x0, noise, t, emb, mask, abar), x0, atol=1e-3)
+        assert (probe_denoiser.predict_x0(predicts_no_noise, x0, noise, t, emb, mask, abar) - x0).abs().mean() > 0.05
+
+
+def test_the_probe_swaps_exactly_one_word_for_another_choice():
+    caption = "a large red square on a white background"
+    swaps = {probe_denoiser.swapped(caption, "square", ("circle", "square", "star"), k) for k in range(4)}
+    assert swaps == {"a large red circle on a white background", "a large red star on a white background"}
