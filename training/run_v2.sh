@@ -31,3 +31,35 @@ $PY training/export.py --run "$RUNS/pilot-coarse" --dest src/dit4edit/models/sha
 # the steps slowed to ~1.1 s, so at step 2900 it was restarted (resumed) with the schedule shortened to 6,000 steps.
 $PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --steps 7618 --stop-at 2900  # as run: --time-budget 5700
 $PY training/train_dit.py --out "$RUNS/v3" $COMMON --batch 64 --min-snr 5 --ckpt-every 100 --steps 6000
+
+# v4 (2026-12-02, the session after v3; the machine kept /root/runs this time): the shipped v3 weights trained on with
+# the same recipe at a lower peak learning rate, one thread at high priority. Planned as 12,000 steps; the end of the
+# previous session stopped it at step 1,157 (resumed from the step-1,100 checkpoint), the schedule was shortened to
+# 8,500 steps at that resume and to 6,500 at step 1,600 to leave time for the checks (the cosine restarts from the
+# step it is at, so the learning rate stepped down a little each time). 6,500 steps x 64 = 416,000 samples.
+V3=${V3:-src/dit4edit/models/shapes}   # the v3 weights (git show f8d7a75:src/dit4edit/models/shapes/...)
+V4="--scenes 8000 --init-from $V3 --width 160 --layers 6 --lr 3e-4 --warmup 50 --object-weight 3 \
+  --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress --ckpt-every 100 --batch 64 --min-snr 5"
+$PY training/train_dit.py --out "$RUNS/v4" $V4 --steps 12000 --stop-at 1100
+$PY training/train_dit.py --out "$RUNS/v4" $V4 --steps 8500 --stop-at 1600
+$PY training/train_dit.py --out "$RUNS/v4" $V4 --steps 6500
+# Beside it, on the other core at lower priority, a 16x16-token pilot from the v3 blocks (patch embedding and output
+# layer new), bf16 autocast, batch 32, a 3,900 s budget (2,006 steps, 64,192 samples):
+$PY training/train_dit.py --out "$RUNS/fine-v3" --scenes 8000 --init-from $V3 --width 160 --layers 6 --lr 5e-4 \
+  --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress \
+  --ckpt-every 50 --bf16 --batch 32 --patch-size 1 --min-snr 5 --time-budget 3900   # -> --steps 2006
+# Checks (EMA weights, float16 as shipped): the denoiser probe, generation on 100 held-out captions, the editing
+# benchmark at the model's settings, the control sweep, generate-then-edit; then the export into the package.
+E="$RUNS/eval-v4-final"
+$PY training/export.py --run "$RUNS/v4" --dest "$E/model" && cp src/dit4edit/models/shapes/dit4edit.json "$E/model/"
+$PY training/probe_denoiser.py --model "$E/model" --n 48 --json "$E/probe.json"
+$PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" --grid "$E/grid.png"
+$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench48" --pairs 48 --inversion dpm \
+  --methods dit4edit,ddim-inversion,no-control,cross-only,self-only,sdedit-0.6
+$PY benchmarks/sweep_control.py -o "$E/sweep-g1.5" --model "$E/model" --pairs 48 --inversion dpm --guidance 1.5 \
+  --only default,early-p2p,p2p-S0.6-all,S1.0,p2p-S1.0
+$PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.5 --threads 1 \
+  --json "$E/generate-then-edit.json" --grid "$E/generate-then-edit.png"
+$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
+  --methods dit4edit,no-control,sdedit-0.6
+$PY training/export.py --run "$RUNS/v4" --dest src/dit4edit/models/shapes
