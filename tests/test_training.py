@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("dit4edit_research")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
+import common  # noqa: E402
 import eval_editing  # noqa: E402
 import probe_denoiser  # noqa: E402
 from train_dit import build_transformer, warm_start  # noqa: E402
@@ -52,7 +53,7 @@ def test_warm_start_copies_the_tensors_whose_shapes_match(tmp_path):
 def test_the_denoiser_probe_inverts_the_noising_it_applies():
     """A transformer that predicts the very noise added gets the clean latents back; one that predicts no noise
     gets the noisy latents rescaled, far from them. The learned-sigma half of PixArt's output is ignored."""
-    abar = probe_denoiser.alphas_cumprod()
+    abar = common.alphas_cumprod()
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
     emb, mask = torch.zeros(2, 3, 16), torch.ones(2, 3)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dit4edit_research.synthetic import CANVAS_SIZES, generate_scene
+from dit4edit.tiny import PIXART_SCHEDULER_CONFIG
 
 log = logging.getLogger("dit4edit.training")
 
@@ -90,3 +91,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return peak * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """(1000,) cumulative alpha products of PixArt's training schedule (linear betas 1e-4..0.02), as trained on."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    return DDPMScheduler(**{k: PIXART_SCHEDULER_CONFIG[k] for k in keys}).alphas_cumprod

@@ -18,21 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, PixArtAlphaPipeline
+from diffusers import PixArtAlphaPipeline
 
-from common import setup, to_tensor, to_uint8
+from common import alphas_cumprod, setup, to_tensor, to_uint8
 from dit4edit_research.synthetic import COLOURS, SHAPES, generate_scene, oracle
-from dit4edit.tiny import PIXART_SCHEDULER_CONFIG
 from eval_generation import encode_prompts
 
 #: Held-out seeds for the probe's scenes (training uses seeds below 10**6).
 PROBE_SEED = 2 * 10**9
 CAPTIONS = ("true", "shape swapped", "colour swapped")
-
-
-def alphas_cumprod() -> torch.Tensor:
-    config = {k: PIXART_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
-    return DDPMScheduler(**config).alphas_cumprod
 
 
 @torch.no_grad()

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
 from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from common import LossLog, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
+from common import LossLog, alphas_cumprod, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
 from dit4edit_research.synthetic import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, SceneObject, caption_for
-from dit4edit.tiny import PIXART_SCHEDULER_CONFIG, pixart_scheduler
+from dit4edit.tiny import pixart_scheduler
 from dit4edit.prompts import PIXART_ALPHA_TOKENS as MAX_TOKENS
 from dit4edit.tokenizer import train_t5_tokenizer
 
@@ -266,9 +266,7 @@ def main(argv=None) -> int:
                             fused=device.type == "cuda")
     modules = {"text_encoder": text_encoder, "transformer": transformer}
     ema = EMA(modules, args.ema)
-    noise_sched = DDPMScheduler(**{k: PIXART_SCHEDULER_CONFIG[k] for k in
-                                   ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
-    abar = noise_sched.alphas_cumprod.to(device)
+    abar = alphas_cumprod().to(device)
 
     ckpt_path = args.out / "dit.ckpt"
     start = 0
