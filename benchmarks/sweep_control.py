@@ -1,5 +1,6 @@
 """Sweep the attention-control settings on the synthetic editing benchmark: S (`self_replace_steps`), the
-self-attention block range and the cross-attention window, one at a time around the defaults.
+self-attention block range and the cross-attention window, one at a time around the defaults; then Prompt-to-Prompt's
+self-attention window and a local blend on the changed words.
 
 Not a test. Every variant edits the same held-out pairs from the same inversion (one inversion per pair, shared),
 through `dit4edit_research.bench_synthetic.run_editing`, so the results folder resumes after an interruption and has the
@@ -54,6 +55,17 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
         "cross1.0": ("cross window 1.0", AttentionControl(cross_replace_steps=1.0)),
         "no-control": ("no attention control", None),
     }
+    # Prompt-to-Prompt self-attention for the first S of the steps, nothing after (its own window), with and
+    # without a local blend on the words that change, its word maps min-max normalised (see AttentionControl).
+    p2p = dict(self_mode_early="p2p", mutual="none")
+    blend = dict(local_blend_changed=True, local_blend_normalize="minmax")
+    settings["p2p-S1.0-blend"] = ("P2P self-attention throughout, local blend on the changed words",
+                                  AttentionControl(**p2p, self_replace_steps=1.0, **blend))
+    for s in (0.7, 0.8, 0.9):
+        settings[f"p2p-S{s}-window"] = (f"P2P self-attention before S {s}, none after",
+                                        AttentionControl(**p2p, self_replace_steps=s))
+        settings[f"p2p-S{s}-blend"] = (f"P2P self-attention before S {s}, none after, local blend on the changed "
+                                       "words", AttentionControl(**p2p, self_replace_steps=s, **blend))
     return {name: (what, Method(name, inversion=inversion, control=control))
             for name, (what, control) in settings.items()}
 

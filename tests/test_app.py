@@ -172,6 +172,21 @@ def test_the_page_starts_from_the_models_own_attention_control(tiny_pipe, monkey
     assert moved.control(model) == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5, self_layers=(0, 1))
 
 
+def test_the_page_and_the_command_line_turn_the_models_local_blend_off(tiny_pipe, monkeypatch):
+    from dit4edit.model_folder import ModelDefaults
+
+    model = ModelDefaults(control={"local_blend_changed": True, "local_blend_normalize": "minmax"})
+    monkeypatch.setattr(tiny_pipe, "defaults", model)
+    page = PageSettings.of_model(tiny_pipe)
+    assert page.blend_changed is True and PageSettings().blend_changed is False
+    assert page.control(model) == AttentionControl(local_blend_changed=True, local_blend_normalize="minmax")
+    off = PageSettings(**{**vars(page), "blend_changed": False})
+    assert off.control(model) == AttentionControl(local_blend_normalize="minmax")
+    for flag, on in (([], True), (["--no-local-blend-changed"], False), (["--local-blend-changed"], True)):
+        args = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png", *flag])
+        assert cli.control_from_args(args, model).local_blend_changed is on
+
+
 def test_the_librarys_warnings_reach_the_page(editor, tiny_pipe, picture, monkeypatch):
     from dit4edit.model_folder import ModelDefaults
 

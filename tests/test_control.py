@@ -343,6 +343,21 @@ def test_blend_mask_union_and_threshold():
     assert mask[0, 0] == 1 and mask[3, 3] == 1 and mask.sum() == 2
 
 
+def test_blend_mask_minmax_ignores_a_high_floor():
+    # A word map on a high floor (a small T5 without a start token spreads attention everywhere): divided by its
+    # peak it exceeds the threshold everywhere; min-max normalised only the peak's cells remain.
+    maps = torch.full((1, 4, 4), 0.6)
+    maps[0, 1, 2] = 1.0
+    maps[0, 2, 2] = 0.9
+    assert attention_blend_mask(maps, (4, 4), threshold=0.5, dilate=0).sum() == 16
+    mask = attention_blend_mask(maps, (4, 4), threshold=0.5, dilate=0, normalize="minmax")
+    assert mask[1, 2] == 1 and mask[2, 2] == 1 and mask.sum() == 2
+    flat = attention_blend_mask(torch.full((1, 4, 4), 0.6), (4, 4), threshold=0.5, dilate=0, normalize="minmax")
+    assert flat.sum() == 0  # a map that points nowhere blends nothing in
+    with pytest.raises(DiT4EditError, match="local_blend_normalize"):
+        AttentionControl(local_blend_normalize="mean")
+
+
 def test_user_mask_overrides_attention_mask():
     user = torch.zeros(8, 8)
     user[:, :4] = 1
@@ -362,6 +377,8 @@ def test_schedule():
     ctrl = controller(config, token_edits=[TokenEdit.from_alignment(alignment, config, NUM_STEPS)])
     assert [ctrl.self_edit(3, i) for i in (0, 2, 3, 9)] == ["source", "source", "mutual", "mutual"]
     assert ctrl.self_edit(1, 0) is None and ctrl.self_edit(3, None) is None
+    window = controller(dataclasses.replace(config, self_mode_early="p2p", mutual="none"))
+    assert [window.self_edit(3, i) for i in (0, 2, 3, 9)] == ["p2p", "p2p", None, None]  # P2P's window
     assert ctrl.cross_edit(4, "cpu") is not None and ctrl.cross_edit(5, "cpu") is None
     default = controller(AttentionControl())
     assert list(default.self_blocks) == [2, 3]  # the deeper half of 4 blocks
@@ -443,6 +460,33 @@ def test_for_edit_resolves_words_to_tokens(tokenizer):
             AttentionControl(local_blend_words=("horse",)), tokenizer, source, [target],
             num_steps=NUM_STEPS, num_blocks=4, grid=GRID,
         )  # fmt: skip
+
+
+def test_for_edit_blends_on_the_changed_words(tokenizer):
+    from dit4edit.prompts import word_token_indices
+
+    source = "a small red cat on a white background"
+    targets = ["a small blue cat on a white background", "a small red cat on a black background"]
+    config = AttentionControl(local_blend_changed=True, local_blend_words=("small",))
+    ctrl = AttentionController.for_edit(
+        config, tokenizer, source, targets, num_steps=NUM_STEPS, num_blocks=4, grid=(8, 8)
+    )
+    # Each target blends on its own changed words (source side, target side) plus the named ones.
+    assert ctrl.blend_words == [(("small", "red"), ("small", "blue")), (("small", "white"), ("small", "black"))]
+    assert set(ctrl.words[0]) == {"small", "red", "white"} and set(ctrl.words[2]) == {"small", "black"}
+    assert ctrl.words[1]["blue"] == word_token_indices(tokenizer, targets[0], "blue")
+    # Maps on the words decide each target's mask: target 0's words sit at (1, 1), target 1's at (6, 6).
+    probs = torch.full((3, 64, L), 0.01)
+    for branch, word, cell in ((0, "red", 9), (1, "blue", 9), (0, "white", 54), (2, "black", 54)):
+        probs[branch, cell, ctrl.words[branch][word]] = 1.0
+    ctrl.record(NUM_STEPS - 1, probs[..., ctrl.record_columns])
+    first, second = ctrl.blend_mask(NUM_STEPS - 1, 0), ctrl.blend_mask(NUM_STEPS - 1, 1)
+    assert first[2:4, 2:4].eq(1).all() and first[12:14, 12:14].eq(0).all()
+    assert second[12:14, 12:14].eq(1).all() and second[2:4, 2:4].eq(0).all()
+    plain = AttentionController.for_edit(
+        AttentionControl(), tokenizer, source, targets, num_steps=NUM_STEPS, num_blocks=4, grid=GRID
+    )
+    assert plain.blend_words == [((), ())] * 2 and plain.blend_mask(NUM_STEPS - 1, 0) is None
 
 
 def test_for_edit_identical_prompts_and_recorder(transformer, tokenizer):

@@ -48,7 +48,8 @@ def _page_control(control: AttentionControl) -> dict:
     """The page's attention-control fields of `control`."""
     layers = "" if control.self_layers is None else f"{control.self_layers[0]}:{control.self_layers[1]}"
     return dict(self_replace_steps=control.self_replace_steps, self_layers=layers,
-                cross_replace_steps=control.cross_replace_steps, edit_mode=control.edit_mode)
+                cross_replace_steps=control.cross_replace_steps, edit_mode=control.edit_mode,
+                blend_changed=control.local_blend_changed)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class PageSettings:
     self_layers: "START:END" blocks with self-attention control; "" = the control's default (the deeper half).
     reweight: "WORD=VALUE" items separated by commas; "" = none.
     local_blend: words whose attention bounds the edit, separated by commas or spaces; "" = no local blend.
+    blend_changed: also bound the edit by the words that differ between the prompts (`AttentionControl`'s
+        `local_blend_changed`).
     merging: patch merging with the pipeline's default `MergeConfig` (it applies to large images only).
     """
 
@@ -73,6 +76,7 @@ class PageSettings:
     edit_mode: str = CONTROL_DEFAULTS.edit_mode
     reweight: str = ""
     local_blend: str = ""
+    blend_changed: bool = CONTROL_DEFAULTS.local_blend_changed
     merging: bool = True
 
     @classmethod
@@ -98,7 +102,7 @@ class PageSettings:
             no_attention_control=False, self_replace_steps=float(self.self_replace_steps),
             self_layers=self.self_layers.strip() or None, cross_replace_steps=float(self.cross_replace_steps),
             edit_mode=self.edit_mode, reweight=[item for item in self.reweight.split(",") if item.strip()],
-            local_blend=self.local_blend.strip() or None,
+            local_blend=self.local_blend.strip() or None, local_blend_changed=bool(self.blend_changed),
         )  # fmt: skip
         return control_from_args(flags, model)
 
@@ -341,6 +345,7 @@ def _settings_fields(gr, defaults: PageSettings) -> list:
             gr.Radio(list(EDIT_MODES), value=defaults.edit_mode, label="edit mode"),
             gr.Textbox(value=defaults.reweight, label="reweight: WORD=VALUE, ... (target words)"),
             gr.Textbox(value=defaults.local_blend, label="local blend: edit only where these words attend"),
+            gr.Checkbox(value=defaults.blend_changed, label="local blend on the words that change"),
             gr.Checkbox(value=defaults.merging, label="patch merging (large images only)"),
         ]
     assert len(values) == len(fields(PageSettings))
@@ -399,12 +404,12 @@ def _mask_background(path):
 
 def _edit_handler(editor: Editor, gr):
     def edit(image, source, target, steps, guidance, inversion, tol, self_replace_steps, self_layers,
-             cross_replace_steps, edit_mode, reweight, local_blend, merging, mask=None,
+             cross_replace_steps, edit_mode, reweight, local_blend, blend_changed, merging, mask=None,
              progress=gr.Progress(track_tqdm=True)):
         try:
             settings = PageSettings(int(steps), float(guidance), inversion, float(tol), float(self_replace_steps),
                                     self_layers or "", float(cross_replace_steps), edit_mode, reweight or "",
-                                    local_blend or "", bool(merging))
+                                    local_blend or "", bool(blend_changed), bool(merging))
             outcome = editor.edit(image, source, target, settings, editor_mask(mask))
         except DiT4EditError as error:
             raise gr.Error(str(error), print_exception=False) from None

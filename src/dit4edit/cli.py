@@ -166,6 +166,9 @@ def control_options(sub: argparse.ArgumentParser) -> None:
                        help="scale a target word's cross-attention (repeatable)")
     group.add_argument("--local-blend", default=None, metavar="WORDS",
                        help="edit only where these words attend (comma- or space-separated)")
+    group.add_argument("--local-blend-changed", action=argparse.BooleanOptionalAction, default=None,
+                       help="also edit only where the words that differ between the prompts attend (default: the "
+                            "model's setting; off for PixArt)")
     group.add_argument("--mask", default=None,
                        help="mask image of the input's size, white = editable: nothing outside it changes "
                             "(overrides --local-blend)")
@@ -271,6 +274,8 @@ def control_from_args(args, defaults=None):
         fields["reweight"] = dict(_word_value(item) for item in args.reweight)
     if args.local_blend is not None:
         fields["local_blend_words"] = _blend_words(args.local_blend)
+    if args.local_blend_changed is not None:
+        fields["local_blend_changed"] = args.local_blend_changed
     return (defaults or ModelDefaults()).attention_control(**fields)
 
 

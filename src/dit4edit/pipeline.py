@@ -471,14 +471,15 @@ class DiT4EditPipeline(DiffusionPipeline):
     @staticmethod
     def _warn_blend_everywhere(controller: AttentionController, num_steps: int) -> None:
         """A local-blend mask over (nearly) the whole image blends nothing: say so in one line."""
-        if not controller.config.enabled or not controller.config.local_blend_words:
+        if not controller.config.enabled or controller.user_mask is not None:
             return
-        for target in range(controller.layout.num_targets):
+        for target, (source_words, target_words) in enumerate(controller.blend_words):
             mask = controller.blend_mask(num_steps - 1, target)
             if mask is not None and float(mask.float().mean()) >= BLEND_EVERYWHERE:
+                words = " ".join(dict.fromkeys(source_words + target_words))
                 logger.warning("the local-blend mask of %s covers %.0f%% of the image, so the blend keeps (almost) "
                                "nothing of the source; name other words or give a --mask",
-                               " ".join(controller.config.local_blend_words), 100 * float(mask.float().mean()))
+                               words, 100 * float(mask.float().mean()))
 
     def _pixel_mask(self, mask, size: tuple[int, int]) -> Image.Image:
         """The user mask as an "L" image of `size` (width, height), 255 = editable."""

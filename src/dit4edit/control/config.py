@@ -17,7 +17,8 @@ from ..errors import DiT4EditError
 from ..methods import EDIT_MODES
 
 SELF_MODES_EARLY = ("source", "p2p", "target")
-MUTUAL_MODES = ("source", "union")
+MUTUAL_MODES = ("source", "union", "none")
+BLEND_NORMALISATIONS = ("max", "minmax")
 
 
 def steps_before(fraction: float, num_steps: int) -> int:
@@ -98,10 +99,18 @@ class AttentionControl:
             self-attention (source map, target values: `SDPA(Q_src, K_src, V_tgt)`), `"target"` = no control before S
             (MasaCtrl's start step).
         mutual: from S on, `"source"` = `SDPA(Q_tgt, K_src, V_src)`; `"union"` = the target attends to
-            `[K_src; K_tgt]` with values `[V_src; V_tgt]`.
+            `[K_src; K_tgt]` with values `[V_src; V_tgt]`; `"none"` = no self-attention control from S on
+            (Prompt-to-Prompt's self-attention window: with `self_mode_early="p2p"`, S is its `self_replace_steps`).
         cross_replace_words: `{word: fraction}` per-word cross-attention windows overriding `cross_replace_steps`
             for that target word's pieces (Prompt-to-Prompt's `cross_replace_steps={"default_": .8, "word": .4}`).
-        local_blend_threshold: a latent position is editable where the max-normalised blend-word map exceeds this.
+        local_blend_changed: also blend on the words that differ between the source prompt and each target prompt
+            (e.g. "red" and "blue" for "a red circle" -> "a blue circle"): a local blend that needs no word named,
+            so a model's settings can turn it on for every edit.
+        local_blend_threshold: a latent position is editable where the normalised blend-word map exceeds this.
+        local_blend_normalize: how a blend-word map is normalised before the threshold: `"max"` divides by its peak
+            (Prompt-to-Prompt); `"minmax"` maps its minimum to 0 and its peak to 1, for models whose word maps sit
+            on a high floor (a small T5 without a start token spreads a word's attention over the whole picture, and
+            the max-normalised map then exceeds any threshold everywhere).
         local_blend_start: fraction of the schedule before which no blending happens (maps are still recorded).
         local_blend_layers: `[start, end)` blocks whose cross-attention maps are averaged for the mask; `None` = all.
         local_blend_dilate: radius of the max-pool that dilates the map on the token grid before thresholding
@@ -118,7 +127,9 @@ class AttentionControl:
     self_mode_early: str = "source"
     mutual: str = "source"
     cross_replace_words: Mapping[str, float] = field(default_factory=dict)
+    local_blend_changed: bool = False
     local_blend_threshold: float = 0.3
+    local_blend_normalize: str = "max"
     local_blend_start: float = 0.2
     local_blend_layers: tuple[int, int] | None = None
     local_blend_dilate: int = 1
@@ -134,6 +145,7 @@ class AttentionControl:
             ("self_mode_early", self.self_mode_early, SELF_MODES_EARLY),
             ("mutual", self.mutual, MUTUAL_MODES),
             ("edit_mode", self.edit_mode, EDIT_MODES),
+            ("local_blend_normalize", self.local_blend_normalize, BLEND_NORMALISATIONS),
         ):
             if value not in allowed:
                 raise DiT4EditError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -142,6 +154,8 @@ class AttentionControl:
                 raise DiT4EditError(f"reweight factor for {word!r} must be a finite number >= 0, got {factor!r}")
         if not 0.0 < self.local_blend_threshold <= 1.0:
             raise DiT4EditError(f"local_blend_threshold must be in (0, 1], got {self.local_blend_threshold!r}")
+        if not isinstance(self.local_blend_changed, bool):
+            raise DiT4EditError(f"local_blend_changed must be true or false, got {self.local_blend_changed!r}")
         if not (isinstance(self.local_blend_dilate, int) and self.local_blend_dilate >= 0):
             raise DiT4EditError(f"local_blend_dilate must be an integer >= 0, got {self.local_blend_dilate!r}")
         # Freeze the mappings too, and normalise sequences coming from a CLI or JSON.

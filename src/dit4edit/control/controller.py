@@ -57,6 +57,10 @@ class TokenEdit:
         return cls(mapper, alignment.from_source.float(), cross_steps, weights)
 
 
+def _unique(words: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(words))
+
+
 def prompt_words(tokenizer, prompt: str, max_length: int | None = None) -> dict[str, list[int]]:
     """`{word: token indices}` for every word of `prompt` as T5 pieces it (a repeated word is named `word#i`, with
     `i` its position among the words)."""
@@ -82,6 +86,9 @@ class AttentionController:
         words: per branch (0 = source, k = target k), `{word: token indices}` whose cross-attention maps are
             recorded (the local-blend words, or every word of a prompt for pictures). Nothing else is recorded.
         user_mask: `(H, W)` latent-resolution editable region (1 = edit); overrides the attention mask.
+        blend_words: per target, `(source words, target words)` whose maps (in the source branch, in the target's
+            branch) make its local-blend mask; default `config.local_blend_words` on both sides (`for_edit` adds
+            the changed words under `config.local_blend_changed`).
 
     Arguments to tinker with:
         patch_size: the transformer's patch size (latent side = grid side * patch_size).
@@ -99,6 +106,7 @@ class AttentionController:
         token_edits: Sequence[TokenEdit] = (),
         words: Sequence[Mapping[str, Sequence[int]]] = (),
         user_mask: torch.Tensor | None = None,
+        blend_words: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
         patch_size: int = 2,
         record_layers: tuple[int, int] | None = None,
     ):
@@ -110,6 +118,10 @@ class AttentionController:
             raise ValueError(f"{len(token_edits)} token edits for {layout.num_targets} targets")
         if len(words) > layout.branches:
             raise ValueError(f"words for {len(words)} branches, the layout has {layout.branches}")
+        if blend_words is None:
+            blend_words = [(config.local_blend_words, config.local_blend_words)] * layout.num_targets
+        if len(blend_words) != layout.num_targets:
+            raise ValueError(f"blend words for {len(blend_words)} targets, the layout has {layout.num_targets}")
         self.config = config
         self.layout = layout
         self.num_steps = num_steps
@@ -132,6 +144,7 @@ class AttentionController:
                     f"the latent is {self.latent_size[1]}x{self.latent_size[0]}"
                 )
         self.user_mask = user_mask
+        self.blend_words = [(tuple(src), tuple(tgt)) for src, tgt in blend_words]
 
         if token_edits:
             self._mapper = torch.stack([e.mapper.float() for e in token_edits])  # (T, L, L)
@@ -192,20 +205,27 @@ class AttentionController:
         ]
         prompts = [source_prompt, *target_prompts]
         words = [prompt_words(tokenizer, p, length) if record_words else {} for p in prompts]
-        for branch, prompt in zip(words, prompts):
-            for word in config.local_blend_words:
+        named = config.local_blend_words
+        blend_words = [(named, named) for _ in target_prompts]
+        if config.local_blend_changed:
+            blend_words = [(_unique(named + a.changed_source_words), _unique(named + a.changed_words))
+                           for a in alignments]
+        wanted = [set(named)] + [set(target_side) for _, target_side in blend_words]
+        wanted[SOURCE] |= {w for source_side, _ in blend_words for w in source_side}
+        for branch, prompt, chosen in zip(words, prompts, wanted):
+            for word in sorted(chosen):
                 try:
                     branch[word] = word_token_indices(tokenizer, prompt, word, length)
                 except DiT4EditError:
                     continue  # a source-only or target-only word
-        missing = [w for w in config.local_blend_words if not any(w in branch for branch in words)]
+        missing = [w for w in named if not any(w in branch for branch in words)]
         if missing:
             raise DiT4EditError(
                 f"local-blend word(s) {', '.join(missing)} are in neither the source nor the target prompt"
             )
         return cls(
             config, layout, num_steps=num_steps, num_blocks=num_blocks, grid=grid, token_edits=edits, words=words,
-            **kwargs,
+            blend_words=blend_words, **kwargs,
         )  # fmt: skip
 
     @classmethod
@@ -227,7 +247,7 @@ class AttentionController:
         if step_index < self.self_switch:
             early = self.config.self_mode_early
             return None if early == "target" else early
-        return "mutual" if self.config.mutual == "source" else "union"
+        return {"source": "mutual", "union": "union", "none": None}[self.config.mutual]
 
     def cross_edit(self, step_index: int | None, device) -> tuple | None:
         """`(mapper (T, L, L), source_coef (T, L), own_coef (T, L) or None)` for the cross-attention edit at this
@@ -295,25 +315,26 @@ class AttentionController:
 
         A user mask wins. Otherwise Prompt-to-Prompt's local blend: the maps of the blend words, averaged over the
         recorded steps up to `step_index` and the blend layers, in the source (source map) and in the target (the
-        target's own map), each max-normalised and thresholded; the mask is their union.
+        target's own map), each normalised (`local_blend_normalize`) and thresholded; the mask is their union.
         """
         if step_index < self.blend_start:
             return None
         if self.user_mask is not None:
             return self.user_mask
-        if not self.config.enabled or not self.config.local_blend_words:
+        if not self.config.enabled or not any(self.blend_words[target]):
             return None
         steps = range(step_index + 1)
         maps = []
-        for branch in (SOURCE, self.layout.target_branch(target)):
-            words = self.word_maps(branch, steps) if branch < len(self.words) else {}
-            chosen = [words[w] for w in self.config.local_blend_words if w in words]
+        for branch, names in zip((SOURCE, self.layout.target_branch(target)), self.blend_words[target]):
+            words = self.word_maps(branch, steps) if branch < len(self.words) and names else {}
+            chosen = [words[w] for w in names if w in words]
             if chosen:
                 maps.append(torch.stack(chosen).sum(0))
         if not maps:
             return None
         return attention_blend_mask(
-            torch.stack(maps), self.latent_size, self.config.local_blend_threshold, self.config.local_blend_dilate
+            torch.stack(maps), self.latent_size, self.config.local_blend_threshold, self.config.local_blend_dilate,
+            self.config.local_blend_normalize,
         )
 
     def local_blend(self, latents: torch.Tensor, step_index: int) -> torch.Tensor:
