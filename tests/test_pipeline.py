@@ -299,6 +299,11 @@ def test_local_blend_over_the_whole_image_says_so(tiny_pipe, caplog):
         tiny_pipe.edit(inversion, TARGET, control=AttentionControl(local_blend_words=("circle",),
                                                                    local_blend_threshold=1.0, local_blend_dilate=0))
     assert not any("local-blend mask" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the changed words alone (a model's setting): a full mask is no mistake
+        tiny_pipe.edit(inversion, TARGET, control=AttentionControl(local_blend_changed=True,
+                                                                   local_blend_threshold=1e-6))
+    assert not any("local-blend mask" in r.getMessage() for r in caplog.records)
 
 
 def test_hub_id_error_is_our_one_line_only(capfd):

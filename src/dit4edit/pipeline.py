@@ -470,8 +470,10 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @staticmethod
     def _warn_blend_everywhere(controller: AttentionController, num_steps: int) -> None:
-        """A local-blend mask over (nearly) the whole image blends nothing: say so in one line."""
-        if not controller.config.enabled or controller.user_mask is not None:
+        """A local-blend mask of named words over (nearly) the whole image blends nothing: say so in one line. (A
+        blend on the changed words alone is the model's setting, not the user's choice: a background edit rightly
+        covers everything.)"""
+        if not controller.config.enabled or controller.user_mask is not None or not controller.config.local_blend_words:
             return
         for target, (source_words, target_words) in enumerate(controller.blend_words):
             mask = controller.blend_mask(num_steps - 1, target)
