@@ -63,3 +63,25 @@ $PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.
 $PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
   --methods dit4edit,no-control,sdedit-0.6
 $PY training/export.py --run "$RUNS/v4" --dest src/dit4edit/models/shapes
+
+# v5: the v4 weights trained on for 10,000 more steps with the same recipe (peak lr 3e-4), one thread at high
+# priority; stopped at each session's end and resumed from its last 100-step checkpoint (steps 2,700 and 4,600).
+# 10,000 steps x 64 = 640,000 samples.
+V4W=${V4W:-src/dit4edit/models/shapes}   # the v4 weights (git show 0c6722b:src/dit4edit/models/shapes/...)
+$PY training/train_dit.py --out "$RUNS/v5" --scenes 8000 --init-from $V4W --width 160 --layers 6 --lr 3e-4 \
+  --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress \
+  --ckpt-every 100 --batch 64 --min-snr 5 --steps 10000
+# Checks as for v4, at the control chosen on v4 by the blend sweep (the local blend on the changed words), which the
+# package's dit4edit.json already holds when the export below copies it.
+E="$RUNS/eval-v5-final"
+$PY training/export.py --run "$RUNS/v5" --dest "$E/model" && cp src/dit4edit/models/shapes/dit4edit.json "$E/model/"
+$PY training/probe_denoiser.py --model "$E/model" --n 48 --json "$E/probe.json"
+$PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" --grid "$E/grid.png"
+$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench48" --pairs 48 --inversion dpm \
+  --methods dit4edit,no-control,sdedit-0.6
+$PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.5 --threads 1 \
+  --json "$E/generate-then-edit.json" --grid "$E/generate-then-edit.png"
+$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
+  --methods dit4edit,no-control,sdedit-0.6
+$PY benchmarks/sweep_control.py -o "$E/sweep-blend" --model "$E/model" --pairs 48 --inversion dpm --guidance 1.5 \
+  --only p2p-S1.0,p2p-S1.0-blend,p2p-S0.7-blend,p2p-S0.8-blend,p2p-S0.9-blend
