@@ -26,7 +26,7 @@ from dit4edit.pipeline import DiT4EditPipeline, default_model
 
 WINDOW = (1280, 1000)
 WIDTH = 960  # of the stored picture
-COLOURS = 96  # palette PNG: a small file
+COLOURS = 256  # palette PNG: a small file (96 turned the edited blue circle navy once the heat maps took the palette)
 
 
 def main(out: str = "docs/app.png") -> None:
