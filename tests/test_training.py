@@ -73,3 +73,22 @@ def test_the_probe_swaps_exactly_one_word_for_another_choice():
     caption = "a large red square on a white background"
     swaps = {probe_denoiser.swapped(caption, "square", ("circle", "square", "star"), k) for k in range(4)}
     assert swaps == {"a large red circle on a white background", "a large red star on a white background"}
+
+
+def test_a_toy_training_run_samples_small_buckets_and_resumes(tmp_path):
+    # 16 scenes, all batches from the non-square buckets (a few scenes each), half-batch 4: a bucket smaller than
+    # the batch gives all its scenes (it once failed drawing 4 distinct scenes from 3). Then a resume to step 3.
+    import json
+
+    import train_dit
+    from dit4edit.pipeline import default_model
+
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--scenes", "16", "--init-from", default_model(), "--width", "160", "--layers", "6",
+            "--batch", "8", "--nonsquare-share", "1.0", "--threads", "0", "--no-progress", "--ckpt-every", "1"]
+    assert train_dit.main([*argv, "--steps", "2"]) == 0
+    assert train_dit.main([*argv, "--steps", "3"]) == 0
+    rows = [json.loads(line) for line in (out / "dit_loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the second run resumed at step 2, not from the start
+    assert all(np.isfinite(r["loss"]) and r["bucket"][0] != r["bucket"][1] for r in rows)
+    assert (out / "pipeline_ema" / "transformer").is_dir()

@@ -305,6 +305,7 @@ def main(argv=None) -> int:
         else:
             bucket, batch = square, args.batch
         latents_all, _ = data[bucket]
+        batch = min(batch, len(latents_all))  # a toy run's small bucket: all of it, each scene once
         idx = torch.from_numpy(rng.choice(len(latents_all), size=batch, replace=False))
         x0 = latents_all[idx].to(device)
         ids, mask = ids_by_bucket[bucket][0][idx], ids_by_bucket[bucket][1][idx]
