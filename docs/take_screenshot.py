@@ -1,5 +1,5 @@
-"""Take the README's picture of the web editor: the shipped example edited with the embedded model (naive 2M
-inversion, as `make demo`), photographed in headless chromium (Debian's chromium and chromium-driver, driven by
+"""Take the README's picture of the web editor: the shipped example edited with the embedded model at its own
+settings (as `make demo`), photographed in headless chromium (Debian's chromium and chromium-driver, driven by
 Selenium).
 
     python docs/take_screenshot.py [docs/app.png]
@@ -7,7 +7,6 @@ Selenium).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import socket
@@ -31,7 +30,7 @@ COLOURS = 256  # palette PNG: a small file (96 turned the edited blue circle nav
 
 def main(out: str = "docs/app.png") -> None:
     pipe = DiT4EditPipeline.from_pretrained(default_model())
-    settings = dataclasses.replace(PageSettings.of_model(pipe), inversion="dpm")
+    settings = PageSettings.of_model(pipe)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
