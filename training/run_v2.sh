@@ -78,10 +78,10 @@ $PY training/export.py --run "$RUNS/v5" --dest "$E/model" && cp src/dit4edit/mod
 $PY training/probe_denoiser.py --model "$E/model" --n 48 --json "$E/probe.json"
 $PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" --grid "$E/grid.png"
 $PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench48" --pairs 48 --inversion dpm \
-  --methods dit4edit,no-control,sdedit-0.6
+  --methods dit4edit,ddim-inversion,no-control,cross-only,self-only,sdedit-0.6
 $PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.5 --threads 1 \
   --json "$E/generate-then-edit.json" --grid "$E/generate-then-edit.png"
 $PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
-  --methods dit4edit,no-control,sdedit-0.6
+  --methods dit4edit,no-control,sdedit-0.6,ddim-inversion   # ddim-inversion: the inversion v5 then shipped with
 $PY benchmarks/sweep_control.py -o "$E/sweep-blend" --model "$E/model" --pairs 48 --inversion dpm --guidance 1.5 \
   --only p2p-S1.0,p2p-S1.0-blend,p2p-S0.7-blend,p2p-S0.8-blend,p2p-S0.9-blend
