@@ -188,7 +188,9 @@ class AttentionController:
         with `config.edit_mode`, unless `alignments` are given).
 
         Pass prompts exactly as the text encoder sees them. Local-blend words are looked up in every prompt; each must
-        occur in at least one. `record_words=True` also records every word of every prompt, for pictures.
+        occur in at least one. Under `config.local_blend_changed` each target also blends on the words its alignment
+        changes (the source's in the source map, its own in its map). `record_words=True` also records every word
+        of every prompt, for pictures.
         `layout` is the edit batch's (default: the 4-row layout with guidance); `max_length` the model's prompt length
         in T5 tokens (default: PixArt-alpha's). Other keyword arguments go to the constructor (`user_mask`,
         `patch_size`, `record_layers`).
