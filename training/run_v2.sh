@@ -49,19 +49,24 @@ $PY training/train_dit.py --out "$RUNS/fine-v3" --scenes 8000 --init-from $V3 --
   --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress \
   --ckpt-every 50 --bf16 --batch 32 --patch-size 1 --min-snr 5 --time-budget 3900   # -> --steps 2006
 # Checks (EMA weights, float16 as shipped): the denoiser probe, generation on 100 held-out captions, the editing
-# benchmark at the model's settings, the control sweep, generate-then-edit; then the export into the package.
-E="$RUNS/eval-v4-final"
-$PY training/export.py --run "$RUNS/v4" --dest "$E/model" && cp src/dit4edit/models/shapes/dit4edit.json "$E/model/"
-$PY training/probe_denoiser.py --model "$E/model" --n 48 --json "$E/probe.json"
-$PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" --grid "$E/grid.png"
-$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench48" --pairs 48 --inversion dpm \
-  --methods dit4edit,ddim-inversion,no-control,cross-only,self-only,sdedit-0.6
-$PY benchmarks/sweep_control.py -o "$E/sweep-g1.5" --model "$E/model" --pairs 48 --inversion dpm --guidance 1.5 \
-  --only default,early-p2p,p2p-S0.6-all,S1.0,p2p-S1.0
-$PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.5 --threads 1 \
-  --json "$E/generate-then-edit.json" --grid "$E/generate-then-edit.png"
-$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
-  --methods dit4edit,no-control,sdedit-0.6
+# benchmark at the model's settings (48 pairs, all methods; 200 pairs, three), generate-then-edit; then a control
+# sweep, and the export into the package. The model's settings are the package's dit4edit.json at the time.
+checks() {  # checks RUN EVAL_DIR
+  local run=$1 E=$2
+  $PY training/export.py --run "$run" --dest "$E/model" && cp src/dit4edit/models/shapes/dit4edit.json "$E/model/"
+  $PY training/probe_denoiser.py --model "$E/model" --n 48 --json "$E/probe.json"
+  $PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" \
+    --grid "$E/grid.png"
+  $PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench48" --pairs 48 --inversion dpm \
+    --methods dit4edit,ddim-inversion,no-control,cross-only,self-only,sdedit-0.6
+  $PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.5 --threads 1 \
+    --json "$E/generate-then-edit.json" --grid "$E/generate-then-edit.png"
+  $PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
+    --methods dit4edit,no-control,sdedit-0.6
+}
+checks "$RUNS/v4" "$RUNS/eval-v4-final"
+$PY benchmarks/sweep_control.py -o "$RUNS/eval-v4-final/sweep-g1.5" --model "$RUNS/eval-v4-final/model" --pairs 48 \
+  --inversion dpm --guidance 1.5 --only default,early-p2p,p2p-S0.6-all,S1.0,p2p-S1.0
 $PY training/export.py --run "$RUNS/v4" --dest src/dit4edit/models/shapes
 
 # v5: the v4 weights trained on for 10,000 more steps with the same recipe (peak lr 3e-4), one thread at high
@@ -71,17 +76,13 @@ V4W=${V4W:-src/dit4edit/models/shapes}   # the v4 weights (git show 0c6722b:src/
 $PY training/train_dit.py --out "$RUNS/v5" --scenes 8000 --init-from $V4W --width 160 --layers 6 --lr 3e-4 \
   --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress \
   --ckpt-every 100 --batch 64 --min-snr 5 --steps 10000
-# Checks as for v4, at the control chosen on v4 by the blend sweep (the local blend on the changed words), which the
-# package's dit4edit.json already holds when the export below copies it.
+# Checks as for v4, at the control chosen on v4 by the blend sweep (the local blend on the changed words, with naive
+# 2M inversion then); DDIM inversion added on the 200 pairs (what v5 then shipped with); the blend sweep on v5.
 E="$RUNS/eval-v5-final"
-$PY training/export.py --run "$RUNS/v5" --dest "$E/model" && cp src/dit4edit/models/shapes/dit4edit.json "$E/model/"
-$PY training/probe_denoiser.py --model "$E/model" --n 48 --json "$E/probe.json"
-$PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" --grid "$E/grid.png"
-$PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench48" --pairs 48 --inversion dpm \
-  --methods dit4edit,ddim-inversion,no-control,cross-only,self-only,sdedit-0.6
-$PY training/eval_editing.py --model "$E/model" --n 100 --steps 30 --guidance 1.5 --threads 1 \
-  --json "$E/generate-then-edit.json" --grid "$E/generate-then-edit.png"
+checks "$RUNS/v5" "$E"
 $PY -m dit4edit_research.bench_synthetic --model "$E/model" -o "$E/bench200" --pairs 200 --inversion dpm \
-  --methods dit4edit,no-control,sdedit-0.6,ddim-inversion   # ddim-inversion: the inversion v5 then shipped with
+  --methods dit4edit,no-control,sdedit-0.6,ddim-inversion
 $PY benchmarks/sweep_control.py -o "$E/sweep-blend" --model "$E/model" --pairs 48 --inversion dpm --guidance 1.5 \
   --only p2p-S1.0,p2p-S1.0-blend,p2p-S0.7-blend,p2p-S0.8-blend,p2p-S0.9-blend
+$PY training/export.py --run "$RUNS/v5" --dest src/dit4edit/models/shapes
+git checkout -- src/dit4edit/models/shapes/vae/config.json   # the export writes the run's path into it
