@@ -7,7 +7,8 @@ Not a test. Diagnostics (`--diagnose`), per pair:
 - output locality: mean absolute pixel change (output vs input) inside the edited region over that outside it, for an
   edit without attention control (1 = the change is spread evenly over the picture);
 - cross-attention mask: the share of the picture that Prompt-to-Prompt's local-blend mask of the changed words
-  covers, and its overlap (IoU) with the edited region.
+  covers, and its overlap (IoU) with the edited region; with the maps max-normalised (Prompt-to-Prompt's) and
+  min-max normalised (`_minmax`).
 
 Sweep (`--sweep`): DiT4Edit's default control and no control, each plain and with one of
 - `anchored`: the target prompt's T5 embeddings take the source's at every unchanged token;
@@ -105,7 +106,8 @@ def latent_blend(start: float = 0.2, threshold: float = 0.3, dilate: int = 1):
 
 
 def diagnose(pipe, pairs, guidance: float) -> dict:
-    leak, locality, cover, iou = [], [], [], []
+    leak, locality = [], []
+    cover, iou = {"max": [], "minmax": []}, {"max": [], "minmax": []}
     for pair in pairs:
         prompts = [pair.source_caption, pair.target_caption]
         embeds, _ = pipe.encode_prompt(prompts)
@@ -118,15 +120,18 @@ def diagnose(pipe, pairs, guidance: float) -> dict:
         change = np.abs(np.asarray(plain, np.float64) - pair.source.image.astype(np.float64)).mean(-1)  # (H, W)
         locality.append(change[pair.region].mean() / max(change[~pair.region].mean(), 1e-6))
         words = changed_words(*prompts)
-        result = pipe.edit(inversion, pair.target_caption, guidance,
-                           control=AttentionControl(local_blend_words=words), disable_progress=True)
-        mask = result.controller.blend_mask(inversion.num_inference_steps - 1)
-        mask = F.interpolate(mask[None, None], size=pair.region.shape, mode="nearest")[0, 0].numpy() > 0.5
-        cover.append(mask.mean())
-        iou.append((mask & pair.region).sum() / max((mask | pair.region).sum(), 1))
+        for normalize in cover:
+            control = AttentionControl(local_blend_words=words, local_blend_normalize=normalize)
+            result = pipe.edit(inversion, pair.target_caption, guidance, control=control, disable_progress=True)
+            mask = result.controller.blend_mask(inversion.num_inference_steps - 1)
+            mask = F.interpolate(mask[None, None], size=pair.region.shape, mode="nearest")[0, 0].numpy() > 0.5
+            cover[normalize].append(mask.mean())
+            iou[normalize].append((mask & pair.region).sum() / max((mask | pair.region).sum(), 1))
     stats = lambda v: {"mean": float(np.mean(v)), "median": float(np.median(v)), "max": float(np.max(v))}  # noqa: E731
     return {"unchanged_token_shift": stats(leak), "inside_over_outside_change": stats(locality),
-            "word_mask_coverage": stats(cover), "word_mask_iou": stats(iou), "pairs": len(pairs)}
+            "word_mask_coverage": stats(cover["max"]), "word_mask_iou": stats(iou["max"]),
+            "word_mask_coverage_minmax": stats(cover["minmax"]), "word_mask_iou_minmax": stats(iou["minmax"]),
+            "pairs": len(pairs)}
 
 
 def sweep_variants(guidance: float) -> dict:
