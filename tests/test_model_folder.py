@@ -191,6 +191,8 @@ def test_models_own_attention_control_is_what_an_edit_uses_unless_told(copy, tin
     ({"self_mode": "p2p"}, "unknown attention-control setting(s) self_mode"),
     ({"self_mode_early": "both"}, "self_mode_early must be one of"),
     ({"self_replace_steps": 2}, "self_replace_steps"),
+    ({"local_blend_changed": "yes"}, "local_blend_changed must be true or false"),
+    ({"mutual": "off"}, "mutual must be one of source, union, none"),
 ])
 def test_bad_model_control_is_one_line_error(control, message):
     with pytest.raises(DiT4EditError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
