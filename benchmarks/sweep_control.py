@@ -1,6 +1,6 @@
 """Sweep the attention-control settings on the synthetic editing benchmark: S (`self_replace_steps`), the
 self-attention block range and the cross-attention window, one at a time around the defaults; then Prompt-to-Prompt's
-self-attention window and a local blend on the changed words.
+self-attention window and a local blend on the changed words, and how tight its mask is.
 
 Not a test. Every variant edits the same held-out pairs from the same inversion (one inversion per pair, shared),
 through `dit4edit_research.bench_synthetic.run_editing`, so the results folder resumes after an interruption and has the
@@ -66,6 +66,22 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
                                         AttentionControl(**p2p, self_replace_steps=s))
         settings[f"p2p-S{s}-blend"] = (f"P2P self-attention before S {s}, none after, local blend on the changed "
                                        "words", AttentionControl(**p2p, self_replace_steps=s, **blend))
+    # A tighter blend mask: no dilation on the token grid, and/or a higher threshold on the normalised map.
+    for s in (0.7, 0.9):
+        for threshold, dilate in ((0.3, 0), (0.5, 1), (0.5, 0)):
+            settings[f"p2p-S{s}-blend-t{threshold}-d{dilate}"] = (
+                f"P2P self-attention before S {s}, none after, local blend on the changed words, threshold "
+                f"{threshold}, dilation {dilate}",
+                AttentionControl(**p2p, self_replace_steps=s, **blend, local_blend_threshold=threshold,
+                                 local_blend_dilate=dilate))
+    # The changed words attend with their own maps from the first step (no Prompt-to-Prompt map for them).
+    for s in (0.7, 0.9, 1.0):
+        settings[f"p2p-S{s}-window-own"] = (
+            f"P2P self-attention before S {s}, none after, the changed words attend with their own maps",
+            AttentionControl(**p2p, self_replace_steps=s, cross_replace_changed=0.0))
+        settings[f"p2p-S{s}-blend-own"] = (
+            f"P2P self-attention before S {s}, none after, local blend on the changed words, which attend with "
+            "their own maps", AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0))
     return {name: (what, Method(name, inversion=inversion, control=control))
             for name, (what, control) in settings.items()}
 

@@ -128,6 +128,7 @@ def test_attention_command_writes_word_maps_and_mask(tiny_model_dir, tmp_path, c
     (["--self-layers", "a:b"], "START:END"),
     (["--reweight", "blue"], "WORD=VALUE"),
     (["--cross-replace-steps", "1.5"], "cross_replace_steps"),
+    (["--cross-replace-changed", "2"], "cross_replace_changed"),
     (["--local-blend", "zebra"], "zebra"),
     (["--mask", "{dir}/missing.png"], "not found"),
     (["--mask", "{corrupt}"], "not an image or corrupt"),
@@ -151,7 +152,7 @@ def test_mask_of_wrong_size_and_control_flags_end_to_end(files, tiny_model_dir, 
     assert main([*base, "--mask", str(mask)]) == 2
     assert "mask is 16x16, the image is 32x32" in capsys.readouterr().err and not output.exists()
     ok = main([*base, "--self-replace-steps", "0.5", "--self-layers", "1:2", "--cross-replace-steps", "0.5",
-               "--edit-mode", "replace", "--reweight", "blue=2", "--local-blend", "blue"])
+               "--edit-mode", "replace", "--reweight", "blue=2", "--local-blend", "blue", "--cross-replace-changed", "0"])
     assert ok == 0 and Image.open(output).size == (32, 32)
 
 

@@ -462,6 +462,30 @@ def test_for_edit_resolves_words_to_tokens(tokenizer):
         )  # fmt: skip
 
 
+def test_for_edit_changed_words_get_their_own_cross_window(tokenizer):
+    from dit4edit.prompts import word_token_indices
+
+    source = "a small red cat on a white background"
+    targets = ["a small blue elephant on a white background", "a small red cat on a black background"]
+    config = AttentionControl(cross_replace_steps=0.8, cross_replace_changed=0.0)
+    ctrl = AttentionController.for_edit(config, tokenizer, source, targets, num_steps=NUM_STEPS, num_blocks=4,
+                                        grid=GRID)
+    # Each target's changed words attend with their own maps from step 0; every other column keeps 0.8 of 10 steps.
+    for k, words in enumerate([("blue", "elephant"), ("black",)]):
+        changed = [i for w in words for i in word_token_indices(tokenizer, targets[k], w)]
+        assert ctrl._cross_steps[k, changed].eq(0).all() and (ctrl._cross_steps[k] == 8).sum() == L - len(changed)
+    # A window named for the word wins over the changed words' window.
+    named = AttentionController.for_edit(dataclasses.replace(config, cross_replace_words={"black": 0.3}), tokenizer, source,
+                                         targets[1:], num_steps=NUM_STEPS, num_blocks=4, grid=GRID)
+    black = word_token_indices(tokenizer, targets[1], "black")
+    assert named._cross_steps[0, black].eq(3).all() and (named._cross_steps[0] == 8).sum() == L - len(black)
+    plain = AttentionController.for_edit(AttentionControl(cross_replace_steps=0.8), tokenizer, source, targets,
+                                         num_steps=NUM_STEPS, num_blocks=4, grid=GRID)
+    assert plain._cross_steps.eq(8).all()
+    with pytest.raises(DiT4EditError, match="cross_replace_changed must be a fraction"):
+        AttentionControl(cross_replace_changed=1.5)
+
+
 def test_for_edit_blends_on_the_changed_words(tokenizer):
     from dit4edit.prompts import word_token_indices
 

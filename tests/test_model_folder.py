@@ -180,8 +180,8 @@ def test_models_own_attention_control_is_what_an_edit_uses_unless_told(copy, tin
 
     # The command line: its flags change the model's control field by field.
     flags = SimpleNamespace(no_attention_control=False, self_replace_steps=0.5, self_layers=None,
-                            cross_replace_steps=None, edit_mode=None, reweight=[], local_blend=None,
-                            local_blend_changed=None)
+                            cross_replace_steps=None, cross_replace_changed=None, edit_mode=None, reweight=[],
+                            local_blend=None, local_blend_changed=None)
     assert cli.control_from_args(flags, defaults) == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5,
                                                                       self_layers=(0, 1))
     assert cli.control_from_args(SimpleNamespace(**{**vars(flags), "no_attention_control": True}), defaults) is None

@@ -109,6 +109,7 @@ def test_replace_identity_for_equal_prompts(tok):
         assert alignment.mapper.dtype == torch.float32 and torch.equal(alignment.mapper, torch.eye(L))
         assert torch.equal(alignment.from_source, torch.ones(L))
         assert alignment.changed_words == () and alignment.changed_source_words == ()
+        assert alignment.changed_columns == ()
 
 
 def test_replace_one_piece_word_to_many_pieces(tok):
@@ -119,6 +120,7 @@ def test_replace_one_piece_word_to_many_pieces(tok):
     (cat,) = positions(src, 1)
     elephant = positions(tgt, 1)
     assert len(elephant) >= 3
+    assert a.changed_columns == tuple(elephant)
     for j in elephant:  # every target piece's column is the source word's column
         expected = torch.zeros(L)
         expected[cat] = 1.0
@@ -202,6 +204,7 @@ def test_refine_insertion(tok):
     assert a.mode == "refine"
     assert a.changed_words == ("big", "red") and a.changed_source_words == ()
     inserted = positions(tgt, 1) + positions(tgt, 5)
+    assert a.changed_columns == tuple(inserted)
     own = [j for j in range(tgt.num_text) if a.from_source[j] == 0]
     assert own == inserted
     assert torch.all(a.mapper[:, inserted] == 0)

@@ -101,6 +101,7 @@ class PageSettings:
         flags = SimpleNamespace(
             no_attention_control=False, self_replace_steps=float(self.self_replace_steps),
             self_layers=self.self_layers.strip() or None, cross_replace_steps=float(self.cross_replace_steps),
+            cross_replace_changed=None,
             edit_mode=self.edit_mode, reweight=[item for item in self.reweight.split(",") if item.strip()],
             local_blend=self.local_blend.strip() or None, local_blend_changed=bool(self.blend_changed),
         )  # fmt: skip

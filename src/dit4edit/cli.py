@@ -160,6 +160,9 @@ def control_options(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--self-layers", default=None, metavar="START:END", help="blocks with self-attention control")
     group.add_argument("--cross-replace-steps", type=float, default=None, metavar="F",
                        help="fraction of steps with Prompt-to-Prompt cross-attention control")
+    group.add_argument("--cross-replace-changed", type=float, default=None, metavar="F",
+                       help="cross-attention window of the words that differ between the prompts (0: they attend "
+                            "with their own maps; default: the model's setting, else the same as the other words)")
     group.add_argument("--edit-mode", default=None, choices=EDIT_MODES,
                        help="replace (same word count), refine (words inserted) or auto (default: auto)")
     group.add_argument("--reweight", action="append", default=[], metavar="WORD=VALUE",
@@ -268,6 +271,8 @@ def control_from_args(args, defaults=None):
         fields["self_layers"] = _range(args.self_layers, "--self-layers")
     if args.cross_replace_steps is not None:
         fields["cross_replace_steps"] = args.cross_replace_steps
+    if args.cross_replace_changed is not None:
+        fields["cross_replace_changed"] = args.cross_replace_changed
     if args.edit_mode is not None:
         fields["edit_mode"] = args.edit_mode
     if args.reweight:

@@ -74,6 +74,7 @@ class TokenAlignment:
     changed_source_words: tuple[str, ...]  # source words that differ from the target (replaced or removed)
     source: Tokens
     target: Tokens
+    changed_columns: tuple[int, ...] = ()  # the target token columns of `changed_words`
 
 
 def tokenize(tokenizer, prompt: str, max_length: int = PIXART_ALPHA_TOKENS) -> Tokens:
@@ -182,6 +183,7 @@ def align(
         changed_source_words=tuple(w for s, w in enumerate(src.words) if s not in paired_src),
         source=src,
         target=tgt,
+        changed_columns=tuple(c for t in range(len(tgt.words)) if t not in paired_tgt for c in tgt.word_tokens(t)),
     )
 
 

@@ -103,6 +103,11 @@ class AttentionControl:
             (Prompt-to-Prompt's self-attention window: with `self_mode_early="p2p"`, S is its `self_replace_steps`).
         cross_replace_words: `{word: fraction}` per-word cross-attention windows overriding `cross_replace_steps`
             for that target word's pieces (Prompt-to-Prompt's `cross_replace_steps={"default_": .8, "word": .4}`).
+        cross_replace_changed: the cross-attention window of the words that differ between the source prompt and
+            each target prompt (a per-word window a model's settings can set without naming words); `None` = the
+            same as every other word. 0 lets a changed word attend with its own map from the first step: on a
+            model whose word maps are not local (a background's colour word attending to the object), taking the
+            source word's map puts the new word where the old one attended, not where it belongs.
         local_blend_changed: also blend on the words that differ between the source prompt and each target prompt
             (e.g. "red" and "blue" for "a red circle" -> "a blue circle"): a local blend that needs no word named,
             so a model's settings can turn it on for every edit.
@@ -127,6 +132,7 @@ class AttentionControl:
     self_mode_early: str = "source"
     mutual: str = "source"
     cross_replace_words: Mapping[str, float] = field(default_factory=dict)
+    cross_replace_changed: float | None = None
     local_blend_changed: bool = False
     local_blend_threshold: float = 0.3
     local_blend_normalize: str = "max"
@@ -139,6 +145,8 @@ class AttentionControl:
         _fraction("self_replace_steps", self.self_replace_steps)
         _fraction("cross_replace_steps", self.cross_replace_steps)
         _fraction("local_blend_start", self.local_blend_start)
+        if self.cross_replace_changed is not None:
+            _fraction("cross_replace_changed", self.cross_replace_changed)
         for word, fraction in dict(self.cross_replace_words).items():
             _fraction(f"cross_replace_words[{word!r}]", fraction)
         for name, value, allowed in (

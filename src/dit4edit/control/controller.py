@@ -39,11 +39,14 @@ class TokenEdit:
         tokenizer=None,
         target_prompt: str | None = None,
     ) -> "TokenEdit":
-        """Build from a `prompts.TokenAlignment`; per-word windows and reweighting look words up in `target_prompt`."""
+        """Build from a `prompts.TokenAlignment`; per-word windows and reweighting look words up in `target_prompt`
+        (a named word's window wins over `cross_replace_changed`)."""
         mapper = alignment.mapper.float()
         length = mapper.shape[-1]
         cross_steps = torch.full((length,), steps_before(config.cross_replace_steps, num_steps), dtype=torch.long)
         weights = torch.ones(length)
+        if config.cross_replace_changed is not None:
+            cross_steps[list(alignment.changed_columns)] = steps_before(config.cross_replace_changed, num_steps)
         if config.cross_replace_words or config.reweight:
             from ..prompts import reweight_vector, word_token_indices
 
