@@ -75,13 +75,22 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
                 AttentionControl(**p2p, self_replace_steps=s, **blend, local_blend_threshold=threshold,
                                  local_blend_dilate=dilate))
     # The changed words attend with their own maps from the first step (no Prompt-to-Prompt map for them).
-    for s in (0.7, 0.9, 1.0):
+    for s in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 1.0):
         settings[f"p2p-S{s}-window-own"] = (
             f"P2P self-attention before S {s}, none after, the changed words attend with their own maps",
             AttentionControl(**p2p, self_replace_steps=s, cross_replace_changed=0.0))
         settings[f"p2p-S{s}-blend-own"] = (
             f"P2P self-attention before S {s}, none after, local blend on the changed words, which attend with "
             "their own maps", AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0))
+        settings[f"p2p-S{s}-blend-own-d0"] = (
+            f"P2P self-attention before S {s}, none after, local blend on the changed words (no dilation), which "
+            "attend with their own maps",
+            AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0, local_blend_dilate=0))
+        settings[f"p2p-S{s}-blend-own-t0.4"] = (
+            f"P2P self-attention before S {s}, none after, local blend on the changed words (threshold 0.4), which "
+            "attend with their own maps",
+            AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0,
+                             local_blend_threshold=0.4))
     return {name: (what, Method(name, inversion=inversion, control=control))
             for name, (what, control) in settings.items()}
 
