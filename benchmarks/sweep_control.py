@@ -91,6 +91,16 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
             "attend with their own maps",
             AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0,
                              local_blend_threshold=0.4))
+    # Around the shipped control (own maps, S 0.85, blend): which blocks hold the self-attention, and how long the
+    # unchanged words keep the source's cross-attention maps.
+    own = dict(**p2p, self_replace_steps=0.85, **blend, cross_replace_changed=0.0)
+    settings["own-S0.85-all-blocks"] = (f"the shipped control with self-attention control in all blocks [0, {blocks})",
+                                        AttentionControl(**own, self_layers=(0, blocks)))
+    settings["own-S0.85-top4"] = (f"the shipped control with self-attention control in blocks [{max(blocks - 4, 0)}, "
+                                  f"{blocks})", AttentionControl(**own, self_layers=(max(blocks - 4, 0), blocks)))
+    for cross in (0.6, 1.0):
+        settings[f"own-S0.85-cross{cross}"] = (f"the shipped control with the unchanged words' cross window {cross}",
+                                              AttentionControl(**own, cross_replace_steps=cross))
     return {name: (what, Method(name, inversion=inversion, control=control))
             for name, (what, control) in settings.items()}
 
