@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DMod
 from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+import attention_loss
 from common import LossLog, alphas_cumprod, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
 from dit4edit_research.synthetic import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, SceneObject, caption_for
 from dit4edit.tiny import pixart_scheduler
@@ -112,13 +113,15 @@ def encode_latents(vae: AutoencoderKL, scenes, device, batch: int = 32) -> dict:
 @dataclass
 class TrainScene:
     """What training keeps of a scene: image, caption and `cover`, the (h/8, w/8) latent pixels an object touches
-    (grown by one latent pixel), for the object-weighted loss."""
+    (grown by one latent pixel), for the object-weighted loss; `alphas`, each object's coverage, for the attention
+    loss."""
 
     width: int
     height: int
     image: np.ndarray
     caption: str
     cover: np.ndarray
+    alphas: np.ndarray
 
 
 def latent_cover(alphas: np.ndarray, height: int, width: int, dilate: int = 1) -> np.ndarray:
@@ -135,7 +138,7 @@ def latent_cover(alphas: np.ndarray, height: int, width: int, dilate: int = 1) -
 
 def _train_scene(k: int) -> TrainScene:
     s = pool_scene(k, k)  # seed k, as scene_pool(0, n)
-    return TrainScene(s.width, s.height, s.image, s.caption, latent_cover(s.alphas, s.height, s.width))
+    return TrainScene(s.width, s.height, s.image, s.caption, latent_cover(s.alphas, s.height, s.width), s.alphas)
 
 
 def training_scenes(count: int, workers: int = 1) -> list[TrainScene]:
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
                         "are decided at high noise")
     p.add_argument("--min-snr", type=float, default=0.0,
                    help="min-SNR loss weighting with this gamma (e.g. 5; 0 = off): less weight on nearly clean steps")
+    p.add_argument("--attention-loss", type=float, default=0.0,
+                   help="weight of the cross-attention localisation loss (training/attention_loss.py; 0 = off)")
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--t5-width", type=int, default=128)
@@ -240,6 +245,19 @@ def main(argv=None) -> int:
         torch.save(data, cache)
         torch.save(weights_by_bucket, covers)
         log.info("rendered and encoded %d scenes in %.0fs", args.scenes, time.time() - t0)
+    targets_path = args.out / f"attention_{args.scenes}_p{args.patch_size}.pt"
+    attention_targets = None
+    if args.attention_loss:
+        if targets_path.exists():
+            attention_targets = torch.load(targets_path)
+        else:
+            scenes = training_scenes(args.scenes, args.workers)
+            attention_targets = attention_loss.attention_targets(scenes, tokenizer, 8 * args.patch_size, MAX_TOKENS)
+            del scenes
+            torch.save(attention_targets, targets_path)
+        for size, (maps, _) in attention_targets.items():
+            if len(maps) != len(data[size][0]):
+                raise SystemExit(f"{targets_path} has {len(maps)} scenes of {size}, the latents {len(data[size][0])}")
     del vae
     if not args.object_weight:
         weights_by_bucket = None
@@ -267,6 +285,7 @@ def main(argv=None) -> int:
     modules = {"text_encoder": text_encoder, "transformer": transformer}
     ema = EMA(modules, args.ema)
     abar = alphas_cumprod().to(device)
+    attention_store = attention_loss.install_recording(transformer) if attention_targets is not None else None
 
     ckpt_path = args.out / "dit.ckpt"
     start = 0
@@ -340,13 +359,22 @@ def main(argv=None) -> int:
             snr = abar[t] / (1 - abar[t])
             w = w * (snr.clamp(max=args.min_snr) / snr)[:, None, None, None]
         loss = ((eps - noise) ** 2 * w).mean() / w.mean()
+        extra = {}
+        if attention_store is not None:
+            maps, regions = attention_targets[bucket]
+            regions = torch.where(drop[:, None], -1, regions[idx][:, :length]).to(device)
+            localisation = attention_loss.localisation_loss(attention_store, regions, maps[idx].to(device))
+            extra["diffusion_loss"] = loss.item()
+            attention_store.clear()
+            loss = loss + args.attention_loss * localisation
+            extra["attention_loss"] = localisation.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(text_encoder.parameters()) + list(transformer.parameters()), 1.0)
         opt.step()
         ema.update(modules, step)
         loss_log.write(step=step + 1, loss=loss.item(), grad_norm=float(grad_norm), bucket=list(bucket),
-                       lr=opt.param_groups[0]["lr"])
+                       lr=opt.param_groups[0]["lr"], **extra)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
         step += 1
