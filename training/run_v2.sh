@@ -86,3 +86,30 @@ $PY benchmarks/sweep_control.py -o "$E/sweep-blend" --model "$E/model" --pairs 4
   --only p2p-S1.0,p2p-S1.0-blend,p2p-S0.7-blend,p2p-S0.8-blend,p2p-S0.9-blend
 $PY training/export.py --run "$RUNS/v5" --dest src/dit4edit/models/shapes
 git checkout -- src/dit4edit/models/shapes/vae/config.json   # the export writes the run's path into it
+
+# v6 (2026-12-02/03, measured, not shipped): the v5 weights trained on with the same recipe, 12,000 steps x 64.
+$PY training/export.py --run "$RUNS/v5" --dest "$RUNS/v6-init"
+$PY training/train_dit.py --out "$RUNS/v6" --scenes 8000 --init-from "$RUNS/v6-init" --width 160 --layers 6 \
+  --lr 3e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress \
+  --ckpt-every 100 --batch 64 --min-snr 5 --steps 12000
+checks "$RUNS/v6" "$RUNS/eval-v6-final"
+
+# Attention-loss pilots (2026-12-03): the v5 weights fine-tuned 1,500 steps x 64 with the cross-attention
+# localisation loss (training/attention_loss.py) at weight 0.01 and 0.05, side by side, one core each; then the
+# word-map locality (benchmarks/edit_locality.py --diagnose), a 48-pair control sweep and generation.
+for W in 0.01 0.05; do
+  $PY training/train_dit.py --out "$RUNS/att-$W" --scenes 8000 --init-from "$RUNS/v6-init" --width 160 --layers 6 \
+    --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 --no-progress \
+    --ckpt-every 100 --batch 64 --min-snr 5 --steps 1500 --attention-loss $W
+  E="$RUNS/eval-att-$W"
+  $PY training/export.py --run "$RUNS/att-$W" --dest "$E/model" && cp src/dit4edit/models/shapes/dit4edit.json "$E/model/"
+  $PY benchmarks/edit_locality.py -o "$E/locality" --model "$E/model" --pairs 24 --diagnose
+  $PY benchmarks/sweep_control.py -o "$E/sweep48" --model "$E/model" --pairs 48 --inversion ddim --guidance 1.5 \
+    --only p2p-S0.85-blend-own,p2p-S0.9-blend,no-control
+  $PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" \
+    --grid "$E/grid.png"
+done
+# v7 candidate, in progress: the weight-0.01 pilot trained on with the same loss, 12,000 steps x 64.
+$PY training/train_dit.py --out "$RUNS/v7att" --scenes 8000 --init-from "$RUNS/eval-att-0.01/model" --width 160 \
+  --layers 6 --lr 2e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 \
+  --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 12000 --attention-loss 0.01
