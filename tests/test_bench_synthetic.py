@@ -59,6 +59,17 @@ def test_run_resumes_without_repeating(tiny_pipe, tmp_path):
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "summary.md").read_text().count("| no-control |") >= 2
 
 
+def test_a_sweep_run_in_several_calls_summarises_every_variant_done_on_all_pairs(tiny_pipe, tmp_path):
+    run = dict(steps=2, grid_pairs=0, disable_progress=True)
+    bench.run_editing(tiny_pipe, tmp_path, count=2, methods=["no-control"], **run)
+    bench.run_editing(tiny_pipe, tmp_path, count=1, methods=["cross-only"], **run)  # not on both pairs
+    summary = bench.run_editing(tiny_pipe, tmp_path, count=2, methods=["sdedit-0.6"], keep_earlier=True, **run)
+    assert list(summary) == ["sdedit-0.6", "no-control"]
+    assert "| no-control | all |" in (tmp_path / "summary.md").read_text()
+    alone = bench.run_editing(tiny_pipe, tmp_path, count=2, methods=["sdedit-0.6"], **run)
+    assert list(alone) == ["sdedit-0.6"]  # without keep_earlier: only the methods asked for
+
+
 def test_custom_methods_and_merging_reach_the_edit(tiny_pipe, tmp_path):
     from dit4edit.merging import MergeConfig
 

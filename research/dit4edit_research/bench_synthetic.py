@@ -214,10 +214,13 @@ class ResultLog:
 
 def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Sequence[str] | None = None,
                 steps: int = 30, guidance: float = 4.5, grid_pairs: int = 8, disable_progress: bool = False,
-                inversion: str | None = None, available: dict[str, Method] | None = None) -> dict:
+                inversion: str | None = None, available: dict[str, Method] | None = None,
+                keep_earlier: bool = False) -> dict:
     """Run (or resume) the editing benchmark; returns the summary. `inversion` replaces the methods' default
     inversion (dpm-exact) except where a method is defined by its inversion (ddim-inversion). `available`: the
-    methods to choose from (default `default_methods()`; a settings sweep passes its own)."""
+    methods to choose from (default `default_methods()`; a settings sweep passes its own). `keep_earlier`: the
+    summary (and summary.md, the grid) also keeps the methods an earlier call ran in `out_dir` on all `count` pairs
+    with the same settings, after this call's (a sweep run in several calls)."""
     import torch
 
     out = Path(out_dir)
@@ -265,6 +268,9 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                                **score(output, pair, seconds)))
                 bar.update()
         bar.close()
+    if keep_earlier:
+        earlier = dict.fromkeys(row["method"] for row in log.done.values())
+        names += [n for n in earlier if n not in names and all((k, n) in log.done for k in range(count))]
     summary = summarise(log.rows((k, n) for k in range(count) for n in names), names)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_summary(out)
