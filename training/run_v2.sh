@@ -113,3 +113,7 @@ done
 $PY training/train_dit.py --out "$RUNS/v7att" --scenes 8000 --init-from "$RUNS/eval-att-0.01/model" --width 160 \
   --layers 6 --lr 2e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 \
   --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 12000 --attention-loss 0.01
+# v7 candidate B, in progress: the v6 weights with the same loss, 6,000 steps x 64 at peak learning rate 1e-4.
+$PY training/train_dit.py --out "$RUNS/v7att-v6" --scenes 8000 --init-from "$RUNS/eval-v6-final/model" --width 160 \
+  --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 \
+  --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 6000 --attention-loss 0.01
