@@ -72,9 +72,11 @@ def localisation_loss(probs: list[torch.Tensor], regions: torch.Tensor, maps: to
     regions: `(B, L)` int64 region of each text token (-1 = not supervised; a dropped caption is all -1).
     maps: `(B, R, N)` coverage of each region on the image tokens.
     """
+    if not probs:
+        return torch.zeros(())
     valid = regions >= 0  # (B, L)
-    if not bool(valid.any()) or not probs:
-        return probs[0].sum() * 0.0 if probs else torch.zeros(())
+    if not valid.any():  # every caption dropped: zero, still on the graph
+        return probs[0].sum() * 0.0
     index = regions.clamp(min=0)[:, :, None].expand(-1, -1, maps.shape[-1])  # (B, L, N)
     target = torch.gather(maps, 1, index)  # (B, L, N): each token's region
     total = 0.0

@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(device, memory_format=torch.channels_last)
     cache = args.out / f"latents_{args.scenes}.pt"
     covers = args.out / f"covers_{args.scenes}.pt"
+    targets_path = args.out / f"attention_{args.scenes}_p{args.patch_size}.pt"
+    scenes = None  # rendered at most once, for whatever is not cached yet
     if cache.exists() and covers.exists():
         data = torch.load(cache, weights_only=False)
         weights_by_bucket = torch.load(covers)
@@ -241,23 +243,21 @@ def main(argv=None) -> int:
         log.info("rendered %d scenes in %.0fs", args.scenes, time.time() - t0)
         data = encode_latents(vae, scenes, device)
         weights_by_bucket = object_weights(scenes)
-        del scenes
         torch.save(data, cache)
         torch.save(weights_by_bucket, covers)
         log.info("rendered and encoded %d scenes in %.0fs", args.scenes, time.time() - t0)
-    targets_path = args.out / f"attention_{args.scenes}_p{args.patch_size}.pt"
     attention_targets = None
     if args.attention_loss:
         if targets_path.exists():
             attention_targets = torch.load(targets_path)
         else:
-            scenes = training_scenes(args.scenes, args.workers)
+            scenes = scenes or training_scenes(args.scenes, args.workers)
             attention_targets = attention_loss.attention_targets(scenes, tokenizer, 8 * args.patch_size, MAX_TOKENS)
-            del scenes
             torch.save(attention_targets, targets_path)
         for size, (maps, _) in attention_targets.items():
             if len(maps) != len(data[size][0]):
                 raise SystemExit(f"{targets_path} has {len(maps)} scenes of {size}, the latents {len(data[size][0])}")
+    del scenes
     del vae
     if not args.object_weight:
         weights_by_bucket = None
