@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import common  # noqa: E402
 import eval_editing  # noqa: E402
 import probe_denoiser  # noqa: E402
-from train_dit import build_transformer, warm_start  # noqa: E402
+from train_dit import build_transformer, positional_scale, warm_start  # noqa: E402
 
 
 @pytest.mark.parametrize("k", range(4))  # one pair per edit kind
@@ -48,6 +48,33 @@ def test_warm_start_copies_the_tensors_whose_shapes_match(tmp_path):
     assert copied == len(same_shape) < len(after)
     assert all(torch.equal(after[k], reference[k]) for k in same_shape)
     assert all(torch.equal(after[k], before[k]) for k in after if k not in same_shape)  # patch layers left as built
+
+
+
+def test_a_patch_refined_model_starts_out_predicting_what_the_coarse_model_did(tmp_path):
+    torch.manual_seed(0)
+    coarse = build_transformer(64, 2, 32, sample_size=8, patch_size=2).eval()
+    coarse.save_pretrained(tmp_path)
+    scale = 2 * positional_scale(coarse.config)
+    refined = build_transformer(64, 2, 32, sample_size=8, patch_size=1, interpolation_scale=scale).eval()
+    warm_start(refined, type(coarse), tmp_path, refine_patch=1)
+    copied_only = build_transformer(64, 2, 32, sample_size=8, patch_size=1, interpolation_scale=scale).eval()
+    warm_start(copied_only, type(coarse), tmp_path)
+    blocky = torch.randn(2, 4, 4, 4).repeat_interleave(2, 2).repeat_interleave(2, 3)  # what a coarse token sees
+    text, t = torch.randn(2, 6, 32), torch.tensor([300, 700])
+
+    def predict(model):
+        with torch.no_grad():
+            out = model(blocky, encoder_hidden_states=text, timestep=t,
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return out[:, :4]
+
+    # a fine token predicts the mean of its coarse token's 2 x 2 sub-pixel predictions
+    reference = torch.nn.functional.avg_pool2d(predict(coarse), 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    def error(model):
+        return ((predict(model) - reference).norm() / reference.norm()).item()
+    assert error(refined) < 0.3 < error(copied_only)
 
 
 def test_the_denoiser_probe_inverts_the_noising_it_applies():

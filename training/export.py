@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     state = torch.load(args.run / "dit.ckpt", map_location="cpu", weights_only=False)
     a = state["args"]
     text_encoder = build_text_encoder(len(tokenizer), a["t5_width"], a["t5_layers"])
-    transformer = build_transformer(a["width"], a["layers"], a["t5_width"], patch_size=a.get("patch_size", 2))
+    transformer = build_transformer(a["width"], a["layers"], a["t5_width"], patch_size=a.get("patch_size", 2),
+                                    interpolation_scale=a.get("interpolation_scale"))
     weights = state if args.raw else state["ema"]
     text_encoder.load_state_dict(weights["text_encoder"])
     transformer.load_state_dict(weights["transformer"])

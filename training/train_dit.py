@@ -68,7 +68,7 @@ def build_text_encoder(vocab_size: int, d_model: int, layers: int) -> T5EncoderM
 
 
 def build_transformer(width: int, layers: int, caption_channels: int, sample_size: int = 16,
-                      patch_size: int = 2) -> PixArtTransformer2DModel:
+                      patch_size: int = 2, interpolation_scale: int | None = None) -> PixArtTransformer2DModel:
     heads = width // 32
     return PixArtTransformer2DModel(
         num_attention_heads=heads,
@@ -80,6 +80,7 @@ def build_transformer(width: int, layers: int, caption_channels: int, sample_siz
         caption_channels=caption_channels,
         sample_size=sample_size,
         patch_size=patch_size,
+        interpolation_scale=interpolation_scale,
         norm_num_groups=32,
         norm_type="ada_norm_single",
         use_additional_conditions=False,
@@ -196,9 +197,13 @@ def main(argv=None) -> int:
     p.add_argument("--t5-layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=128)
     p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (1: a 16x16 token grid at 128 px)")
+    p.add_argument("--interpolation-scale", type=int, default=None,
+                   help="PixArt's positional-embedding scale (default: the model's; set automatically when --init-from "
+                        "has a coarser patch, so the finer grid keeps the positions the weights learned)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="a pipeline folder to start from: its tokenizer, VAE and T5 are used, and every transformer "
-                        "tensor whose shape matches is copied (width and depth must match to copy the blocks)")
+                        "tensor whose shape matches is copied (width and depth must match to copy the blocks); a "
+                        "coarser patch (2 -> 1) is refined: patch embedding and output layer mapped, positions kept")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (fp32 weights)")
     p.add_argument("--scenes", type=int, default=6000, help="training scenes encoded once (seeds 0..)")
     p.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
@@ -268,10 +273,16 @@ def main(argv=None) -> int:
     empty_ids, empty_mask = tokenize(tokenizer, [""])
 
     text_encoder = build_text_encoder(len(tokenizer), args.t5_width, args.t5_layers).to(device)
-    transformer = build_transformer(args.width, args.layers, args.t5_width, patch_size=args.patch_size).to(device)
+    if args.init_from and args.interpolation_scale is None:
+        source = PixArtTransformer2DModel.load_config(args.init_from / "transformer")
+        if source["patch_size"] != args.patch_size:
+            args.interpolation_scale = source["patch_size"] // args.patch_size * positional_scale(source)
+    transformer = build_transformer(args.width, args.layers, args.t5_width, patch_size=args.patch_size,
+                                    interpolation_scale=args.interpolation_scale).to(device)
     if args.init_from and not (args.out / "dit.ckpt").exists():  # a resumed run loads its checkpoint instead
         copied = warm_start(text_encoder, T5EncoderModel, args.init_from / "text_encoder")
-        copied += warm_start(transformer, PixArtTransformer2DModel, args.init_from / "transformer")
+        copied += warm_start(transformer, PixArtTransformer2DModel, args.init_from / "transformer",
+                             refine_patch=args.patch_size)
         log.info("warm start from %s: %d tensors copied", args.init_from, copied)
     log.info("T5: %.2fM, transformer: %.2fM parameters",
              sum(q.numel() for q in text_encoder.parameters()) / 1e6,
@@ -394,9 +405,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def warm_start(module: torch.nn.Module, cls, folder: Path) -> int:
-    """Copy into `module` every tensor of the pretrained `cls` in `folder` whose name and shape match."""
-    source = cls.from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+def positional_scale(config) -> int:
+    """The positional-embedding interpolation scale a PixArt transformer with this config uses."""
+    return config.get("interpolation_scale") or max(config["sample_size"] // 64, 1)
+
+
+def refine_patch_tensors(source: dict, patch: int, fine: int, out_channels: int) -> dict:
+    """A patch-`patch` transformer's patch embedding and output layer, mapped to patch `fine` (a divisor).
+
+    A fine token sees the pixels a coarse token would see if each were repeated k x k times (k = patch / fine): its
+    embedding kernel is the coarse kernel summed over each k x k block. A fine token predicts the mean of the coarse
+    token's k x k sub-pixel predictions. On a latent that is constant over k x k blocks the refined model (with the
+    positions scaled by k) starts close to the coarse one; training takes it from there.
+    """
+    k = patch // fine
+    if k * fine != patch:
+        raise ValueError(f"patch {fine} does not divide patch {patch}")
+    weight = source["pos_embed.proj.weight"]  # (D, C, P, P)
+    d, c = weight.shape[:2]
+    out = {"pos_embed.proj.weight": weight.reshape(d, c, fine, k, fine, k).sum((3, 5)),
+           "pos_embed.proj.bias": source["pos_embed.proj.bias"]}
+    # proj_out rows are ordered (row, column, channel) within the patch: PixArt's unpatchify.
+    w, b = source["proj_out.weight"], source["proj_out.bias"]
+    out["proj_out.weight"] = w.reshape(fine, k, fine, k, out_channels, -1).mean((1, 3)).reshape(-1, w.shape[-1])
+    out["proj_out.bias"] = b.reshape(fine, k, fine, k, out_channels).mean((1, 3)).reshape(-1)
+    return out
+
+
+def warm_start(module: torch.nn.Module, cls, folder: Path, refine_patch: int | None = None) -> int:
+    """Copy into `module` every tensor of the pretrained `cls` in `folder` whose name and shape match; with
+    `refine_patch`, a coarser-patch source's patch embedding and output layer are mapped (`refine_patch_tensors`)."""
+    pretrained = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    source = pretrained.state_dict()
+    if refine_patch and pretrained.config.patch_size != refine_patch:
+        source.update(refine_patch_tensors(source, pretrained.config.patch_size, refine_patch,
+                                           pretrained.config.out_channels))
     target = module.state_dict()
     matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     module.load_state_dict(matched, strict=False)
