@@ -139,3 +139,23 @@ def test_a_toy_run_with_the_attention_loss_logs_it_and_it_falls_when_trained_alo
     assert all(np.isfinite(a) and a > 0 for a in attention)
     assert all(r["loss"] > r["diffusion_loss"] for r in rows)
     assert attention[-1] < 0.8 * attention[0]
+
+
+def test_a_run_refined_to_patch_1_keeps_the_learned_positions_through_later_warm_starts(tmp_path):
+    # patch 2 -> 1 doubles the positional interpolation scale (8 positions become 16 at half steps); a run that
+    # warm-starts from the refined model must keep that scale, or every learned position would move.
+    import train_dit
+    from diffusers import PixArtTransformer2DModel
+    from dit4edit.pipeline import default_model
+
+    def run(out, init_from):
+        argv = ["--out", str(out), "--scenes", "8", "--init-from", str(init_from), "--width", "160", "--layers", "6",
+                "--patch-size", "1", "--batch", "4", "--nonsquare-share", "0", "--threads", "0", "--no-progress",
+                "--ckpt-every", "100", "--steps", "1"]
+        assert train_dit.main(argv) == 0
+        return PixArtTransformer2DModel.load_config(out / "pipeline_ema" / "transformer")
+
+    refined = run(tmp_path / "refined", default_model())
+    assert (refined["patch_size"], refined["interpolation_scale"]) == (1, 2)
+    again = run(tmp_path / "again", tmp_path / "refined" / "pipeline_ema")
+    assert (again["patch_size"], again["interpolation_scale"]) == (1, 2)

@@ -109,11 +109,25 @@ for W in 0.01 0.05; do
   $PY training/eval_generation.py --model "$E/model" --n 100 --steps 20 --threads 1 --json "$E/generation.json" \
     --grid "$E/grid.png"
 done
-# v7 candidate, in progress: the weight-0.01 pilot trained on with the same loss, 12,000 steps x 64.
+# v7 candidate, paused at step 3,907: the weight-0.01 pilot trained on with the same loss; --steps 12000 until step
+# 3,669, then re-timed to 6500 (a shorter cosine) to fit a session; stopped to free its core for the patch pilot below.
 $PY training/train_dit.py --out "$RUNS/v7att" --scenes 8000 --init-from "$RUNS/eval-att-0.01/model" --width 160 \
   --layers 6 --lr 2e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 \
-  --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 12000 --attention-loss 0.01
-# v7 candidate B, in progress: the v6 weights with the same loss, 6,000 steps x 64 at peak learning rate 1e-4.
+  --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 6500 --attention-loss 0.01
+# v7 candidate B: the v6 weights with the same loss at peak learning rate 1e-4; --steps 6000 until step 2,063, then
+# re-timed to 5000 (finished).
 $PY training/train_dit.py --out "$RUNS/v7att-v6" --scenes 8000 --init-from "$RUNS/eval-v6-final/model" --width 160 \
   --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 --threads 1 \
-  --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 6000 --attention-loss 0.01
+  --no-progress --ckpt-every 100 --batch 64 --min-snr 5 --steps 5000 --attention-loss 0.01
+
+# Patch-refinement pilot (2026-12-03): the v6 weights refined from patch 2 (8x8 tokens at 128 px) to patch 1 (16x16):
+# patch embedding and output layer mapped, positions kept (train_dit.py does it when --init-from has a coarser patch),
+# then the v6 recipe at batch 32 for 75 minutes of one core (--time-budget fixed --steps 2620 from its first steps).
+$PY training/train_dit.py --out "$RUNS/fine-v6" --scenes 8000 --init-from "$RUNS/eval-v6-final/model" --patch-size 1 \
+  --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
+  --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 2620
+# ... and its long continuation, across sessions (30,000 steps x 32; in progress).
+$PY training/export.py --run "$RUNS/fine-v6" --dest "$RUNS/eval-fine-v6/model"
+$PY training/train_dit.py --out "$RUNS/fine-long" --scenes 8000 --init-from "$RUNS/eval-fine-v6/model" --patch-size 1 \
+  --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
+  --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 30000

@@ -198,8 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=128)
     p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (1: a 16x16 token grid at 128 px)")
     p.add_argument("--interpolation-scale", type=int, default=None,
-                   help="PixArt's positional-embedding scale (default: the model's; set automatically when --init-from "
-                        "has a coarser patch, so the finer grid keeps the positions the weights learned)")
+                   help="PixArt's positional-embedding scale (default: --init-from's, times its patch / --patch-size, so "
+                        "the weights keep the positions they learned; without --init-from, PixArt's default)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="a pipeline folder to start from: its tokenizer, VAE and T5 are used, and every transformer "
                         "tensor whose shape matches is copied (width and depth must match to copy the blocks); a "
@@ -273,10 +273,9 @@ def main(argv=None) -> int:
     empty_ids, empty_mask = tokenize(tokenizer, [""])
 
     text_encoder = build_text_encoder(len(tokenizer), args.t5_width, args.t5_layers).to(device)
-    if args.init_from and args.interpolation_scale is None:
+    if args.init_from and args.interpolation_scale is None:  # keep the positions the weights learned
         source = PixArtTransformer2DModel.load_config(args.init_from / "transformer")
-        if source["patch_size"] != args.patch_size:
-            args.interpolation_scale = source["patch_size"] // args.patch_size * positional_scale(source)
+        args.interpolation_scale = source["patch_size"] // args.patch_size * positional_scale(source)
     transformer = build_transformer(args.width, args.layers, args.t5_width, patch_size=args.patch_size,
                                     interpolation_scale=args.interpolation_scale).to(device)
     if args.init_from and not (args.out / "dit.ckpt").exists():  # a resumed run loads its checkpoint instead
