@@ -131,3 +131,7 @@ $PY training/export.py --run "$RUNS/fine-v6" --dest "$RUNS/eval-fine-v6/model"
 $PY training/train_dit.py --out "$RUNS/fine-long" --scenes 8000 --init-from "$RUNS/eval-fine-v6/model" --patch-size 1 \
   --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
   --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 30000
+# ... and the same with the localisation loss, to compare at equal steps (in progress).
+$PY training/train_dit.py --out "$RUNS/fine-att" --scenes 8000 --init-from "$RUNS/eval-fine-v6/model" --patch-size 1 \
+  --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
+  --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 30000 --attention-loss 0.01
