@@ -86,6 +86,15 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
             f"P2P self-attention before S {s}, none after, local blend on the changed words (no dilation), which "
             "attend with their own maps",
             AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0, local_blend_dilate=0))
+        settings[f"p2p-S{s}-blend-own-d2"] = (
+            f"P2P self-attention before S {s}, none after, local blend on the changed words (dilation 2), which "
+            "attend with their own maps",
+            AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0, local_blend_dilate=2))
+        settings[f"p2p-S{s}-blend-own-t0.2"] = (
+            f"P2P self-attention before S {s}, none after, local blend on the changed words (threshold 0.2), which "
+            "attend with their own maps",
+            AttentionControl(**p2p, self_replace_steps=s, **blend, cross_replace_changed=0.0,
+                             local_blend_threshold=0.2))
         settings[f"p2p-S{s}-blend-own-t0.4"] = (
             f"P2P self-attention before S {s}, none after, local blend on the changed words (threshold 0.4), which "
             "attend with their own maps",
