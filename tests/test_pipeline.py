@@ -285,6 +285,29 @@ def test_mask_keeps_the_pixels_outside_after_decoding(tiny_pipe):
         tiny_pipe.edit(inversion, TARGET, mask=mask, source_image=picture.resize((32, 32)))
 
 
+
+def test_a_patch_1_transformer_edits_on_its_own_finer_token_grid():
+    # One token per latent pixel (the embedded model's 16x16-token variant): word maps, the local blend and patch
+    # merging must all work on the grid the transformer uses, not on PixArt's patch-2 grid.
+    from dit4edit.control import AttentionControl
+    from dit4edit.merging import MergeConfig
+    from dit4edit.tiny import tiny_transformer
+
+    pipe = fresh_pipe(transformer=tiny_transformer(patch_size=1))
+    inversion = pipe.invert(random_image(64, 64), SOURCE, STEPS, method="ddim")  # 8x8 latent: 64 tokens at patch 1
+    plain = pipe.edit(inversion, TARGET, control=AttentionControl(local_blend_changed=True), record_words=True,
+                      merge=None)
+    maps = plain.controller.word_maps(1)
+    assert maps["blue"].shape == (8, 8) and torch.isfinite(maps["blue"]).all()
+    mask = plain.controller.blend_mask(STEPS - 1)
+    assert mask is not None and tuple(mask.shape) == (8, 8)
+    merged = pipe.edit(inversion, TARGET, control=AttentionControl(local_blend_changed=True),
+                       merge=MergeConfig(ratio=0.5, min_tokens=0))
+    assert torch.equal(merged.latents[0], plain.latents[0])  # the pinned source
+    assert relative_error(merged.latents[1], plain.latents[1]) > 1e-4  # merging changed the edit ...
+    assert torch.isfinite(merged.latents).all() and merged.latents.shape == plain.latents.shape  # ... and ran
+
+
 def test_local_blend_over_the_whole_image_says_so(tiny_pipe, caplog):
     from dit4edit.control import AttentionControl
 

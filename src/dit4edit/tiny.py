@@ -89,9 +89,9 @@ def pixart_scheduler() -> DPMSolverMultistepScheduler:
 
 
 def tiny_transformer(num_layers: int = 2, *, sample_size: int = 8, micro_conditions: bool = False,
-                     caption_channels: int = 32) -> PixArtTransformer2DModel:
-    """A random-weight PixArt transformer, 2 heads x 8 wide (x 12 with micro-conditions), patch 2, captions
-    `caption_channels` wide (the tiny T5's width)."""
+                     caption_channels: int = 32, patch_size: int = 2) -> PixArtTransformer2DModel:
+    """A random-weight PixArt transformer, 2 heads x 8 wide (x 12 with micro-conditions), patch 2 (PixArt's) unless
+    `patch_size` says otherwise, captions `caption_channels` wide (the tiny T5's width)."""
     return PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=12 if micro_conditions else 8,
@@ -101,7 +101,7 @@ def tiny_transformer(num_layers: int = 2, *, sample_size: int = 8, micro_conditi
         cross_attention_dim=24 if micro_conditions else 16,
         caption_channels=caption_channels,
         sample_size=sample_size,
-        patch_size=2,
+        patch_size=patch_size,
         norm_num_groups=4,
         use_additional_conditions=micro_conditions,
     ).eval()
