@@ -103,10 +103,10 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
     # The paper's schedule with own maps for the changed words: Prompt-to-Prompt self-attention before S, then mutual
     # self-attention (the target's queries on the source's keys and values, or on both), which lets the layout move.
     for s in (0.4, 0.6):
-        for mutual in ("source", "union"):
-            settings[f"p2p-S{s}-{'mutual' if mutual == 'source' else 'union'}-own"] = (
-                f"P2P self-attention before S {s}, then {'mutual' if mutual == 'source' else 'union-key'} "
-                "self-attention, the changed words attend with their own maps",
+        for mutual, name, what in (("source", "mutual", "mutual"), ("union", "union", "union-key")):
+            settings[f"p2p-S{s}-{name}-own"] = (
+                f"P2P self-attention before S {s}, then {what} self-attention, the changed words attend with their "
+                "own maps",
                 AttentionControl(self_mode_early="p2p", self_replace_steps=s, mutual=mutual, cross_replace_changed=0.0))
     # Around the shipped control (own maps, S 0.85, blend): which blocks hold the self-attention, and how long the
     # unchanged words keep the source's cross-attention maps.

@@ -285,7 +285,6 @@ def test_mask_keeps_the_pixels_outside_after_decoding(tiny_pipe):
         tiny_pipe.edit(inversion, TARGET, mask=mask, source_image=picture.resize((32, 32)))
 
 
-
 def test_a_patch_1_transformer_edits_on_its_own_finer_token_grid():
     # One token per latent pixel (the embedded model's 16x16-token variant): word maps, the local blend and patch
     # merging must all work on the grid the transformer uses, not on PixArt's patch-2 grid.

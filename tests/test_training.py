@@ -159,3 +159,13 @@ def test_a_run_refined_to_patch_1_keeps_the_learned_positions_through_later_warm
     assert (refined["patch_size"], refined["interpolation_scale"]) == (1, 2)
     again = run(tmp_path / "again", tmp_path / "refined" / "pipeline_ema")
     assert (again["patch_size"], again["interpolation_scale"]) == (1, 2)
+
+
+def test_a_warm_start_onto_a_coarser_patch_is_refused_before_any_work(tmp_path):
+    import train_dit
+    from dit4edit.pipeline import default_model
+
+    with pytest.raises(SystemExit, match="--init-from has patch 2: it refines to a patch that divides it, not to "
+                                         "--patch-size 4"):
+        train_dit.main(["--out", str(tmp_path / "run"), "--init-from", default_model(), "--patch-size", "4"])
+    assert not (tmp_path / "run" / "tokenizer").exists()  # nothing written

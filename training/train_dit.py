@@ -220,6 +220,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = setup(args.threads)
     torch.manual_seed(args.seed)
+    if args.init_from:  # before any heavy work: can the weights be copied or refined onto this patch size?
+        source = PixArtTransformer2DModel.load_config(args.init_from / "transformer")
+        if source["patch_size"] % args.patch_size:
+            raise SystemExit(f"--init-from has patch {source['patch_size']}: it refines to a patch that divides it, "
+                             f"not to --patch-size {args.patch_size}")
+        if args.interpolation_scale is None:  # keep the positions the weights learned
+            args.interpolation_scale = source["patch_size"] // args.patch_size * positional_scale(source)
 
     # Stage 1: tokenizer on the caption grammar.
     tok_dir = args.out / "tokenizer"
@@ -273,9 +280,6 @@ def main(argv=None) -> int:
     empty_ids, empty_mask = tokenize(tokenizer, [""])
 
     text_encoder = build_text_encoder(len(tokenizer), args.t5_width, args.t5_layers).to(device)
-    if args.init_from and args.interpolation_scale is None:  # keep the positions the weights learned
-        source = PixArtTransformer2DModel.load_config(args.init_from / "transformer")
-        args.interpolation_scale = source["patch_size"] // args.patch_size * positional_scale(source)
     transformer = build_transformer(args.width, args.layers, args.t5_width, patch_size=args.patch_size,
                                     interpolation_scale=args.interpolation_scale).to(device)
     if args.init_from and not (args.out / "dit.ckpt").exists():  # a resumed run loads its checkpoint instead
