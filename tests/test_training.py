@@ -169,3 +169,23 @@ def test_a_warm_start_onto_a_coarser_patch_is_refused_before_any_work(tmp_path):
                                          "--patch-size 4"):
         train_dit.main(["--out", str(tmp_path / "run"), "--init-from", default_model(), "--patch-size", "4"])
     assert not (tmp_path / "run" / "tokenizer").exists()  # nothing written
+
+
+def test_a_toy_vae_run_and_its_decoder_phase_each_resume_where_they_stopped(tmp_path):
+    # Crops for step 1, whole images after it; each phase stopped at step 2, then resumed to step 3 from its
+    # checkpoint (the weights, the optimiser and the step), and the decoder phase starts from the saved VAE.
+    import json
+
+    import train_vae
+
+    out = tmp_path / "vae"
+    argv = ["--out", str(out), "--pool", "12", "--channels", "8", "8", "--batch", "2", "--crop", "32",
+            "--full-share", "0.5", "--warmup", "1", "--eval-every", "100", "--threads", "0", "--no-progress"]
+    for phase, log_name in (([], "vae_loss.jsonl"), (["--decoder-only"], "vae_decoder_loss.jsonl")):
+        assert train_vae.main([*argv, *phase, "--steps", "3", "--stop-at", "2"]) == 0
+        assert train_vae.main([*argv, *phase, "--steps", "3"]) == 0
+        rows = [json.loads(line) for line in (out / log_name).read_text().splitlines()]
+        steps = [r["step"] for r in rows if not r.get("final")]
+        assert steps == [1, 2, 3], phase  # resumed at step 2, not from the start
+        assert all(np.isfinite(r["loss"]) for r in rows if not r.get("final"))
+    assert (out / "vae_decoder" / "config.json").exists()

@@ -85,6 +85,17 @@ def load_checkpoint(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, what: str = "training") -> int:
+    """Load the checkpoint at `path` (if there is one) into `model` and `opt`; returns the step to continue from."""
+    state = load_checkpoint(path)
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    log.info("resumed %s from step %d", what, state["step"])
+    return state["step"]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
     """Linear warmup then cosine decay to `floor * peak`."""
     if step < warmup:

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from common import (HELD_OUT_SEED, LossLog, load_checkpoint, log, lr_at, psnr, save_checkpoint, scene_pool, setup,
+from common import (HELD_OUT_SEED, LossLog, log, lr_at, psnr, resume, save_checkpoint, scene_pool, setup,
                     to_tensor, to_uint8)
 
 
@@ -104,13 +104,7 @@ def main(argv=None) -> int:
     log.info("VAE: %.2fM parameters", sum(q.numel() for q in vae.parameters()) / 1e6)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ckpt_path = args.out / "vae.ckpt"
-    start = 0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        log.info("resumed from step %d", start)
+    start = resume(ckpt_path, vae, opt)
 
     t0 = time.time()
     pool = scene_pool(0, args.pool)
@@ -183,13 +177,7 @@ def train_decoder(args, device) -> int:
         q.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ckpt_path = args.out / "vae_decoder.ckpt"
-    start = 0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        log.info("resumed decoder training from step %d", start)
+    start = resume(ckpt_path, vae, opt, "decoder training")
     pool = scene_pool(0, args.pool)
     held_out = scene_pool(HELD_OUT_SEED, 40)
     by_size: dict = {}
