@@ -13,7 +13,9 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import __version__
-from dit4edit.cli import build_parser, main, merge_from_args
+from dit4edit.cli import build_parser, control_from_args, main, merge_from_args
+from dit4edit.control import AttentionControl
+from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline
 
 
@@ -158,10 +160,20 @@ def test_version_and_help_for_every_argument():
     assert "default: the embedded model" in commands.choices["edit"].format_help()
 
 
-def test_merge_plan_every_flag_sets_the_config():
+def test_each_merge_and_control_flag_sets_its_field_and_an_absent_flag_keeps_the_default():
     edit = ["edit", "in.png", "-s", SOURCE, "-t", TARGET, "-o", "out.png"]
-    assert merge_from_args(build_parser().parse_args([*edit, "--merge-plan-every", "4"])).plan_every == 4
-    assert merge_from_args(build_parser().parse_args(edit)).plan_every == 1
+    merge = merge_from_args(build_parser().parse_args([*edit, "--merge-plan-every", "4", "--merge-ratio", "0.3",
+                                                      "--merge-skip-steps", "2"]))
+    assert (merge.plan_every, merge.ratio, merge.skip_steps) == (4, 0.3, 2)
+    assert merge_from_args(build_parser().parse_args(edit)) == MergeConfig()
+    flags = {"--self-replace-steps": ("self_replace_steps", 0.25),
+             "--cross-replace-steps": ("cross_replace_steps", 0.35),
+             "--cross-replace-changed": ("cross_replace_changed", 0.45), "--edit-mode": ("edit_mode", "refine")}
+    given = [part for flag, (_, value) in flags.items() for part in (flag, str(value))]
+    control = control_from_args(build_parser().parse_args([*edit, *given, "--local-blend-changed"]))
+    assert {name: getattr(control, name) for name, _ in flags.values()} == dict(flags.values())
+    assert control.local_blend_changed is True
+    assert control_from_args(build_parser().parse_args(edit)) == AttentionControl()
 
 
 def test_saved_inversion_settings_are_used_and_said(files, tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -257,6 +257,11 @@ def settings_from_args(args, defaults=None):
                         control=control_from_args(args, defaults), merge=merge_from_args(args), mask=args.mask)
 
 
+def _given(args, *names: str, prefix: str = "") -> dict:
+    """The flags among `names` that the user gave (not None), keyed by their names without `prefix`."""
+    return {name.removeprefix(prefix): getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def control_from_args(args, defaults=None):
     """An `AttentionControl` from the CLI flags on top of the model's (`defaults`, a `ModelDefaults`: its
     `dit4edit.json`'s control settings; None = the library's), or None for --no-attention-control."""
@@ -264,23 +269,14 @@ def control_from_args(args, defaults=None):
 
     if args.no_attention_control:
         return None
-    fields = {}
-    if args.self_replace_steps is not None:
-        fields["self_replace_steps"] = args.self_replace_steps
+    fields = _given(args, "self_replace_steps", "cross_replace_steps", "cross_replace_changed", "edit_mode",
+                    "local_blend_changed")
     if args.self_layers is not None:
         fields["self_layers"] = _range(args.self_layers, "--self-layers")
-    if args.cross_replace_steps is not None:
-        fields["cross_replace_steps"] = args.cross_replace_steps
-    if args.cross_replace_changed is not None:
-        fields["cross_replace_changed"] = args.cross_replace_changed
-    if args.edit_mode is not None:
-        fields["edit_mode"] = args.edit_mode
     if args.reweight:
         fields["reweight"] = dict(_word_value(item) for item in args.reweight)
     if args.local_blend is not None:
         fields["local_blend_words"] = _blend_words(args.local_blend)
-    if args.local_blend_changed is not None:
-        fields["local_blend_changed"] = args.local_blend_changed
     return (defaults or ModelDefaults()).attention_control(**fields)
 
 
@@ -290,9 +286,8 @@ def merge_from_args(args):
 
     if args.no_merge:
         return None
-    fields = {"merge_ff": args.merge_ff}
-    if args.merge_ratio is not None:
-        fields["ratio"] = args.merge_ratio
+    fields = {"merge_ff": args.merge_ff, **_given(args, "merge_ratio", "merge_skip_steps", "merge_plan_every",
+                                                     prefix="merge_")}
     if args.merge_stride is not None:
         try:
             fields["stride"] = tuple(int(part) for part in args.merge_stride.lower().split("x"))
@@ -302,10 +297,6 @@ def merge_from_args(args):
         fields["min_tokens"] = checks.integer(args.merge_min_tokens, "--merge-min-tokens", 0)
     if args.merge_blocks is not None:
         fields["blocks"] = _range(args.merge_blocks, "--merge-blocks")
-    if args.merge_skip_steps is not None:
-        fields["skip_steps"] = args.merge_skip_steps
-    if args.merge_plan_every is not None:
-        fields["plan_every"] = args.merge_plan_every
     try:
         return MergeConfig(**fields)
     except (TypeError, ValueError) as error:
