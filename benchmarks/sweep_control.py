@@ -118,8 +118,16 @@ def variants(blocks: int, inversion: str) -> dict[str, tuple[str, Method]]:
     for cross in (0.6, 1.0):
         settings[f"own-S0.85-cross{cross}"] = (f"the shipped control with the unchanged words' cross window {cross}",
                                               AttentionControl(**own, cross_replace_steps=cross))
-    return {name: (what, Method(name, inversion=inversion, control=control))
-            for name, (what, control) in settings.items()}
+    table = {name: (what, Method(name, inversion=inversion, control=control))
+             for name, (what, control) in settings.items()}
+    # Direct inversion (PnP Inversion): the target branches also take the pinned source branch's error of each step.
+    for name in ("no-control", *(f"p2p-S{s}-blend-own" for s in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 1.0)),
+                 *(f"p2p-S{s}-window-own" for s in (0.5, 0.7, 0.85))):
+        what, method = table[name]
+        table[f"{name}-direct"] = (f"{what}, direct inversion",
+                                   Method(f"{name}-direct", inversion=inversion, control=method.control,
+                                          direct_inversion=True))
+    return table
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ def test_item_settings_use_the_edit_options():
     item = resolve({"steps": 3, "self-replace-steps": 0.5, "no_merge": True, "free_source": True,
                     "local_blend": "blue circle", "reweight": {"circle": 1.5}, "inversion": "ddim"})
     assert (item.steps, item.inversion, item.merge, item.pin_source) == (3, "ddim", None, False)
+    assert not item.direct_inversion and resolve({"direct-inversion": True}).direct_inversion
     assert item.control.self_replace_steps == 0.5
     assert item.control.local_blend_words == ("blue", "circle")
     assert item.control.reweight == {"blue": 2.0, "circle": 1.5}  # the command's reweights, then the item's

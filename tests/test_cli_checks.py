@@ -73,6 +73,7 @@ EARLY = [
     (["--save-inversion", "{good}/x.safetensors"], "is a file, not a folder"),
     (["-o", "{good}/x.png"], "is a file, not a folder"),
     (["--model", "{dir}/models/nonexistent"], "model folder not found"),
+    (["--direct-inversion", "--free-source"], "--direct-inversion corrects the target by the pinned source's error"),
 ]
 
 
@@ -304,3 +305,14 @@ def test_words_outside_the_vocabulary_draw_one_warning_line(tiny_model_dir, tmp_
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == ["the target prompt has words this model was not trained on: dog, watercolor "
                         "(it ignores or misreads them)"]
+
+
+def test_direct_inversion_flag_reaches_the_edit(files, tiny_model_dir, monkeypatch, capsys):
+    seen = []
+    edit = DiT4EditPipeline.edit
+    monkeypatch.setattr(DiT4EditPipeline, "edit",
+                        lambda self, *args, **kw: seen.append(kw["direct_inversion"]) or edit(self, *args, **kw))
+    base = ["edit", files["good"], "-s", SOURCE, "-t", TARGET, "-o", files["out"], "--model", tiny_model_dir,
+            "--steps", "2", "--inversion", "ddim", "--quiet"]
+    assert run_main(base, capsys)[0] == 0 and run_main([*base, "--direct-inversion"], capsys)[0] == 0
+    assert seen == [False, True]

@@ -69,6 +69,7 @@ class Method:
     sdedit_strength: float | None = None
     merge: MergeConfig | None = field(default_factory=MergeConfig)
     rows: str = "4"  # the edit's batch layout under guidance: "3" leaves out the source's unconditional row
+    direct_inversion: bool = False  # the target branches take the pinned source branch's error of each step
 
 
 def default_methods() -> dict[str, Method]:
@@ -259,7 +260,7 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                                                                    disable_progress=True)
                     output = pipe.edit(inversions[method.inversion], pair.target_caption, guidance,
                                        control=method.control, merge=method.merge, rows=method.rows,
-                                       disable_progress=True).images[0]
+                                       direct_inversion=method.direct_inversion, disable_progress=True).images[0]
                 seconds = time.perf_counter() - start
                 if k < grid_pairs:
                     output.save(out / "images" / f"{k:04d}-{name}.png")

@@ -52,6 +52,7 @@ class EditSettings:
     tol: float = DEFAULTS.tol
     max_pixels: int = imgs.MAX_PIXELS
     pin_source: bool = True
+    direct_inversion: bool = False  # the target takes the pinned source's error of each step
     control: object | None = None  # AttentionControl
     merge: object | None = None  # MergeConfig
     mask: str | None = None  # mask image, white = editable
@@ -297,7 +298,8 @@ def run_job(pipe, job: Job, out: Path, done: dict | None = None, scorer: Scorer 
         try:
             result = pipe.edit(inversion, job.targets[k], guidance_scale=settings.guidance,
                                pin_source=settings.pin_source, control=settings.control, mask=settings.mask,
-                               merge=settings.merge, disable_progress=True)
+                               merge=settings.merge, direct_inversion=settings.direct_inversion,
+                               disable_progress=True)
             imgs.save_image(result.images[0], out / job.outputs[k])
             seconds = share + time.perf_counter() - start
             scores = scorer(job, k, result.images[0]) if scorer else {}

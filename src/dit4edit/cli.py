@@ -147,6 +147,10 @@ def edit_settings(sub: argparse.ArgumentParser) -> None:
     settings of a batch spec)."""
     sub.add_argument("--free-source", action="store_true",
                      help="let the source branch run free instead of pinning it to the inversion trajectory")
+    sub.add_argument("--direct-inversion", action="store_true",
+                     help="add the pinned source branch's error of each step to the target too (PnP Inversion's "
+                          "direct inversion): what the target prompt does not change follows the input even "
+                          "after an inexact inversion")
     control_options(sub)
     common(sub)
 
@@ -201,7 +205,7 @@ class _SettingsParser(_Parser):
 
 
 #: Options of an edit that a batch item may set for itself (the rest hold for the whole run: model, device, ...).
-ITEM_OPTIONS = ("steps", "guidance", "inversion", "tol", "max_pixels", "free_source")
+ITEM_OPTIONS = ("steps", "guidance", "inversion", "tol", "max_pixels", "free_source", "direct_inversion")
 
 
 def settings_parser() -> argparse.ArgumentParser:
@@ -252,9 +256,11 @@ def settings_from_args(args, defaults=None):
     tol = DEFAULTS.tol if args.tol is None else checks.tolerance(args.tol, "--tol")
     if args.max_pixels is not None:
         checks.integer(args.max_pixels, "--max-pixels", 1)
+    _check_source_flags(args)
     return EditSettings(steps=steps, guidance=guidance, inversion=args.inversion or defaults.inversion, tol=tol,
                         max_pixels=args.max_pixels or imgs.MAX_PIXELS, pin_source=not args.free_source,
-                        control=control_from_args(args, defaults), merge=merge_from_args(args), mask=args.mask)
+                        direct_inversion=args.direct_inversion, control=control_from_args(args, defaults),
+                        merge=merge_from_args(args), mask=args.mask)
 
 
 def _given(args, *names: str, prefix: str = "") -> dict:
@@ -390,6 +396,12 @@ class _Run:
     max_pixels: int
 
 
+def _check_source_flags(args) -> None:
+    if getattr(args, "direct_inversion", False) and getattr(args, "free_source", False):
+        raise DiT4EditError("--direct-inversion corrects the target by the pinned source's error: it cannot run "
+                            "with --free-source")
+
+
 def _prepare(args, *, inputs=()) -> _Run:
     """Inputs that must exist, every numeric flag, then the model folder (configs and dit4edit.json only): all
     checked before torch is imported."""
@@ -398,6 +410,7 @@ def _prepare(args, *, inputs=()) -> _Run:
             checks.existing_file(path, what)
     from .model_folder import ModelDefaults, check_folder, default_model, local_folder
 
+    _check_source_flags(args)
     if getattr(args, "offload", None):
         _check_offload(args.offload, _device(args.device))
     if getattr(args, "compile", False) and getattr(args, "merge_ff", False):
@@ -527,7 +540,8 @@ def _edit(args) -> int:
         inversion = pipe.invert(image, args.source, run.steps, run.guidance, run.inversion, run.tol, run.max_pixels)
         guidance = run.guidance
     result = pipe.edit(inversion, args.target, guidance_scale=guidance, pin_source=not args.free_source,
-                       control=control, mask=mask, merge=merge, source_image=image)
+                       control=control, mask=mask, merge=merge, source_image=image,
+                       direct_inversion=args.direct_inversion)
     imgs.save_image(result.images[0], output)
     if args.save_inversion:
         inversion.save(args.save_inversion)

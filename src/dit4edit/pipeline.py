@@ -392,6 +392,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         disable_progress: bool | None = None,
         rows: str = "4",
         source_image: Image.Image | None = None,
+        direct_inversion: bool = False,
     ) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
@@ -410,6 +411,11 @@ class DiT4EditPipeline(DiffusionPipeline):
         With `mask`, nothing outside it changes, measured in pixels: outside the mask each output shows
         `source_image` (the input, at its original size; default the decoded source branch), blended in over a
         feathered edge inside the mask (see `paste_outside`).
+        `direct_inversion=True` (PnP Inversion's "direct inversion", Ju et al. 2024) adds the source branch's error
+        of each step, the stored trajectory's next latent minus where the step took the source branch, to every
+        target branch too: an inexact (naive) inversion then costs the edit nothing where the target's prediction
+        equals the source's, so an edit whose target prompt is the source prompt returns the input's latent. It
+        needs `pin_source=True`; with an exact inversion made at this guidance the error is ~0 and it changes little.
         """
         if control is DEFAULT_CONTROL:  # not given: the model's own (its dit4edit.json), else the library's
             control = self.defaults.attention_control()
@@ -428,6 +434,9 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise DiT4EditError(f'rows must be "3" or "4", got {rows!r}')
         if rows == "3" and not pin_source:
             raise DiT4EditError("the 3-row layout has no unconditional source row: it needs pin_source=True")
+        if direct_inversion and not pin_source:
+            raise DiT4EditError("direct inversion corrects the targets by the pinned source's error: it needs "
+                                "pin_source=True")
         layout = BatchLayout.for_scale(len(targets), guidance, rows)
         schedule = self._schedule(inversion.num_inference_steps)
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
@@ -445,6 +454,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
 
         def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor:
+            if direct_inversion:  # every branch takes the source's step error (the source's own is pinned next)
+                x_next = x_next + (trajectory[i + 1 : i + 2] - x_next[SOURCE : SOURCE + 1])
             if pin_source:
                 x_next = layout.with_source(x_next, trajectory[i + 1 : i + 2])
             if controller is not None:
