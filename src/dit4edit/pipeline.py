@@ -455,7 +455,7 @@ class DiT4EditPipeline(DiffusionPipeline):
 
         def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor:
             if direct_inversion:  # every branch takes the source's step error (the source's own is pinned next)
-                x_next = x_next + (trajectory[i + 1 : i + 2] - x_next[SOURCE : SOURCE + 1])
+                x_next = x_next + (trajectory[i + 1] - layout.source(x_next))  # (branches, C, h, w) + (C, h, w)
             if pin_source:
                 x_next = layout.with_source(x_next, trajectory[i + 1 : i + 2])
             if controller is not None:
