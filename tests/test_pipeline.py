@@ -192,6 +192,8 @@ def test_reconstruct_reports_metrics(tiny_pipe):
     assert set(stats) >= {"latent_nmse", "nfe", "psnr", "vae_psnr"}
     assert stats["latent_nmse"] < 1e-5 and stats["nfe"] > STEPS
     assert abs(stats["psnr"] - stats["vae_psnr"]) < 0.5  # exact inversion loses almost nothing beyond the VAE
+    assert stats["step_residual"] < 1e-5  # every step equation solved (the last to at most the tolerance)
+    assert tiny_pipe.reconstruct(image, SOURCE, 2, method="ddim")[1]["step_residual"] is None  # naive: not measured
 
 
 def test_sdedit_keeps_size_and_depends_on_strength(tiny_pipe):
