@@ -126,12 +126,14 @@ $PY training/train_dit.py --out "$RUNS/v7att-v6" --scenes 8000 --init-from "$RUN
 $PY training/train_dit.py --out "$RUNS/fine-v6" --scenes 8000 --init-from "$RUNS/eval-v6-final/model" --patch-size 1 \
   --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
   --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 2620
-# ... and its long continuation, across sessions (30,000 steps x 32; in progress).
+# ... and its long continuation (30,000 steps x 32 planned; stopped at ~2,900: its loss was flat at ~0.0089 from the
+# start, evaluated at 2,600 in benchmarks/results/model-v7-candidates/patch1-long-2600).
 $PY training/export.py --run "$RUNS/fine-v6" --dest "$RUNS/eval-fine-v6/model"
 $PY training/train_dit.py --out "$RUNS/fine-long" --scenes 8000 --init-from "$RUNS/eval-fine-v6/model" --patch-size 1 \
   --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
   --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 30000
-# ... and the same with the localisation loss, to compare at equal steps (in progress).
+# ... and the same with the localisation loss, to compare at equal steps (stopped at ~2,700; evaluated at 2,600 in
+# patch1-attention-2600).
 $PY training/train_dit.py --out "$RUNS/fine-att" --scenes 8000 --init-from "$RUNS/eval-fine-v6/model" --patch-size 1 \
   --width 160 --layers 6 --lr 1e-4 --warmup 50 --object-weight 3 --high-noise-share 0.5 --nonsquare-share 0.2 \
   --threads 1 --no-progress --ckpt-every 100 --batch 32 --min-snr 5 --steps 30000 --attention-loss 0.01
