@@ -94,6 +94,14 @@ def test_edit_shows_the_edit_its_reconstruction_the_word_maps_and_a_download(edi
     assert blended.blend_mask is not None and blended.blend_mask.size == (64, 48)
 
 
+def test_direct_inversion_on_the_page_makes_an_identity_edit_its_reconstruction(editor, picture):
+    # naive inversion: without direct inversion the same prompt regenerates something else than the input's latent
+    plain = editor.edit(picture, SOURCE, SOURCE, FAST)
+    direct = editor.edit(picture, SOURCE, SOURCE, PageSettings(steps=3, inversion="dpm", direct_inversion=True))
+    gap = [np.abs(np.asarray(o.edited, float) - np.asarray(o.reconstruction, float)).mean() for o in (plain, direct)]
+    assert gap[1] < 0.5 < gap[0], gap
+
+
 def test_a_brushed_mask_is_the_editable_region(editor, picture):
     layer = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
     layer.paste((255, 0, 255, 255), (0, 0, 32, 48))  # the left half brushed
@@ -144,6 +152,7 @@ def test_the_apps_defaults_are_the_command_lines(tiny_model_dir):
         run.steps, run.guidance, run.inversion, run.tol)
     assert defaults.control() == AttentionControl() == cli.control_from_args(flags)
     assert defaults.merging == (cli.merge_from_args(flags) is not None)
+    assert defaults.direct_inversion == flags.direct_inversion == cli.settings_from_args(flags).direct_inversion
     serve = cli.build_parser().parse_args(["serve", "--steps", "7", "--inversion", "ddim", *model])
     started = PageSettings.starting_from(cli_settings(serve))
     assert (started.steps, started.inversion, started.guidance) == (7, "ddim", defaults.guidance)

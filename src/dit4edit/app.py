@@ -64,6 +64,7 @@ class PageSettings:
     blend_changed: also bound the edit by the words that differ between the prompts (`AttentionControl`'s
         `local_blend_changed`).
     merging: patch merging with the pipeline's default `MergeConfig` (it applies to large images only).
+    direct_inversion: the edit also takes the pinned source's error of each step (`DiT4EditPipeline.edit`).
     """
 
     steps: int = DEFAULTS.steps
@@ -78,6 +79,7 @@ class PageSettings:
     local_blend: str = ""
     blend_changed: bool = CONTROL_DEFAULTS.local_blend_changed
     merging: bool = True
+    direct_inversion: bool = False
 
     @classmethod
     def starting_from(cls, run: RunSettings, model: ModelDefaults | None = None) -> PageSettings:
@@ -182,7 +184,8 @@ class Editor:
             inversion, seconds, reused = self._inversion(image, source, settings)
             start = time.perf_counter()
             result = self.pipe.edit(inversion, target, guidance_scale=float(settings.guidance), control=control,
-                                    mask=mask, merge=merge, record_words=True, disable_progress=False)
+                                    mask=mask, merge=merge, record_words=True, disable_progress=False,
+                                    direct_inversion=bool(settings.direct_inversion))
             edit_seconds = time.perf_counter() - start
             download = self._save(result.images[0])
         return EditOutcome(
@@ -331,7 +334,7 @@ def build_app(editor: Editor, defaults: PageSettings | None = None):
 
 
 def _settings_fields(gr, defaults: PageSettings) -> list:
-    """The settings, in `PageSettings` field order (the API's inputs 4 to 14)."""
+    """The settings, in `PageSettings` field order (the API's inputs 4 to 16)."""
     with gr.Accordion("settings", open=False):
         values = [
             gr.Slider(1, max(100, defaults.steps), value=defaults.steps, step=1, label="steps"),
@@ -348,6 +351,8 @@ def _settings_fields(gr, defaults: PageSettings) -> list:
             gr.Textbox(value=defaults.local_blend, label="local blend: edit only where these words attend"),
             gr.Checkbox(value=defaults.blend_changed, label="local blend on the words that change"),
             gr.Checkbox(value=defaults.merging, label="patch merging (large images only)"),
+            gr.Checkbox(value=defaults.direct_inversion,
+                        label="direct inversion: the edit also takes the source's error of each step"),
         ]
     assert len(values) == len(fields(PageSettings))
     return values
@@ -405,12 +410,13 @@ def _mask_background(path):
 
 def _edit_handler(editor: Editor, gr):
     def edit(image, source, target, steps, guidance, inversion, tol, self_replace_steps, self_layers,
-             cross_replace_steps, edit_mode, reweight, local_blend, blend_changed, merging, mask=None,
+             cross_replace_steps, edit_mode, reweight, local_blend, blend_changed, merging, direct_inversion,
+             mask=None,
              progress=gr.Progress(track_tqdm=True)):
         try:
             settings = PageSettings(int(steps), float(guidance), inversion, float(tol), float(self_replace_steps),
                                     self_layers or "", float(cross_replace_steps), edit_mode, reweight or "",
-                                    local_blend or "", bool(blend_changed), bool(merging))
+                                    local_blend or "", bool(blend_changed), bool(merging), bool(direct_inversion))
             outcome = editor.edit(image, source, target, settings, editor_mask(mask))
         except DiT4EditError as error:
             raise gr.Error(str(error), print_exception=False) from None
