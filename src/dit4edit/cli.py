@@ -397,7 +397,8 @@ class _Run:
 
 
 def _check_source_flags(args) -> None:
-    if getattr(args, "direct_inversion", False) and getattr(args, "free_source", False):
+    """The source-branch flags of an edit (`edit_settings`) agree with each other."""
+    if args.direct_inversion and args.free_source:
         raise DiT4EditError("--direct-inversion corrects the target by the pinned source's error: it cannot run "
                             "with --free-source")
 
@@ -410,7 +411,6 @@ def _prepare(args, *, inputs=()) -> _Run:
             checks.existing_file(path, what)
     from .model_folder import ModelDefaults, check_folder, default_model, local_folder
 
-    _check_source_flags(args)
     if getattr(args, "offload", None):
         _check_offload(args.offload, _device(args.device))
     if getattr(args, "compile", False) and getattr(args, "merge_ff", False):
@@ -518,6 +518,7 @@ def _edit(args) -> int:
     is_inversion = _is_inversion(args.input)
     run = _prepare(args, inputs=[(args.input, "inversion file" if is_inversion else "input image"),
                                  (args.mask, "mask")])
+    _check_source_flags(args)  # batch and pie-bench check it with the rest of their settings (settings_from_args)
     output = _check_output(args.output, args.input)
     _check_inversion_path(args.save_inversion, args.input, args.output)
     _check_nonempty(args.target, "target prompt")
