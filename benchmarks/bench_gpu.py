@@ -161,7 +161,7 @@ class Runner:
         inversion, t_inv = timed(lambda: pipe.invert(image, SOURCE, self.steps, GUIDANCE, method=self.inversion),
                                  self.device)
         merge = replace(self.merge, plan_every=variant.plan_every) if variant.merge else None
-        result, t_edit = timed(lambda: pipe.edit(inversion, TARGET, merge=merge, rows="3" if variant.rows3 else "4"),
+        result, t_edit = timed(lambda: pipe.edit(inversion, TARGET, merge=merge, rows=3 if variant.rows3 else 4),
                                self.device)
         assert result.images[0].size == image.size
         return dict(inversion=t_inv, edit=t_edit)

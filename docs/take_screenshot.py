@@ -20,7 +20,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from dit4edit.app import EXAMPLE, EXAMPLE_SOURCE, EXAMPLE_TARGET, Editor, PageSettings, serve
+from dit4edit.app import EXAMPLE, EXAMPLE_SOURCE, EXAMPLE_TARGET, Editor, serve
 from dit4edit.pipeline import DiT4EditPipeline, default_model
 
 WINDOW = (1280, 1000)
@@ -30,11 +30,10 @@ COLOURS = 256  # palette PNG: a small file (96 turned the edited blue circle nav
 
 def main(out: str = "docs/app.png") -> None:
     pipe = DiT4EditPipeline.from_pretrained(default_model())
-    settings = PageSettings.of_model(pipe)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = serve(Editor(pipe), "127.0.0.1", port, settings)
+    app = serve(Editor(pipe), "127.0.0.1", port)  # the page starts from the model's own settings
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={WINDOW[0]},{WINDOW[1]}"):

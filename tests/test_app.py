@@ -18,11 +18,13 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import cli
-from dit4edit.app import EXAMPLE_SOURCE, EXAMPLE_TARGET, Editor, PageSettings, editor_mask, is_loopback
+from dit4edit.app import (EXAMPLE_SOURCE, EXAMPLE_TARGET, PAGE_OPTIONS, Editor, editor_mask, is_loopback, page_options,
+                          page_values)
 from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
+from dit4edit.request import Settings, resolve
 
-FAST = PageSettings(steps=3, inversion="dpm")  # a few naive steps: the app's paths, not the edit's quality
+FAST = Settings(steps=3, inversion="dpm")  # a few naive steps: the app's paths, not the edit's quality
 GREEN = "a green circle on a white background"
 
 
@@ -76,7 +78,7 @@ def test_a_second_target_reuses_the_inversion(editor, tiny_pipe, picture, monkey
     assert "Reused the inversion" in second.status() and f"saved {first.inversion_seconds:.1f} s" in second.status()
     assert "Inverted in" in first.status()
     editor.edit(picture, "a red square on a white background", GREEN, FAST)  # another source prompt
-    editor.edit(picture, SOURCE, GREEN, PageSettings(steps=4, inversion="dpm"))  # other inversion settings
+    editor.edit(picture, SOURCE, GREEN, Settings(steps=4, inversion="dpm"))  # other inversion settings
     assert inverts.calls == 3
 
 
@@ -90,14 +92,14 @@ def test_edit_shows_the_edit_its_reconstruction_the_word_maps_and_a_download(edi
     with Image.open(outcome.download) as saved:
         assert saved.format == "PNG" and saved.size == (64, 48)
         assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(outcome.edited))
-    blended = editor.edit(picture, SOURCE, TARGET, PageSettings(steps=3, inversion="dpm", local_blend="circle"))
+    blended = editor.edit(picture, SOURCE, TARGET, FAST.with_options({"local_blend": "circle"}))
     assert blended.blend_mask is not None and blended.blend_mask.size == (64, 48)
 
 
 def test_direct_inversion_on_the_page_makes_an_identity_edit_its_reconstruction(editor, picture):
     # naive inversion: without direct inversion the same prompt regenerates something else than the input's latent
     plain = editor.edit(picture, SOURCE, SOURCE, FAST)
-    direct = editor.edit(picture, SOURCE, SOURCE, PageSettings(steps=3, inversion="dpm", direct_inversion=True))
+    direct = editor.edit(picture, SOURCE, SOURCE, Settings(steps=3, inversion="dpm", direct_inversion=True))
     gap = [np.abs(np.asarray(o.edited, float) - np.asarray(o.reconstruction, float)).mean() for o in (plain, direct)]
     assert gap[1] < 0.5 < gap[0], gap
 
@@ -121,12 +123,10 @@ def test_a_brushed_mask_is_the_editable_region(editor, picture):
     (dict(image="corrupt"), "not an image or corrupt"),
     (dict(source="  "), "source prompt is empty"),
     (dict(target=""), "target prompt is empty"),
-    (dict(settings=PageSettings(steps=3, local_blend="triangle")), "triangle"),
-    (dict(settings=PageSettings(steps=3, self_layers="3:99")), "outside the model"),
-    (dict(settings=PageSettings(steps=3, reweight="blue")), "WORD=VALUE"),
-    (dict(settings=PageSettings(steps=3, reweight="dog=2")), "'dog' is not in the prompt"),
-    (dict(settings=PageSettings(steps=0)), "steps must be between"),
-    (dict(settings=PageSettings(inversion="newton")), "unknown inversion method"),
+    (dict(settings=FAST.with_options({"local_blend": "triangle"})), "triangle"),
+    (dict(settings=FAST.with_options({"self_layers": "3:99"})), "outside the model"),
+    (dict(settings=Settings(steps=0)), "steps must be between"),
+    (dict(settings=Settings(inversion="newton")), "unknown inversion method"),
 ])  # fmt: skip
 def test_a_bad_request_fails_before_any_work_and_the_next_one_works(editor, tiny_pipe, picture, tmp_path,
                                                                       monkeypatch, change, message):
@@ -143,42 +143,47 @@ def test_a_bad_request_fails_before_any_work_and_the_next_one_works(editor, tiny
     assert editor.edit(picture, SOURCE, TARGET, FAST).edited.size == (64, 48)
 
 
-def test_the_apps_defaults_are_the_command_lines(tiny_model_dir):
+def test_the_apps_defaults_are_the_command_lines(tiny_pipe, tiny_model_dir):
     model = ["--model", str(tiny_model_dir)]  # a model without its own defaults (dit4edit.json)
     flags = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png", *model])
-    defaults = PageSettings()
-    run = cli_settings(flags)
-    assert (defaults.steps, defaults.guidance, defaults.inversion, defaults.tol) == (
-        run.steps, run.guidance, run.inversion, run.tol)
-    assert defaults.control() == AttentionControl() == cli.control_from_args(flags)
-    assert defaults.merging == (cli.merge_from_args(flags) is not None)
-    assert defaults.direct_inversion == flags.direct_inversion == cli.settings_from_args(flags).direct_inversion
+    page = page_values(Editor(tiny_pipe).resolved())
+    assert page == page_values(resolve(cli.settings_from_args(flags)))
+    assert (page["merging"], page["direct_inversion"]) == (True, False)
     serve = cli.build_parser().parse_args(["serve", "--steps", "7", "--inversion", "ddim", *model])
-    started = PageSettings.starting_from(cli_settings(serve))
-    assert (started.steps, started.inversion, started.guidance) == (7, "ddim", defaults.guidance)
+    started = page_values(Editor(tiny_pipe, settings=cli.settings_from_args(serve)).resolved())
+    assert (started["steps"], started["inversion"], started["guidance"]) == (7, "ddim", page["guidance"])
 
 
-def test_the_page_starts_from_the_models_own_defaults(tiny_pipe, monkeypatch):
+def test_page_submissions_are_strictly_typed_options():
+    values = dict(zip(PAGE_OPTIONS, [30.0, 4.5, "dpm", 1e-5, 0.4, "", 0.8, "auto", "", "", False, False, True]))
+    options = page_options(values)
+    assert options["steps"] == 30 and options["no_merge"] is True and "self_layers" not in options
+    settings = Settings().with_options(options)
+    assert settings.steps == 30 and settings.merge is None and settings.direct_inversion is True
+    for name, bad, message in (("steps", 2.7, "steps must be an integer"), ("merging", "no", "true or false"),
+                               ("local_blend_changed", "no", "true or false"), ("reweight", "blue", "WORD=VALUE")):
+        with pytest.raises(DiT4EditError, match=message):
+            Settings().with_options(page_options({**values, name: bad}))
+
+
+def test_the_page_starts_from_the_models_own_settings_and_control(tiny_pipe, monkeypatch):
     from dit4edit.model_folder import ModelDefaults
 
-    assert PageSettings.of_model(tiny_pipe) == PageSettings()  # no dit4edit.json: the library's
-    monkeypatch.setattr(tiny_pipe, "defaults", ModelDefaults(guidance_scale=2.5, num_inference_steps=12,
-                                                             inversion="dpm"))
-    own = PageSettings.of_model(tiny_pipe)
-    assert (own.steps, own.guidance, own.inversion, own.tol) == (12, 2.5, "dpm", PageSettings().tol)
-
-
-def test_the_page_starts_from_the_models_own_attention_control(tiny_pipe, monkeypatch):
-    from dit4edit.model_folder import ModelDefaults
-
-    model = ModelDefaults(control={"self_mode_early": "p2p", "self_replace_steps": 1.0, "self_layers": [0, 1]})
+    library = page_values(Editor(tiny_pipe).resolved())  # no dit4edit.json: the library's
+    assert library["self_replace_steps"] == AttentionControl().self_replace_steps
+    model = ModelDefaults(guidance_scale=2.5, num_inference_steps=12, inversion="dpm",
+                          control={"self_mode_early": "p2p", "self_replace_steps": 1.0, "self_layers": [0, 1]})
     monkeypatch.setattr(tiny_pipe, "defaults", model)
-    page = PageSettings.of_model(tiny_pipe)
-    assert (page.self_replace_steps, page.self_layers) == (1.0, "0:1")
-    # What the page does not show (the early self-attention mode) stays as the model has it.
-    assert page.control(model) == AttentionControl(self_mode_early="p2p", self_replace_steps=1.0, self_layers=(0, 1))
-    moved = PageSettings(**{**vars(page), "self_replace_steps": 0.5})
-    assert moved.control(model) == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5, self_layers=(0, 1))
+    editor = Editor(tiny_pipe)
+    page = page_values(editor.resolved())
+    assert (page["steps"], page["guidance"], page["inversion"], page["tol"]) == (12, 2.5, "dpm", library["tol"])
+    assert (page["self_replace_steps"], page["self_layers"]) == (1.0, "0:1")
+    # A submission of the page as shown is the model's control; what the page does not show (the early
+    # self-attention mode) stays as the model has it.
+    own = resolve(Settings().with_options(page_options(page)), model).control
+    assert own == AttentionControl(self_mode_early="p2p", self_replace_steps=1.0, self_layers=(0, 1))
+    moved = resolve(Settings().with_options(page_options({**page, "self_replace_steps": 0.5})), model).control
+    assert moved == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5, self_layers=(0, 1))
 
 
 def test_the_page_and_the_command_line_turn_the_models_local_blend_off(tiny_pipe, monkeypatch):
@@ -186,14 +191,13 @@ def test_the_page_and_the_command_line_turn_the_models_local_blend_off(tiny_pipe
 
     model = ModelDefaults(control={"local_blend_changed": True, "local_blend_normalize": "minmax"})
     monkeypatch.setattr(tiny_pipe, "defaults", model)
-    page = PageSettings.of_model(tiny_pipe)
-    assert page.blend_changed is True and PageSettings().blend_changed is False
-    assert page.control(model) == AttentionControl(local_blend_changed=True, local_blend_normalize="minmax")
-    off = PageSettings(**{**vars(page), "blend_changed": False})
-    assert off.control(model) == AttentionControl(local_blend_normalize="minmax")
+    page = page_values(Editor(tiny_pipe).resolved())
+    assert page["local_blend_changed"] is True
+    off = resolve(Settings().with_options(page_options({**page, "local_blend_changed": False})), model).control
+    assert off == AttentionControl(local_blend_normalize="minmax")
     for flag, on in (([], True), (["--no-local-blend-changed"], False), (["--local-blend-changed"], True)):
         args = cli.build_parser().parse_args(["edit", "in.png", "-t", TARGET, "-o", "out.png", *flag])
-        assert cli.control_from_args(args, model).local_blend_changed is on
+        assert resolve(cli.settings_from_args(args), model).control.local_blend_changed is on
 
 
 def test_the_librarys_warnings_reach_the_page(editor, tiny_pipe, picture, monkeypatch):
@@ -205,14 +209,6 @@ def test_the_librarys_warnings_reach_the_page(editor, tiny_pipe, picture, monkey
     assert len(outcome.warnings) == 1 and "not trained on: blue" in outcome.warnings[0]
     assert outcome.status().splitlines()[-1] == f"Warning: {outcome.warnings[0]}"
     assert editor.edit(picture, SOURCE, SOURCE, FAST).warnings == []
-
-
-def cli_settings(flags):
-    """The settings the command line runs with: its flags, then the model's defaults, then the library's."""
-    from dit4edit.defaults import RunSettings
-
-    run = cli._prepare(flags)
-    return RunSettings(run.steps, run.guidance, run.inversion, run.tol)
 
 
 def test_loopback_addresses():
@@ -255,8 +251,8 @@ def test_serve_loads_the_model_once_and_warns_off_loopback(tiny_pipe, tiny_model
     assert cli.main(["serve", "--host", host, "--port", str(port), "--steps", "5", "--model", model]) == 0
     err = capsys.readouterr().err
     assert loads == [model] and len(served) == 2 and served[1] == "blocked"
-    editor, served_host, served_port, settings = served[0]
-    assert editor.pipe is tiny_pipe and (served_host, served_port, settings.steps) == (host, port, 5)
+    editor, served_host, served_port = served[0]
+    assert editor.pipe is tiny_pipe and (served_host, served_port, editor.settings.steps) == (host, port, 5)
     assert ("warning: serving on 0.0.0.0" in err) is warned and "the editor is at http://here/" in err
     assert err.count("\n") == 1 + int(warned)
 
@@ -269,8 +265,8 @@ def server(tiny_pipe):
     pytest.importorskip("gradio", reason="the web app needs the app extra (pip install 'dit4edit[app]')")
     from dit4edit.app import serve
 
-    editor = Editor(tiny_pipe)
-    app = serve(editor, "127.0.0.1", free_port(), FAST)
+    editor = Editor(tiny_pipe, settings=FAST)
+    app = serve(editor, "127.0.0.1", free_port())
     yield app, editor
     app.close()
 

@@ -13,8 +13,10 @@ from conftest import SOURCE, TARGET, kill_9_after_first_record, random_image
 from PIL import Image
 
 from dit4edit import batch
-from dit4edit.cli import build_parser, item_settings, main, settings_parser
+from dit4edit.cli import EXIT_ITEMS_FAILED, build_parser, main, settings_from_args
 from dit4edit.errors import DiT4EditError
+from dit4edit.request import EditRequest, Settings
+from dit4edit.request import resolve as resolve_settings
 
 OTHER = "a green circle on a white background"
 
@@ -24,10 +26,13 @@ def write_spec(path, items):
     return path
 
 
+def command_settings(*extra) -> Settings:
+    return settings_from_args(build_parser().parse_args(["batch", "spec.jsonl", "-o", "out", *extra]))
+
+
 def resolver(*extra):
-    args = build_parser().parse_args(["batch", "spec.jsonl", "-o", "out", *extra])
-    parser = settings_parser()
-    return lambda overrides: item_settings(parser, args, overrides)
+    command = command_settings(*extra)
+    return lambda overrides: resolve_settings(command.with_options(overrides, "setting"))
 
 
 def test_item_settings_use_the_edit_options():
@@ -43,7 +48,11 @@ def test_item_settings_use_the_edit_options():
     assert item.control.local_blend_words == ("blue", "circle")
     assert item.control.reweight == {"blue": 2.0, "circle": 1.5}  # the command's reweights, then the item's
     assert resolve({"no_attention_control": True}).control is None
-    for bad, message in [({"steps": "many"}, "--steps"), ({"inversion": "euler"}, "--inversion"),
+    assert resolve_settings(command_settings("--no-merge").with_options({"no_merge": False})).merge is not None
+    assert resolver("--max-pixels", "100")({}).max_pixels == 100  # the operator's cap: an item cannot raise it
+    for bad, message in [({"steps": "many"}, "steps"), ({"steps": 2.7}, "steps must be an integer"),
+                         ({"inversion": "euler"}, "inversion"), ({"max_pixels": 10**9}, "unknown setting"),
+                         ({"local_blend_changed": "yes"}, "true or false"),
                          ({"colour": 1}, "unknown setting 'colour'"), ({"no_merge": "yes"}, "true or false"),
                          ({"model": "x"}, "unknown setting 'model'"), ({"offload": "model"}, "unknown setting"), ({"self_replace_steps": 3}, "[0, 1]")]:
         with pytest.raises(DiT4EditError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -62,14 +71,14 @@ def test_spec_items_ids_paths_and_bad_lines(tmp_path):
         "[1, 2]",
         "{not json",
     ])
-    jobs = batch.read_spec(spec, resolver())
+    jobs = batch.read_spec(spec, command_settings())
     assert [job.item for job in jobs] == ["00001", "cat", "cat@line4", "00005", "00006", "00007", "00008", "00009"]
     first, named = jobs[0], jobs[1]
-    assert first.outputs == ("00001-0.png", "00001-1.png") and first.image == tmp_path / "a.png"
-    assert named.outputs == ("cat-0.png",) and named.settings.mask == str(tmp_path / "m.png")
+    assert first.outputs == ("00001-0.png", "00001-1.png") and first.request.image == str(tmp_path / "a.png")
+    assert named.outputs == ("cat-0.png",) and named.request.settings.mask == str(tmp_path / "m.png")
     assert first.error is None and named.error is None
     errors = [job.error for job in jobs[2:]]
-    assert "duplicate item id 'cat'" in errors[0] and "may hold only" in errors[1]
+    assert "duplicate item id 'cat'" in errors[0] and "must be 1-100 letters" in errors[1]
     assert "'source' is missing" in errors[2] and "'targets' must be" in errors[3]
     assert "not a JSON object" in errors[4] and "not JSON" in errors[5]
     assert all("\n" not in error for error in errors)
@@ -87,7 +96,7 @@ def test_batch_command_records_each_output_and_goes_on_after_bad_items(tiny_mode
     out = tmp_path / "out"
     command = ["batch", str(spec), "-o", str(out), "--model", str(tiny_model_dir), "--steps", "3",
                "--inversion", "ddim", "--quiet"]
-    assert main(command) == 0
+    assert main(command) == EXIT_ITEMS_FAILED  # every item that could run ran; the failures are recorded
     rows = batch.read_rows(out / "results.jsonl")
     status = {(row["item"], row["target"]): row["status"] for row in rows}
     assert status == {("00001", 0): "ok", ("00001", 1): "ok", ("00001", 2): "failed", ("missing", 0): "failed",
@@ -102,14 +111,14 @@ def test_batch_command_records_each_output_and_goes_on_after_bad_items(tiny_mode
 
     # A rerun repeats nothing; with --retry-failed it redoes the failures, which succeed once the image is there.
     stamps = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
-    assert main(command) == 0
+    assert main(command) == EXIT_ITEMS_FAILED
     assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")} == stamps
     assert len(batch.read_rows(out / "shards" / "results-00000.jsonl")) == 6
     random_image(32, 32, 2).save(tmp_path / "nope.png")
-    assert main([*command, "--retry-failed"]) == 0
+    assert main([*command, "--retry-failed"]) == EXIT_ITEMS_FAILED
     rows = batch.read_rows(out / "results.jsonl")
     assert len(rows) == 6 and next(row for row in rows if row["item"] == "missing")["status"] == "ok"
-    assert "6 outputs: 4 ok, 2 failed" in capsys.readouterr().out
+    assert "4 done, 2 failed (see" in capsys.readouterr().out
 
 
 def test_batch_bad_command_is_one_line_before_any_work(tmp_path, capsys):
@@ -184,16 +193,16 @@ def test_batch_two_processes_split_the_items_disjointly_and_resume_after_kill_9(
 
 def test_a_failing_scorer_fails_its_output_and_not_the_batch(tiny_pipe, tmp_path):
     random_image(32, 32).save(tmp_path / "in.png")
-    settings = batch.EditSettings(steps=2, inversion="ddim")
-    job = batch.Job(item="a", line=1, image=tmp_path / "in.png", source=SOURCE, targets=(TARGET, OTHER),
-                    outputs=("a-0.png", "a-1.png"), settings=settings)
+    request = EditRequest(targets=(TARGET, OTHER), source=SOURCE, image=tmp_path / "in.png",
+                          settings=Settings(steps=2, inversion="ddim"))
+    job = batch.make_job("a", 1, request, ("a-0.png", "a-1.png"))
 
     def scorer(job, k, image):
         if k == 0:
             raise ValueError("run (9, 1) is outside a 2x2 mask\nsecond line")
         return {"score": float(image.size[0])}
 
-    rows = batch.run_job(tiny_pipe, job, tmp_path, scorer=scorer)
+    rows = list(batch.run_job(tiny_pipe, job, tmp_path, scorer=scorer))
     assert [row["status"] for row in rows] == ["failed", "ok"]
     assert rows[0]["error"] == "ValueError: run (9, 1) is outside a 2x2 mask" and rows[1]["score"] == 32.0
 

@@ -78,7 +78,7 @@ def test_custom_methods_and_merging_reach_the_edit(tiny_pipe, tmp_path):
         "no-merge": bench.Method("no-merge", inversion="dpm", control=None, merge=None),
         "merged": bench.Method("merged", inversion="dpm", control=None, merge=MergeConfig(ratio=0.5, min_tokens=0)),
         "controlled": bench.Method("controlled", inversion="dpm"),
-        "3-rows": bench.Method("3-rows", inversion="dpm", rows="3"),
+        "3-rows": bench.Method("3-rows", inversion="dpm", rows=3),
     }
     bench.run_editing(tiny_pipe, tmp_path, count=1, steps=2, grid_pairs=0, disable_progress=True,
                       available=available)

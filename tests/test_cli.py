@@ -162,7 +162,7 @@ def test_mask_of_wrong_size_and_control_flags_end_to_end(files, tiny_model_dir, 
     (["--merge-stride", "three"], "ROWSxCOLS"),
     (["--merge-min-tokens", "0", "--merge-blocks", "1:5"], "merge blocks 1:5 are outside the model's 2 blocks"),
     (["--merge-blocks", "2:1"], "merge blocks must be [start, end)"),
-    (["--merge-skip-steps", "-1"], "skip_steps must be >= 0"),
+    (["--merge-skip-steps", "-1"], "--merge-skip-steps must be >= 0"),
 ])
 def test_merge_flag_errors(flags, message, files, tiny_model_dir, capsys):
     output = files["dir"] / "out.png"

@@ -13,7 +13,8 @@ from conftest import SOURCE, TARGET, random_image
 from PIL import Image
 
 from dit4edit import __version__
-from dit4edit.cli import build_parser, control_from_args, main, merge_from_args
+from dit4edit.cli import build_parser, main, settings_from_args
+from dit4edit.request import resolve
 from dit4edit.control import AttentionControl
 from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline
@@ -59,21 +60,21 @@ EARLY = [
     (["--seed", "-1"], "--seed must be between 0 and"),
     (["--max-pixels", "0"], "--max-pixels must be >= 1"),
     (["--local-blend", ",,,"], "--local-blend names no words"),
-    (["--local-blend", "triangle"], "--local-blend word(s) triangle not in the prompt"),
-    (["--reweight", "zebra=2"], "--reweight word(s) zebra not in the prompt"),
-    (["--reweight", "blue=nan"], "reweight factor for 'blue' must be a finite number"),
+    (["--local-blend", "triangle"], "local-blend word(s) triangle not in the prompt"),
+    (["--reweight", "zebra=2"], "reweighted word(s) zebra not in the prompt"),
+    (["--reweight", "blue=nan"], "--reweight of 'blue' must be a finite number"),
     (["--self-layers", "3:99"], "self_layers 3:99 is outside the model, which has 2 transformer blocks"),
-    (["--self-replace-steps", "nan"], "self_replace_steps must be a fraction"),
-    (["--merge-ratio", "nan"], "merge ratio"),
+    (["--self-replace-steps", "nan"], "--self-replace-steps must be a finite number"),
+    (["--merge-ratio", "nan"], "--merge-ratio must be a finite number"),
     (["--merge-min-tokens", "-5"], "--merge-min-tokens must be >= 0"),
     (["--merge-blocks", "0:99"], "outside the model's 2 blocks"),
-    (["--merge-plan-every", "0"], "merge plan_every must be an integer >= 1"),
+    (["--merge-plan-every", "0"], "--merge-plan-every must be >= 1"),
     (["--mask", "{dir}/nomask.png"], "mask not found"),
     (["--mask", "{small}"], "mask is 16x16, the image is 32x32"),
     (["--save-inversion", "{good}/x.safetensors"], "is a file, not a folder"),
     (["-o", "{good}/x.png"], "is a file, not a folder"),
     (["--model", "{dir}/models/nonexistent"], "model folder not found"),
-    (["--direct-inversion", "--free-source"], "--direct-inversion corrects the target by the pinned source's error"),
+    (["--direct-inversion", "--free-source"], "direct inversion corrects the targets by the pinned source's error"),
 ]
 
 
@@ -163,18 +164,20 @@ def test_version_and_help_for_every_argument():
 
 def test_each_merge_and_control_flag_sets_its_field_and_an_absent_flag_keeps_the_default():
     edit = ["edit", "in.png", "-s", SOURCE, "-t", TARGET, "-o", "out.png"]
-    merge = merge_from_args(build_parser().parse_args([*edit, "--merge-plan-every", "4", "--merge-ratio", "0.3",
-                                                      "--merge-skip-steps", "2"]))
+    def resolved(*flags):
+        return resolve(settings_from_args(build_parser().parse_args([*edit, *flags])))
+
+    merge = resolved("--merge-plan-every", "4", "--merge-ratio", "0.3", "--merge-skip-steps", "2").merge
     assert (merge.plan_every, merge.ratio, merge.skip_steps) == (4, 0.3, 2)
-    assert merge_from_args(build_parser().parse_args(edit)) == MergeConfig()
+    assert resolved().merge == MergeConfig()
     flags = {"--self-replace-steps": ("self_replace_steps", 0.25),
              "--cross-replace-steps": ("cross_replace_steps", 0.35),
              "--cross-replace-changed": ("cross_replace_changed", 0.45), "--edit-mode": ("edit_mode", "refine")}
     given = [part for flag, (_, value) in flags.items() for part in (flag, str(value))]
-    control = control_from_args(build_parser().parse_args([*edit, *given, "--local-blend-changed"]))
+    control = resolved(*given, "--local-blend-changed").control
     assert {name: getattr(control, name) for name, _ in flags.values()} == dict(flags.values())
     assert control.local_blend_changed is True
-    assert control_from_args(build_parser().parse_args(edit)) == AttentionControl()
+    assert resolved().control == AttentionControl()
 
 
 def test_saved_inversion_settings_are_used_and_said(files, tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -51,10 +51,10 @@ def test_join_then_guide_is_classifier_free_guidance(layout):
 
 def test_guidance_scale_decides_unconditional_rows():
     assert BatchLayout.for_scale(1, 4.5).rows == 4
-    assert BatchLayout.for_scale(1, 4.5, rows="3").rows == 3
-    assert BatchLayout.for_scale(1, 1.0).rows == 2 and BatchLayout.for_scale(1, 0.5, rows="3").rows == 2
+    assert BatchLayout.for_scale(1, 4.5, rows=3).rows == 3
+    assert BatchLayout.for_scale(1, 1.0).rows == 2 and BatchLayout.for_scale(1, 0.5, rows=3).rows == 2
     with pytest.raises(ValueError, match="rows"):
-        BatchLayout.for_scale(1, 4.5, rows="5")
+        BatchLayout.for_scale(1, 4.5, rows=5)
 
 
 @contextlib.contextmanager
@@ -117,15 +117,15 @@ def test_edit_at_guidance_1_from_the_cli(tiny_model_dir, tmp_path, capsys):
 def test_three_row_layout(tiny_pipe):
     inversion = tiny_pipe.invert(random_image(64, 64), SOURCE, STEPS, guidance_scale=4.5, method="ddim")
     with batch_sizes(tiny_pipe) as seen:
-        three = tiny_pipe.edit(inversion, TARGET, control=None, rows="3")
+        three = tiny_pipe.edit(inversion, TARGET, control=None, rows=3)
     four = tiny_pipe.edit(inversion, TARGET, control=None)
     assert set(seen) == {3}
     # without control the target's guided prediction is the same: only the source's unused row is gone
     assert relative_error(three.latents, four.latents) < 1e-5
-    controlled = tiny_pipe.edit(inversion, TARGET, rows="3", record_words=True)
+    controlled = tiny_pipe.edit(inversion, TARGET, rows=3, record_words=True)
     assert controlled.controller.layout.rows == 3 and controlled.controller.recorded_steps(1) == list(range(STEPS))
     assert relative_error(controlled.latents[1], three.latents[1]) > 1e-3  # control still edits the target
     with pytest.raises(DiT4EditError, match="pin"):
-        tiny_pipe.edit(inversion, TARGET, rows="3", pin_source=False)
+        tiny_pipe.edit(inversion, TARGET, rows=3, pin_source=False)
     with pytest.raises(DiT4EditError, match="rows"):
-        tiny_pipe.edit(inversion, TARGET, rows="2")
+        tiny_pipe.edit(inversion, TARGET, rows=2)

@@ -10,6 +10,7 @@ import torch
 
 from dit4edit import model_folder
 from dit4edit.errors import DiT4EditError
+from dit4edit.request import resolve
 from dit4edit.model_folder import ModelDefaults, check_folder, local_folder
 from dit4edit.pipeline import DiT4EditPipeline
 
@@ -179,12 +180,12 @@ def test_models_own_attention_control_is_what_an_edit_uses_unless_told(copy, tin
     assert pipe.edit(inversion, TARGET, control=AttentionControl()).controller.config == AttentionControl()
 
     # The command line: its flags change the model's control field by field.
-    flags = SimpleNamespace(no_attention_control=False, self_replace_steps=0.5, self_layers=None,
-                            cross_replace_steps=None, cross_replace_changed=None, edit_mode=None, reweight=[],
-                            local_blend=None, local_blend_changed=None)
-    assert cli.control_from_args(flags, defaults) == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5,
-                                                                      self_layers=(0, 1))
-    assert cli.control_from_args(SimpleNamespace(**{**vars(flags), "no_attention_control": True}), defaults) is None
+    edit = ["edit", "in.png", "-s", SOURCE, "-t", TARGET, "-o", "out.png", "--self-replace-steps", "0.5"]
+    flags = cli.settings_from_args(cli.build_parser().parse_args(edit))
+    assert resolve(flags, defaults).control == AttentionControl(self_mode_early="p2p", self_replace_steps=0.5,
+                                                                self_layers=(0, 1))
+    off = cli.settings_from_args(cli.build_parser().parse_args([*edit, "--no-attention-control"]))
+    assert resolve(off, defaults).control is None
 
 
 @pytest.mark.parametrize("control, message", [

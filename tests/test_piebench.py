@@ -16,7 +16,7 @@ from conftest import kill_9_after_first_record, random_image
 from PIL import Image
 
 from dit4edit import batch, metrics, piebench
-from dit4edit.batch import EditSettings
+from dit4edit.request import Settings
 from dit4edit.cli import main
 from dit4edit.control import AttentionControl
 
@@ -288,16 +288,16 @@ def test_scorer_applies_the_protocol(pie_data, tmp_path):
 
 
 def test_benchmark_entries_become_jobs(pie_data):
-    settings = EditSettings(control=AttentionControl())
+    settings = Settings(control=AttentionControl())
     jobs = piebench.read_benchmark(pie_data, settings, local_blend=True)
     assert [job.fields["editing_type_id"] for job in jobs] == [str(k) for k in range(10)]
-    first = jobs[0]
+    first = jobs[0].request
     assert first.source == "a red circle on a white background" and "[" not in first.targets[0]
-    assert first.outputs == ("annotation_images/0_type_0/000000000000.jpg",)
-    assert first.image == pie_data / "annotation_images" / "0_type_0" / "000000000000.jpg"
+    assert jobs[0].outputs == ("annotation_images/0_type_0/000000000000.jpg",)
+    assert first.image == str(pie_data / "annotation_images" / "0_type_0" / "000000000000.jpg")
     assert first.settings.control.local_blend_words == ("red", "green")
-    assert jobs[1].settings.control.local_blend_words == ()  # blended_word "" blends nothing
-    assert piebench.read_benchmark(pie_data, settings)[0].settings.control.local_blend_words == ()
+    assert jobs[1].request.settings.control.local_blend_words == ()  # blended_word "" blends nothing
+    assert piebench.read_benchmark(pie_data, settings)[0].request.settings.control.local_blend_words == ()
     picked = piebench.read_benchmark(pie_data, settings, types=["3", "7"], limit=1)
     assert [job.item for job in picked] == ["300000000003"]
     assert piebench.blend_words("cat dog") == ("cat", "dog") and piebench.blend_words("a b c") == ()
@@ -334,7 +334,7 @@ def test_pie_bench_command_end_to_end(pie_data, metric_models, tiny_model_dir, t
         assert row["structure_distance"] > 0 and row["clip_whole"] >= 0 and row["clip_edited"] >= 0
     summary = (out / "summary.md").read_text()
     assert "types evaluated: 10 of 10" in summary and "cpu" in summary
-    assert captured.out.startswith("# PIE-Bench results") and "10 outputs: 10 ok, 0 failed" in captured.out
+    assert captured.out.startswith("# PIE-Bench results") and "10 done, 0 failed" in captured.out
     table = {line.split(",")[0]: line.split(",") for line in (out / "summary.csv").read_text().splitlines()}
     head = table["type"]
     overall = dict(zip(head, table["all"]))

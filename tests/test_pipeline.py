@@ -110,7 +110,7 @@ def test_direct_inversion_makes_an_identity_edit_return_the_input_after_a_naive_
     assert relative_error(plain.latents[1], source) > 1e-2
     assert relative_error(direct.latents[1], source) < 1e-4
     assert relative_error(direct.latents[2], source) > 1e-2  # a real edit still changes the picture
-    with pytest.raises(DiT4EditError, match="direct inversion .* needs pin_source=True"):
+    with pytest.raises(DiT4EditError, match="direct inversion .* cannot run with a free source branch"):
         tiny_pipe.edit(inversion, TARGET, pin_source=False, direct_inversion=True)
 
 
@@ -400,12 +400,13 @@ def test_prompt_length_is_the_models(tiny_pipe, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(inversion="inv.safetensors"), "inversion must be Inversion, got str"),
-    (dict(target_prompt=7), "target_prompt must be str or list or tuple, got int"),
-    (dict(control={"self_replace_steps": 0.4}), "control must be AttentionControl or None, got dict"),
-    (dict(mask=42), "mask must be Image or str or PathLike or Tensor or None, got int"),
-    (dict(merge=0.5), "merge must be MergeConfig or None, got float"),
-    (dict(source_image=np.zeros((8, 8, 3))), "source_image must be Image or None, got ndarray"),
+    (dict(inversion="inv.safetensors"), "inversion must be an Inversion, got str"),
+    (dict(target_prompt=7), "target_prompt must be a prompt or a non-empty list of prompts"),
+    (dict(control={"self_replace": 0.4}), "unknown attention-control setting"),
+    (dict(control=0.4), "control must be changes to the attention control, an AttentionControl or None, got float"),
+    (dict(mask=42), "the mask must be an image or its file, got int"),
+    (dict(merge=0.5), "merge must be changes to patch merging, a MergeConfig or None, got float"),
+    (dict(source_image=np.zeros((8, 8, 3))), "source_image must be a PIL image, got ndarray"),
 ])
 def test_edit_arguments_of_the_wrong_type(tiny_pipe, arguments, message):
     inversion = tiny_pipe.invert(random_image(32, 32), SOURCE, 2, method="ddim")

@@ -42,7 +42,7 @@ from dit4edit.control import AttentionControl
 from dit4edit.errors import DiT4EditError
 from dit4edit.merging import MergeConfig
 from dit4edit.methods import INVERSION_METHODS
-from dit4edit.pipeline import DEFAULT_CONTROL
+from dit4edit.request import UNCHANGED
 
 from . import synthetic as world
 
@@ -65,10 +65,11 @@ class Method:
 
     name: str
     inversion: str = "dpm-exact"
-    control: AttentionControl | None = DEFAULT_CONTROL
+    # changes to the model's control (none: the model's own), an AttentionControl, or None
+    control: object = field(default_factory=lambda: UNCHANGED)
     sdedit_strength: float | None = None
     merge: MergeConfig | None = field(default_factory=MergeConfig)
-    rows: str = "4"  # the edit's batch layout under guidance: "3" leaves out the source's unconditional row
+    rows: int = 4  # the edit's batch layout under guidance: 3 leaves out the source's unconditional row
     direct_inversion: bool = False  # the target branches take the pinned source branch's error of each step
 
 
@@ -83,7 +84,7 @@ def default_methods() -> dict[str, Method]:
         Method("sdedit-0.6", control=None, sdedit_strength=0.6),
         # The paper's merging (ratio 0.8, 3x3 cells) forced onto these small grids (64-128 tokens).
         Method("dit4edit-merged", merge=MergeConfig(min_tokens=0)),
-        Method("dit4edit-3rows", rows="3"),
+        Method("dit4edit-3rows", rows=3),
     ]
     return {m.name: m for m in methods}
 

@@ -17,22 +17,20 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import torch
 from PIL import Image
 
+from . import checks
 from . import images as imgs
 from . import pictures
-from .control import AttentionControl
-from .defaults import DEFAULTS, RunSettings
 from .errors import DiT4EditError
+from .masks import mask_from_image
 from .methods import EDIT_MODES, INVERSION_METHODS
-from .model_folder import ModelDefaults
-from .pipeline import DEFAULT_MERGE, DiT4EditPipeline, EditResult, Inversion
+from .pipeline import DiT4EditPipeline, EditResult, Inversion
+from .request import EditRequest, Resolved, Settings, invert, inversion_key, prepare, resolve, run
 
 logger = logging.getLogger(__name__)
 
@@ -40,78 +38,9 @@ logger = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).parent / "examples" / "red-circle.png"
 EXAMPLE_SOURCE = "a red circle on a white background"
 EXAMPLE_TARGET = "a blue circle on a white background"
-#: The attention-control defaults the app starts from (those of `AttentionControl`, like the command line's).
-CONTROL_DEFAULTS = AttentionControl()
-
-
-def _page_control(control: AttentionControl) -> dict:
-    """The page's attention-control fields of `control`."""
-    layers = "" if control.self_layers is None else f"{control.self_layers[0]}:{control.self_layers[1]}"
-    return dict(self_replace_steps=control.self_replace_steps, self_layers=layers,
-                cross_replace_steps=control.cross_replace_steps, edit_mode=control.edit_mode,
-                blend_changed=control.local_blend_changed)
-
-
-@dataclass(frozen=True)
-class PageSettings:
-    """The settings of one edit, as the page and the API take them (text fields as the command line's flags do).
-
-    steps, guidance, inversion, tol: the run's settings (defaults: `dit4edit.defaults.DEFAULTS`).
-    self_replace_steps, cross_replace_steps, edit_mode: `AttentionControl` fields (defaults: its own).
-    self_layers: "START:END" blocks with self-attention control; "" = the control's default (the deeper half).
-    reweight: "WORD=VALUE" items separated by commas; "" = none.
-    local_blend: words whose attention bounds the edit, separated by commas or spaces; "" = no local blend.
-    blend_changed: also bound the edit by the words that differ between the prompts (`AttentionControl`'s
-        `local_blend_changed`).
-    merging: patch merging with the pipeline's default `MergeConfig` (it applies to large images only).
-    direct_inversion: the edit also takes the pinned source's error of each step (`DiT4EditPipeline.edit`).
-    """
-
-    steps: int = DEFAULTS.steps
-    guidance: float = DEFAULTS.guidance
-    inversion: str = DEFAULTS.inversion
-    tol: float = DEFAULTS.tol
-    self_replace_steps: float = CONTROL_DEFAULTS.self_replace_steps
-    self_layers: str = ""
-    cross_replace_steps: float = CONTROL_DEFAULTS.cross_replace_steps
-    edit_mode: str = CONTROL_DEFAULTS.edit_mode
-    reweight: str = ""
-    local_blend: str = ""
-    blend_changed: bool = CONTROL_DEFAULTS.local_blend_changed
-    merging: bool = True
-    direct_inversion: bool = False
-
-    @classmethod
-    def starting_from(cls, run: RunSettings, model: ModelDefaults | None = None) -> PageSettings:
-        """The app's defaults when the server was started with other run settings (`dit4edit serve --steps 10`),
-        the page's control fields from the model's attention control (`model`, its `dit4edit.json`)."""
-        return cls(steps=run.steps, guidance=run.guidance, inversion=run.inversion, tol=run.tol,
-                   **_page_control((model or ModelDefaults()).attention_control()))
-
-    @classmethod
-    def of_model(cls, pipe: DiT4EditPipeline) -> PageSettings:
-        """The defaults of the model the pipeline was loaded from (its `dit4edit.json`, else the library's)."""
-        model = pipe.defaults
-        return cls(steps=model.num_inference_steps, guidance=model.guidance_scale, inversion=model.inversion,
-                   **_page_control(model.attention_control()))
-
-    def control(self, model: ModelDefaults | None = None) -> AttentionControl:
-        """The attention control these settings ask for, parsed and validated as the command line's flags are, on
-        top of the model's (`model`: its settings the page does not show stay as the model has them)."""
-        from .cli import control_from_args
-
-        flags = SimpleNamespace(
-            no_attention_control=False, self_replace_steps=float(self.self_replace_steps),
-            self_layers=self.self_layers.strip() or None, cross_replace_steps=float(self.cross_replace_steps),
-            cross_replace_changed=None,
-            edit_mode=self.edit_mode, reweight=[item for item in self.reweight.split(",") if item.strip()],
-            local_blend=self.local_blend.strip() or None, local_blend_changed=bool(self.blend_changed),
-        )  # fmt: skip
-        return control_from_args(flags, model)
-
-    def inversion_key(self) -> tuple:
-        """What an inversion depends on besides the image and the source prompt."""
-        return int(self.steps), float(self.guidance), self.inversion, float(self.tol)
+#: The largest upload the server accepts (an image or a mask layer), and the largest side of a mask layer.
+MAX_UPLOAD = "50mb"
+MAX_LAYER_SIDE = 8192
 
 
 @dataclass
@@ -149,11 +78,12 @@ class _CachedInversion:
 class Editor:
     """One loaded pipeline serving edits, one at a time; the last `cache_size` inversions are kept.
 
-    Every problem with a request is a `DiT4EditError` raised before any inversion or denoising.
+    `settings` are the server's (`dit4edit serve --steps 10 ...`): each request's settings change them. Every
+    problem with a request is a `DiT4EditError` raised before any inversion or denoising.
     """
 
     pipe: DiT4EditPipeline
-    max_pixels: int = imgs.MAX_PIXELS
+    settings: Settings = field(default_factory=Settings)
     cache_size: int = 4
     _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -162,73 +92,53 @@ class Editor:
     )
     _count: int = field(default=0, init=False, repr=False)
 
-    def edit(self, image, source: str, target: str, settings: PageSettings = PageSettings(),
+    def resolved(self) -> Resolved:
+        """The server's settings resolved against the model: the page's starting values."""
+        return resolve(self.settings, self.pipe.defaults, None, self.pipe.num_blocks)
+
+    def edit(self, image, source: str, target: str, settings: Settings | None = None,
              mask: Image.Image | None = None) -> EditOutcome:
-        """Edit `image` (a PIL image or a file) from `source` towards `target`; `mask` (white = editable) is
-        resized to the image. Inverts only when no kept inversion matches."""
+        """Edit `image` (a PIL image or a file) from `source` towards `target` with `settings` (default the
+        server's); `mask` (an "L" image, 255 = editable) is resized to the image. Inverts only when no kept
+        inversion matches."""
         with _warnings_logged() as warnings:
-            outcome = self._edit(image, source, target, settings, mask)
+            outcome = self._edit(image, source, target, settings or self.settings, mask)
         outcome.warnings = list(dict.fromkeys(warnings))  # a prompt is checked more than once on the way
         return outcome
 
-    def _edit(self, image, source: str, target: str, settings: PageSettings, mask) -> EditOutcome:
-        image = self._load(image)
-        for prompt, what in ((source, "source prompt"), (target, "target prompt")):
-            self.pipe.check_prompt(prompt if isinstance(prompt, str) else "", what)
-        self.pipe._schedule(int(settings.steps))  # the pipeline's own check of the step count (cheap)
-        control = settings.control(self.pipe.defaults)
-        merge = DEFAULT_MERGE if settings.merging else None
-        mask = None if mask is None else mask.convert("L").resize(image.size, Image.NEAREST)
-        self._check_controls(image, source, target, int(settings.steps), control, mask)
+    def _edit(self, image, source: str, target: str, settings: Settings, mask) -> EditOutcome:
+        if image is None or (isinstance(image, str) and not image):
+            raise DiT4EditError("no image: upload one first")
+        if mask is not None:
+            size = (image if isinstance(image, Image.Image) else Image.open(image)).size
+            settings = replace(settings, mask=mask.convert("L").resize(size, Image.NEAREST))
+        request = EditRequest(targets=(target,), source=source, image=image, settings=settings)
+        request, resolved = prepare(request, self.pipe.defaults, self.pipe.num_blocks)
+        self.pipe.check_edit(request.source, request.targets, resolved, request.image.size, resolved.mask)
         with self._lock:
-            inversion, seconds, reused = self._inversion(image, source, settings)
+            key = (_digest(request.image), inversion_key(request, resolved))
+            cached, reused = self._cache.get(key), key in self._cache
+            if cached is None:
+                start = time.perf_counter()
+                inversion = invert(self.pipe, request, resolved, disable_progress=False)
+                cached = self._keep(key, _CachedInversion(inversion, time.perf_counter() - start))
+            self._cache.move_to_end(key)
             start = time.perf_counter()
-            result = self.pipe.edit(inversion, target, guidance_scale=float(settings.guidance), control=control,
-                                    mask=mask, merge=merge, record_words=True, disable_progress=False,
-                                    direct_inversion=bool(settings.direct_inversion))
+            result, inversion = run(self.pipe, request, cached.inversion, record_words=True, disable_progress=False)
             edit_seconds = time.perf_counter() - start
             download = self._save(result.images[0])
         return EditOutcome(
-            edited=result.images[0], reconstruction=result.reconstruction, blend_mask=_blend_picture(result, image),
-            word_maps=_word_pictures(result, image), download=download, reused=reused, inversion_seconds=seconds,
-            edit_seconds=edit_seconds, nfe=inversion.nfe,
+            edited=result.images[0], reconstruction=result.reconstruction,
+            blend_mask=_blend_picture(result, request.image), word_maps=_word_pictures(result, request.image),
+            download=download, reused=reused, inversion_seconds=cached.seconds, edit_seconds=edit_seconds,
+            nfe=inversion.nfe,
         )  # fmt: skip
 
-    def _load(self, image) -> Image.Image:
-        if image is None or (isinstance(image, str) and not image):
-            raise DiT4EditError("no image: upload one first")
-        if isinstance(image, Image.Image):
-            imgs.check_size(image.size, self.max_pixels)
-            return imgs.to_rgb(image)
-        return imgs.load_image(image, self.max_pixels)
-
-    def _check_controls(self, image, source, target, steps, control, mask) -> None:
-        """Build the edit's attention controller on a stand-in inversion of the right shape: every setting that
-        depends on the prompts or the model (local-blend words, reweighted words, block ranges, the mask) fails
-        here, before the inversion."""
-        width, height = imgs.work_size(image.size)
-        factor = self.pipe.vae_scale_factor
-        channels = self.pipe.transformer.config.in_channels
-        stand_in = Inversion(trajectory=torch.zeros(1, channels, height // factor, width // factor),
-                             source_prompt=source, num_inference_steps=steps, guidance_scale=1.0, method="stand-in",
-                             original_size=image.size)
-        self.pipe.make_controller(control, stand_in, [target], mask, record_words=True)
-
-    def _inversion(self, image: Image.Image, source: str, settings: PageSettings) -> tuple[Inversion, float, bool]:
-        key = (_digest(image), source, settings.inversion_key())
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached.inversion, cached.seconds, True
-        steps, guidance, method, tol = settings.inversion_key()
-        start = time.perf_counter()
-        inversion = self.pipe.invert(image, source, steps, guidance, method, tol, self.max_pixels,
-                                     disable_progress=False)
-        cached = _CachedInversion(inversion, time.perf_counter() - start)
+    def _keep(self, key, cached: _CachedInversion) -> _CachedInversion:
         self._cache[key] = cached
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return inversion, cached.seconds, False
+        return cached
 
     def _save(self, image: Image.Image) -> Path:
         self._count += 1
@@ -278,14 +188,22 @@ def _blend_picture(result: EditResult, image: Image.Image) -> Image.Image | None
 
 
 def editor_mask(value) -> Image.Image | None:
-    """The brushed region of an image-editor value (white = editable), or None when nothing was brushed."""
+    """The brushed region of an image-editor value as an "L" mask (255 = editable), or None when nothing was
+    brushed: the painted (opaque) part of its layers, the meaning a mask file with transparency has too
+    (`masks.mask_from_image`). A layer that is not an image or is larger than `MAX_LAYER_SIDE` is refused."""
     layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
     if not layers:
         return None
-    painted = np.zeros(layers[0].size[::-1], dtype=bool)  # (H, W)
+    if not all(isinstance(layer, Image.Image) for layer in layers):
+        raise DiT4EditError("the brushed mask is not an image")
+    size = layers[0].size
+    if max(size) > MAX_LAYER_SIDE or any(layer.size != size for layer in layers):
+        raise DiT4EditError(f"the brushed mask's layers must share one size of at most {MAX_LAYER_SIDE} px a side")
+    painted = np.zeros(size[::-1], dtype=bool)  # (H, W)
     for layer in layers:
-        alpha = np.asarray(layer.convert("RGBA").resize(layers[0].size, Image.NEAREST))[..., 3]
-        painted |= alpha > 0
+        transparent = layer.convert("RGBA")
+        transparent.putalpha(transparent.getchannel("A").point(lambda v: min(v, 254)))  # mark it as having alpha
+        painted |= np.asarray(mask_from_image(transparent)) > 0
     return Image.fromarray((painted * 255).astype(np.uint8)) if painted.any() else None
 
 
@@ -294,16 +212,51 @@ def editor_mask(value) -> Image.Image | None:
 TITLE = "dit4edit: text-guided image editing with diffusion transformers"
 #: Events that run the model share this concurrency group: one at a time, the others wait in the queue.
 MODEL_QUEUE = "model"
+#: The page's settings, in the order the API takes them (its inputs 4 to 16): each is the edit option of the
+#: same name (`request.OPTIONS`), except "merging", the opposite of `no_merge`.
+PAGE_OPTIONS = ("steps", "guidance", "inversion", "tol", "self_replace_steps", "self_layers", "cross_replace_steps",
+                "edit_mode", "reweight", "local_blend", "local_blend_changed", "merging", "direct_inversion")
 
 
-def build_app(editor: Editor, defaults: PageSettings | None = None):
-    """The Gradio page around `editor` (a `gradio.Blocks`, queued one model call at a time), its fields set to
-    `defaults` (None: the model's own, `PageSettings.of_model`); launch it with `serve` or `.launch()`."""
+def page_values(settings: Resolved) -> dict:
+    """The page's starting values for resolved settings (the server's on top of the model's)."""
+    control = settings.control
+    layers = None if control is None else control.self_layers
+    return dict(steps=settings.steps, guidance=settings.guidance, inversion=settings.inversion, tol=settings.tol,
+                self_replace_steps=control.self_replace_steps if control else 0.0,
+                self_layers="" if layers is None else f"{layers[0]}:{layers[1]}",
+                cross_replace_steps=control.cross_replace_steps if control else 0.0,
+                edit_mode=control.edit_mode if control else EDIT_MODES[0],
+                reweight=", ".join(f"{w}={f:g}" for w, f in (control.reweight if control else {}).items()),
+                local_blend=" ".join(control.local_blend_words) if control else "",
+                local_blend_changed=bool(control and control.local_blend_changed),
+                merging=settings.merge is not None, direct_inversion=settings.direct_inversion)
+
+
+def page_options(values: dict) -> dict:
+    """The edit options a page submission asks for: empty text fields left at their defaults, "merging" as
+    `no_merge`, whole-number floats (a slider's or an API client's 30.0) as integers; types stay strict
+    (`Settings.with_options` refuses 2.7 steps or "no" for a switch)."""
+    options = {}
+    for name, value in values.items():
+        if isinstance(value, str) and not value.strip() and name in ("self_layers", "reweight", "local_blend"):
+            continue
+        if name == "steps" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if name == "merging":
+            name, value = "no_merge", (not value) if isinstance(value, bool) else value
+        options[name] = value
+    return options
+
+
+def build_app(editor: Editor):
+    """The Gradio page around `editor` (a `gradio.Blocks`, queued one model call at a time), its fields set to the
+    editor's settings on top of the model's (`Editor.resolved`); launch it with `serve` or `.launch()`."""
     import gradio as gr
 
-    defaults = defaults or PageSettings.of_model(editor.pipe)
-
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    defaults = page_values(editor.resolved())
+    # Uploads older than an hour are removed hourly, and all of them when the server stops.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## {TITLE}\nUpload an image, describe it (source prompt), describe the edit (target prompt), "
                     "press **Edit**. Another target on the same image reuses its inversion.")
         with gr.Row():
@@ -312,9 +265,10 @@ def build_app(editor: Editor, defaults: PageSettings | None = None):
                                        elem_id="image")
                 source = gr.Textbox(label="source prompt: what the image shows", elem_id="source")
                 target = gr.Textbox(label="target prompt: what the edit should show", elem_id="target")
-                run = gr.Button("Edit", variant="primary", elem_id="edit")
+                run_button = gr.Button("Edit", variant="primary", elem_id="edit")
                 settings = _settings_fields(gr, defaults)
-                with gr.Accordion("brush mask: paint where the edit may change the image (optional)", open=False):
+                with gr.Accordion("brush mask: paint where the edit may change the image (optional; painted = "
+                                  "editable, as the opaque part of a mask file)", open=False):
                     mask = gr.ImageEditor(label="mask", type="pil", sources=[], layers=False, transforms=[],
                                           brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
                 gr.Examples([[str(EXAMPLE), EXAMPLE_SOURCE, EXAMPLE_TARGET]], inputs=[image, source, target])
@@ -327,35 +281,39 @@ def build_app(editor: Editor, defaults: PageSettings | None = None):
                 blend = gr.Image(label="local-blend mask (bright: editable)", type="pil", format="png", height=220)
                 maps = gr.Gallery(label="cross-attention per word", columns=4, height="auto")
         image.change(_mask_background, inputs=image, outputs=mask, api_visibility="private")
-        run.click(_edit_handler(editor, gr), inputs=[image, source, target, *settings, mask],
-                  outputs=[edited, reconstruction, blend, maps, download, status], api_name="edit",
-                  concurrency_limit=1, concurrency_id=MODEL_QUEUE)
+        run_button.click(_edit_handler(editor, gr), inputs=[image, source, target, *settings, mask],
+                         outputs=[edited, reconstruction, blend, maps, download, status], api_name="edit",
+                         concurrency_limit=1, concurrency_id=MODEL_QUEUE)
     return app.queue(default_concurrency_limit=1)
 
 
-def _settings_fields(gr, defaults: PageSettings) -> list:
-    """The settings, in `PageSettings` field order (the API's inputs 4 to 16)."""
+def _settings_fields(gr, defaults: dict) -> list:
+    """The settings, in `PAGE_OPTIONS` order."""
     with gr.Accordion("settings", open=False):
-        values = [
-            gr.Slider(1, max(100, defaults.steps), value=defaults.steps, step=1, label="steps"),
-            gr.Number(value=defaults.guidance, label="guidance (classifier-free)"),
-            gr.Dropdown(list(INVERSION_METHODS), value=defaults.inversion, label="inversion method"),
-            gr.Number(value=defaults.tol, label="exact inversion tolerance"),
-            gr.Slider(0, 1, value=defaults.self_replace_steps, step=0.05,
-                      label="S: fraction of steps where the edit takes the source's self-attention"),
-            gr.Textbox(value=defaults.self_layers, label="self-attention blocks START:END (empty: the deeper half)"),
-            gr.Slider(0, 1, value=defaults.cross_replace_steps, step=0.05,
-                      label="cross-attention window (fraction of steps)"),
-            gr.Radio(list(EDIT_MODES), value=defaults.edit_mode, label="edit mode"),
-            gr.Textbox(value=defaults.reweight, label="reweight: WORD=VALUE, ... (target words)"),
-            gr.Textbox(value=defaults.local_blend, label="local blend: edit only where these words attend"),
-            gr.Checkbox(value=defaults.blend_changed, label="local blend on the words that change"),
-            gr.Checkbox(value=defaults.merging, label="patch merging (large images only)"),
-            gr.Checkbox(value=defaults.direct_inversion,
-                        label="direct inversion: the edit also takes the source's error of each step"),
-        ]
-    assert len(values) == len(fields(PageSettings))
-    return values
+        fields = {
+            "steps": gr.Slider(1, max(100, defaults["steps"]), value=defaults["steps"], step=1, label="steps"),
+            "guidance": gr.Number(value=defaults["guidance"], label="guidance (classifier-free)"),
+            "inversion": gr.Dropdown(list(INVERSION_METHODS), value=defaults["inversion"], label="inversion method"),
+            "tol": gr.Number(value=defaults["tol"], label="exact inversion tolerance"),
+            "self_replace_steps": gr.Slider(0, 1, value=defaults["self_replace_steps"], step=0.05,
+                                            label="S: fraction of steps where the edit takes the source's "
+                                                  "self-attention"),
+            "self_layers": gr.Textbox(value=defaults["self_layers"],
+                                      label="self-attention blocks START:END (empty: the deeper half)"),
+            "cross_replace_steps": gr.Slider(0, 1, value=defaults["cross_replace_steps"], step=0.05,
+                                             label="cross-attention window (fraction of steps)"),
+            "edit_mode": gr.Radio(list(EDIT_MODES), value=defaults["edit_mode"], label="edit mode"),
+            "reweight": gr.Textbox(value=defaults["reweight"], label="reweight: WORD=VALUE, ... (target words)"),
+            "local_blend": gr.Textbox(value=defaults["local_blend"],
+                                      label="local blend: edit only where these words attend"),
+            "local_blend_changed": gr.Checkbox(value=defaults["local_blend_changed"],
+                                               label="local blend on the words that change"),
+            "merging": gr.Checkbox(value=defaults["merging"], label="patch merging (large images only)"),
+            "direct_inversion": gr.Checkbox(value=defaults["direct_inversion"],
+                                            label="direct inversion: the edit also takes the source's error of "
+                                                  "each step"),
+        }
+    return [fields[name] for name in PAGE_OPTIONS]
 
 
 def _checked_image(gr, **kwargs):
@@ -410,21 +368,18 @@ def _mask_background(path):
 
 def _edit_handler(editor: Editor, gr):
     def edit(image, source, target, steps, guidance, inversion, tol, self_replace_steps, self_layers,
-             cross_replace_steps, edit_mode, reweight, local_blend, blend_changed, merging, direct_inversion,
-             mask=None,
-             progress=gr.Progress(track_tqdm=True)):
+             cross_replace_steps, edit_mode, reweight, local_blend, local_blend_changed, merging, direct_inversion,
+             mask=None, progress=gr.Progress(track_tqdm=True)):  # the settings by name, in PAGE_OPTIONS order
+        given = locals()
         try:
-            settings = PageSettings(int(steps), float(guidance), inversion, float(tol), float(self_replace_steps),
-                                    self_layers or "", float(cross_replace_steps), edit_mode, reweight or "",
-                                    local_blend or "", bool(blend_changed), bool(merging), bool(direct_inversion))
+            options = page_options({name: given[name] for name in PAGE_OPTIONS if given[name] is not None})
+            settings = editor.settings.with_options(options, "setting")
             outcome = editor.edit(image, source, target, settings, editor_mask(mask))
         except DiT4EditError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except (TypeError, ValueError) as error:  # a setting of the wrong type through the API
-            raise gr.Error(f"bad setting: {error}", print_exception=False) from None
+            raise gr.Error(_for_client(str(error), image), print_exception=False) from None
         except Exception as error:  # a bug: the log gets the traceback, the page one line
             logger.exception("edit failed")
-            raise gr.Error(f"internal error: {type(error).__name__}: {error}", print_exception=False) from None
+            raise gr.Error(f"internal error: {type(error).__name__}", print_exception=False) from None
         for warning in outcome.warnings:
             gr.Warning(warning)
         return (outcome.edited, outcome.reconstruction, outcome.blend_mask, outcome.word_maps, str(outcome.download),
@@ -433,13 +388,21 @@ def _edit_handler(editor: Editor, gr):
     return edit
 
 
-def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860, defaults: PageSettings | None = None):
+def _for_client(message: str, upload) -> str:
+    """A message for a web client: the server's paths of an upload shown as the file's name only."""
+    if isinstance(upload, str) and upload:
+        message = message.replace(upload, Path(upload).name).replace(str(Path(upload).parent), "")
+    return checks.printable(message)
+
+
+def serve(editor: Editor, host: str = "127.0.0.1", port: int = 7860):
     """Build the page and start serving it on `host:port` in the background; returns the running app
-    (`app.local_url`; `app.block_thread()` waits until Ctrl-C, `app.close()` stops it)."""
-    app = build_app(editor, defaults)
+    (`app.local_url`; `app.block_thread()` waits until Ctrl-C, `app.close()` stops it). Uploads are limited to
+    `MAX_UPLOAD` and removed from Gradio's cache when the server stops."""
+    app = build_app(editor)
     try:
         app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False, quiet=True,
-                   prevent_thread_lock=True, allowed_paths=[str(EXAMPLE.parent)])
+                   prevent_thread_lock=True, allowed_paths=[str(EXAMPLE.parent)], max_file_size=MAX_UPLOAD)
     except OSError as error:  # the port was taken between the check and the launch
         raise DiT4EditError(f"cannot serve on {host}:{port}: {error}") from None
     return app

@@ -1,13 +1,16 @@
 """Batch editing: many images, each inverted once and edited towards one or more targets, resumable and split
 across processes.
 
-A batch is a list of `Job`s (read from a JSONL spec by `read_spec`, or built by another harness). `run_jobs` edits
-them and records one row per output in `results.jsonl`:
+A batch is a list of `Job`s, each an `EditRequest` (read from a JSONL spec by `read_spec`, or built by another
+harness such as PIE-Bench). `run_jobs` runs them with `request.run`, the one function every surface uses, and
+records one row per output in `results.jsonl`:
 
-- **resumable**: every finished item is recorded in the process's results shard (`shards/results-RANK.jsonl`),
-  rewritten atomically (temporary file, fsync, rename), so a kill at any point (`kill -9` included) leaves neither
-  a cut line nor a partial image (images are written atomically too); a rerun skips what is recorded and redoes the
-  rest. Failed items are recorded and not retried unless asked (`retry_failed`).
+- **resumable**: every finished output is recorded at once in the process's results shard
+  (`shards/results-RANK.jsonl`), rewritten atomically (temporary file, fsync, rename), so a kill at any point
+  (`kill -9` included) leaves neither a cut line nor a partial image. A rerun skips an output only when its row's
+  key matches (a digest of the model, the input image's and mask's bytes, the prompts and the resolved settings)
+  and, for a success, its file is still there; everything else is redone. Failed outputs are not retried unless
+  asked (`retry_failed`).
 - **many processes**: under `accelerate launch` or `torchrun`, `accelerate.PartialState` gives each process its
   share of the pending items (`split_between_processes`) and its own device; each writes only its own shard; the
   main process merges the shards into `results.jsonl` at the end.
@@ -22,16 +25,19 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import checks
 from . import images as imgs
-from .defaults import DEFAULTS
 from .errors import DiT4EditError
+from .request import EditRequest, Settings, resolve
+from .request import run as run_request
 
 logger = logging.getLogger(__name__)
 
@@ -39,68 +45,106 @@ RESULTS = "results.jsonl"
 SHARDS = "shards"
 #: Item fields of a spec line that are not edit settings.
 ITEM_FIELDS = ("id", "image", "source", "targets")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """Everything one edit runs with (the `dit4edit edit` options); `control` / `merge` None = off."""
-
-    steps: int = DEFAULTS.steps
-    guidance: float = DEFAULTS.guidance
-    inversion: str = DEFAULTS.inversion
-    tol: float = DEFAULTS.tol
-    max_pixels: int = imgs.MAX_PIXELS
-    pin_source: bool = True
-    direct_inversion: bool = False  # the target takes the pinned source's error of each step
-    control: object | None = None  # AttentionControl
-    merge: object | None = None  # MergeConfig
-    mask: str | None = None  # mask image, white = editable
+_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One item: an image, its source prompt and targets, where each target's output goes (relative to the output
-    folder), and the settings; `error` says why the item cannot run (it is then recorded as failed)."""
+    """One item: its edit `request`, where each target's output goes (relative to the output folder) and each
+    output's resume `keys`; `error` says why the item cannot run (it is then recorded as failed)."""
 
     item: str
     line: int
-    image: Path | None = None
-    source: str = ""
-    targets: tuple[str, ...] = ()
+    request: EditRequest | None = None
     outputs: tuple[str, ...] = ()
-    settings: EditSettings | None = None
+    keys: tuple[str, ...] = ()
     error: str | None = None
     fields: dict = field(default_factory=dict)  # copied into every row (e.g. a benchmark's category)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.request.targets if self.request is not None else ("",)
 
 
 #: (job, target index, edited image) -> extra row fields, e.g. metrics. Runs after the image is saved.
 Scorer = Callable[[Job, int, object], dict]
 
 
+def make_job(item: str, line: int, request: EditRequest, outputs: Sequence[str], defaults=None,
+             num_blocks: int | None = None, protect: Sequence = (), fields: dict | None = None) -> Job:
+    """A job for `request`, checked as far as no model is needed (prompts, settings, named words); a problem
+    makes a failed job. An output that would replace one of its inputs (the image, the mask, `protect`) is refused.
+    Each output's key digests what decides it (see `output_key`)."""
+    fields = fields or {}
+    try:
+        request.check(targets=False)  # each target is checked when it runs: one bad target fails only itself
+        resolved = resolve(request.settings, defaults, None, num_blocks)
+        request.check_words(resolved.control, request.source)
+        inputs = [request.image, resolved.mask, *protect]
+        for output in outputs:
+            imgs.check_output_path(output, *[p for p in inputs if isinstance(p, (str, os.PathLike))])
+        keys = tuple(output_key(request, resolved, k) for k in range(len(request.targets)))
+    except DiT4EditError as error:
+        return Job(item=item, line=line, request=request, error=str(error), fields=fields)
+    return Job(item=item, line=line, request=request, outputs=tuple(outputs), keys=keys, fields=fields)
+
+
+def output_key(request: EditRequest, resolved, k: int) -> str:
+    """A digest of what decides output `k` of `request`: the input image's and mask's bytes, the prompts and every
+    resolved setting (the model's share comes from `run_key`)."""
+    mask = resolved.mask
+    parts = [_file_digest(request.image), _file_digest(mask) if mask is not None else None, request.source,
+             request.targets[k], repr(replace(resolved, mask=None))]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _file_digest(path) -> str | None:
+    if not isinstance(path, (str, os.PathLike)):
+        return None if path is None else hashlib.sha256(path.tobytes()).hexdigest()
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return f"unreadable:{path}"  # the item will fail and say why; its key still differs from a readable one
+
+
+def run_key(model: str, local: bool = False) -> str:
+    """What identifies the model of a run for resuming: its name, and for a `local` folder the size and time of each
+    weights and settings file in it (retrained or re-exported weights redo every output)."""
+    parts = [str(model)]
+    if local:
+        folder = Path(model)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix in (".safetensors", ".json"):
+                stat = path.stat()
+                parts.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 # --- the spec --------------------------------------------------------------------------------------------------
 
 
-def read_spec(path: str | os.PathLike, resolve: Callable[[dict], EditSettings], suffix: str = ".png") -> list[Job]:
+def read_spec(path: str | os.PathLike, settings: Settings = Settings(), out: str | os.PathLike | None = None,
+              defaults=None, num_blocks: int | None = None, suffix: str = ".png") -> list[Job]:
     """Jobs from a JSONL spec, one JSON object a line: `image`, `source`, `targets` (a list, or one string),
-    optional `id` (default: the line number), and any edit setting by its option name (`steps`, `guidance`,
-    `mask`, `local_blend`, `self_replace_steps`, `no_merge`, ...), which `resolve` turns into `EditSettings`.
+    optional `id` (default: the line number), and any edit option by name (`steps`, `guidance`, `mask`,
+    `local_blend`, `self_replace_steps`, `no_merge`, ...: `request.OPTIONS`) on top of `settings` (the command's).
     Relative paths are relative to the spec's folder. Outputs are `ID-K.png` for target K (from 0). A line that
     is not a valid item becomes a job with its `error` set; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise DiT4EditError(f"batch spec not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DiT4EditError(f"cannot read batch spec {path}: {type(error).__name__}") from None
+    protect = [path, *((Path(out) / RESULTS,) if out is not None else ())]
     jobs, seen = [], set()
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
-        job = _job_from_line(text, number, path.parent, resolve, suffix)
+        job = _job_from_line(text, number, path.parent, settings, suffix, out, defaults, num_blocks, protect)
         if job.item in seen:
-            job = Job(item=f"{job.item}@line{number}", line=number, targets=job.targets,
+            job = Job(item=f"{job.item}@line{number}", line=number, request=job.request,
                       error=f"duplicate item id {job.item!r} (line {number})")
         seen.add(job.item)
         jobs.append(job)
@@ -109,34 +153,40 @@ def read_spec(path: str | os.PathLike, resolve: Callable[[dict], EditSettings], 
     return jobs
 
 
-def _job_from_line(text: str, number: int, base: Path, resolve, suffix: str) -> Job:
+def _job_from_line(text: str, number: int, base: Path, settings: Settings, suffix: str, out, defaults, num_blocks,
+                   protect) -> Job:
     default_id = f"{number:05d}"
     try:
-        entry = json.loads(text)
-    except json.JSONDecodeError as error:
-        return Job(item=default_id, line=number, error=f"line {number} is not JSON ({error.msg})")
+        entry = checks.load_json(text, f"line {number}")
+    except DiT4EditError as error:
+        return Job(item=default_id, line=number, error=str(error))
     if not isinstance(entry, dict):
         return Job(item=default_id, line=number, error=f"line {number} is not a JSON object")
-    item = str(entry.get("id", default_id))
-    targets = entry.get("targets", ())
-    targets = (targets,) if isinstance(targets, str) else tuple(targets) if isinstance(targets, list) else ()
-    job = Job(item=item if _ID.match(item) else default_id, line=number, targets=targets)
+    item = entry.get("id", default_id)
     try:
-        if not _ID.match(item):
-            raise DiT4EditError(f"id {item!r} may hold only letters, digits, '.', '_' and '-'")
-        if not targets or not all(isinstance(t, str) for t in targets):
+        if not isinstance(item, str) or not _ID.match(item):
+            raise DiT4EditError(f"id {checks.printable(str(item))[:120]!r} must be 1-100 letters, digits, '.', '_' "
+                                "or '-', starting with a letter or digit")
+        targets = entry.get("targets")
+        targets = (targets,) if isinstance(targets, str) else targets
+        if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
             raise DiT4EditError("'targets' must be a prompt or a non-empty list of prompts")
         for name in ("image", "source"):
             if not isinstance(entry.get(name), str):
                 raise DiT4EditError(f"'{name}' is missing or not a string")
-        overrides = {key: value for key, value in entry.items() if key not in ITEM_FIELDS}
-        if isinstance(overrides.get("mask"), str):
-            overrides["mask"] = str(base / overrides["mask"])
-        settings = resolve(overrides)
+        options = {key: value for key, value in entry.items() if key not in ITEM_FIELDS}
+        if isinstance(options.get("mask"), str):
+            options["mask"] = str(base / options["mask"])
+        item_settings = settings.with_options(options, "setting")
     except DiT4EditError as error:
-        return Job(item=job.item, line=number, targets=targets or ("",), error=str(error))
-    return Job(item=item, line=number, image=base / entry["image"], source=entry["source"], targets=targets,
-               outputs=tuple(f"{item}-{k}{suffix}" for k in range(len(targets))), settings=settings)
+        return Job(item=item if isinstance(item, str) and _ID.match(item) else default_id, line=number,
+                   error=str(error))
+    request = EditRequest(targets=tuple(targets), source=entry["source"], image=str(base / entry["image"]),
+                          settings=item_settings)
+    outputs = [f"{item}-{k}{suffix}" for k in range(len(targets))]
+    located = [str(Path(out) / o) for o in outputs] if out is not None else outputs
+    job = make_job(item, number, request, located, defaults, num_blocks, protect)
+    return replace(job, outputs=tuple(outputs)) if job.error is None else job
 
 
 # --- results ---------------------------------------------------------------------------------------------------
@@ -153,22 +203,23 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file (none if it is missing); lines that are not JSON objects are skipped."""
+    """The rows of a JSONL file (none if it is missing); lines that are not rows of ours (a JSON object with a
+    text `item` and an integer `target`) are skipped."""
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = checks.load_json(line, "row")
+        except DiT4EditError:
             continue
-        if isinstance(row, dict) and "item" in row:
+        if isinstance(row, dict) and isinstance(row.get("item"), str) and type(row.get("target")) is int:
             rows.append(row)
     return rows
 
 
 def row_key(row: dict) -> tuple:
-    return (row["item"], row.get("target"))
+    return (row["item"], row["target"])
 
 
 def recorded(out: Path) -> dict[tuple, dict]:
@@ -182,8 +233,20 @@ def recorded(out: Path) -> dict[tuple, dict]:
     return done
 
 
+def still_done(row: dict | None, job: Job, k: int, out: Path, run: str) -> bool:
+    """Whether a recorded row still stands for output `k` of `job`: made by this run's model (`run`) with the same
+    key, and, for a success, its file still there."""
+    if row is None or row.get("key") != _full_key(job, k, run):
+        return False
+    return row.get("status") != "ok" or (out / job.outputs[k]).is_file()
+
+
+def _full_key(job: Job, k: int, run: str) -> str | None:
+    return f"{run}:{job.keys[k]}" if job.keys else None
+
+
 class Shard:
-    """One process's results file, rewritten atomically after each item: never a cut line."""
+    """One process's results file, rewritten atomically after each output: never a cut line."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -194,16 +257,17 @@ class Shard:
         write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
 
 
-def merge_results(out: Path, jobs: Sequence[Job]) -> list[dict]:
-    """Write `results.jsonl`: one row per output of `jobs`, in spec order, from everything recorded."""
+def merge_results(out: Path, jobs: Sequence[Job], run: str = "") -> list[dict]:
+    """Write `results.jsonl`: one row per output of `jobs`, in spec order, from what still stands."""
     done = recorded(out)
-    rows = [done[key] for job in jobs for key in _keys(job) if key in done]
+    rows = []
+    for job in jobs:
+        for k in range(len(job.targets)):
+            row = done.get((job.item, k))
+            if row is not None and (job.error is not None or still_done(row, job, k, out, run)):
+                rows.append(row)
     write_atomic(out / RESULTS, "".join(json.dumps(row) + "\n" for row in rows))
     return rows
-
-
-def _keys(job: Job) -> list[tuple]:
-    return [(job.item, k) for k in range(max(1, len(job.targets)))]
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -244,18 +308,19 @@ class Processes:
 
 
 def run_jobs(jobs: Sequence[Job], out: str | os.PathLike, load_pipe: Callable[[], object], processes: Processes,
-             scorer: Scorer | None = None, retry_failed: bool = False, disable_progress: bool = False) -> list[dict]:
-    """Edit the jobs not yet recorded under `out`, this process's share of them; returns the merged rows (main
-    process) or this process's new rows. `load_pipe` is called once, only when there is work."""
+             scorer: Scorer | None = None, retry_failed: bool = False, disable_progress: bool = False,
+             key: str = "") -> list[dict]:
+    """Edit the outputs of `jobs` not yet done under `out` (see `still_done`; `key` identifies the model, see
+    `run_key`), this process's share of them; returns the merged rows (main process) or this process's new rows.
+    `load_pipe` is called once, only when there is work."""
     out = Path(out)
     if processes.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.rglob(".*.tmp"):  # left by a killed run; never a file a reader looks for
-            stale.unlink(missing_ok=True)
+        _remove_stale_temporaries(out, jobs)
     processes.wait()
-    done = {key: row for key, row in recorded(out).items() if not (retry_failed and row.get("status") != "ok")}
+    done = {k: row for k, row in recorded(out).items() if not (retry_failed and row.get("status") != "ok")}
     processes.wait()  # everyone has read what was done before anyone records more
-    pending = [job for job in jobs if any(key not in done for key in _keys(job))]
+    pending = [job for job in jobs if _todo(job, done, out, key)]
     mine = processes.share(pending)
     shard = Shard(out / SHARDS / f"results-{processes.index:05d}.jsonl")
     pipe, new_rows = None, []
@@ -264,56 +329,55 @@ def run_jobs(jobs: Sequence[Job], out: str | os.PathLike, load_pipe: Callable[[]
     for job in bar:
         if pipe is None and job.error is None:
             pipe = load_pipe()
-        rows = run_job(pipe, job, out, done, scorer)
-        shard.add(rows)
-        new_rows.extend(rows)
+        for row in run_job(pipe, job, out, _todo(job, done, out, key), scorer, key):
+            shard.add([row])  # each output recorded as soon as it is done
+            new_rows.append(row)
     processes.wait()
-    return merge_results(out, jobs) if processes.is_main else new_rows
+    return merge_results(out, jobs, key) if processes.is_main else new_rows
 
 
-def run_job(pipe, job: Job, out: Path, done: dict | None = None, scorer: Scorer | None = None) -> list[dict]:
-    """Invert the job's image once, edit it towards each target not yet done, save each output, score it.
-    Returns one row per target; problems with the item become failed rows, never exceptions."""
-    done = done or {}
-    todo = [k for k in range(max(1, len(job.targets))) if (job.item, k) not in done]
-    if job.error is not None:
-        return [_row(job, k, error=job.error) for k in todo]
-    settings, rows, reasons = job.settings, {}, {}
+def _todo(job: Job, done: dict, out: Path, run: str) -> list[int]:
+    return [k for k in range(len(job.targets)) if not still_done(done.get((job.item, k)), job, k, out, run)]
+
+
+def _remove_stale_temporaries(out: Path, jobs: Sequence[Job]) -> None:
+    """Temporary files a killed run left beside its own outputs (`images.temporary_of` recognises them); never a
+    file under `out` that is not the temporary of one of this run's outputs, results or shards."""
+    ours = {out / RESULTS, *(out / o for job in jobs for o in job.outputs)}
+    shards = out / SHARDS
+    for folder in {path.parent for path in ours} | {shards}:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            name = imgs.temporary_of(path.name)
+            if name is not None and (folder / name in ours or (folder == shards and name.startswith("results-"))):
+                path.unlink(missing_ok=True)
+
+
+def run_job(pipe, job: Job, out: Path, todo: Sequence[int] | None = None, scorer: Scorer | None = None,
+            run: str = "") -> Iterator[dict]:
+    """Edit the job's image towards each target in `todo` (default all), inverting it once; save each output, score
+    it, and yield its row as soon as it is done. Problems become failed rows, never exceptions."""
+    todo = range(len(job.targets)) if todo is None else todo
+    inversion = None
     for k in todo:
-        try:
-            pipe.check_prompt(job.targets[k], "target prompt")
-        except DiT4EditError as error:
-            reasons[k] = str(error)
-    runnable = [k for k in todo if k not in reasons]
-    start = time.perf_counter()
-    try:
-        inversion = pipe.invert(job.image, job.source, settings.steps, settings.guidance, settings.inversion,
-                                settings.tol, settings.max_pixels, disable_progress=True) if runnable else None
-    except Exception as error:  # noqa: BLE001 - any failure of one item is recorded and the batch goes on
-        reasons.update({k: _reason(error, job) for k in runnable})
-        runnable = []
-    share = (time.perf_counter() - start) / max(1, len(runnable))
-    for k in runnable:
+        if job.error is not None:
+            yield _row(job, k, run, error=job.error)
+            continue
         start = time.perf_counter()
         try:
-            result = pipe.edit(inversion, job.targets[k], guidance_scale=settings.guidance,
-                               pin_source=settings.pin_source, control=settings.control, mask=settings.mask,
-                               merge=settings.merge, direct_inversion=settings.direct_inversion,
-                               disable_progress=True)
+            result, inversion = run_request(pipe, job.request, inversion=inversion, targets=[k], disable_progress=True)
             imgs.save_image(result.images[0], out / job.outputs[k])
-            seconds = share + time.perf_counter() - start
+            seconds = time.perf_counter() - start
             scores = scorer(job, k, result.images[0]) if scorer else {}
-        except Exception as error:  # noqa: BLE001
-            reasons[k] = _reason(error, job)
+        except Exception as error:  # noqa: BLE001 - any failure of one output is recorded and the batch goes on
+            yield _row(job, k, run, error=_reason(error, job))
             continue
-        rows[k] = _row(job, k, seconds=seconds, **scores)
-    for k, reason in reasons.items():
-        rows[k] = _row(job, k, error=reason)
-    return [rows[k] for k in todo]
+        yield _row(job, k, run, seconds=seconds, **scores)
 
 
-def _row(job: Job, k: int, seconds: float | None = None, error: str | None = None, **extra) -> dict:
-    row = dict(item=job.item, line=job.line, target=k,
+def _row(job: Job, k: int, run: str = "", seconds: float | None = None, error: str | None = None, **extra) -> dict:
+    row = dict(item=job.item, line=job.line, target=k, key=_full_key(job, k, run),
                prompt=job.targets[k] if k < len(job.targets) else None,
                output=job.outputs[k] if error is None else None,
                status="failed" if error else "ok", error=error,
@@ -329,6 +393,3 @@ def _reason(error: BaseException, job: Job) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def summary_line(rows: Sequence[dict]) -> str:
-    failed = sum(row.get("status") != "ok" for row in rows)
-    return f"{len(rows)} outputs: {len(rows) - failed} ok, {failed} failed"

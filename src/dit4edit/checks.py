@@ -6,6 +6,7 @@ model loads or any inversion runs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import string
@@ -134,3 +135,61 @@ def words_in_prompts(words, prompts: list[str], what: str) -> None:
     if missing:
         shown = " / ".join(repr(p) for p in prompts if p)
         raise DiT4EditError(f"{what} {', '.join(missing)} not in the prompt {shown}")
+
+
+# --- text from users ---------------------------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one line: control and format characters (ESC, NUL, newlines, bidi overrides) shown
+    escaped."""
+    return "".join(c if c.isprintable() and unicodedata.category(c) != "Cf" else repr(c)[1:-1] for c in str(text))
+
+
+def prompt(value, what: str = "prompt") -> str:
+    """A prompt: text with at least one visible character (whitespace, zero-width and other format characters do
+    not count)."""
+    if value is None:
+        raise DiT4EditError(f"a {what} is needed")
+    if not isinstance(value, str):
+        raise DiT4EditError(f"the {what} must be text, got {type(value).__name__}")
+    if not any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc", "Zs") for c in value):
+        raise DiT4EditError(f"the {what} is empty")
+    return value
+
+
+def finite(tensor, what: str):
+    """`tensor` when every value is finite; a one-line error naming `what` otherwise (a result that is not finite
+    is an error, never a black image)."""
+    if not bool(tensor.isfinite().all()):
+        raise DiT4EditError(f"{what} are not finite (NaN or infinity): the model or its settings overflowed")
+    return tensor
+
+
+#: The deepest nesting of arrays and objects read from a JSON file (specs, mappings, configs are shallow).
+MAX_JSON_DEPTH = 64
+
+
+def load_json(text: str, what: str):
+    """Parse JSON text (a leading byte-order mark allowed) with nesting at most `MAX_JSON_DEPTH` deep; any problem
+    is a one-line error naming `what`."""
+    text = text.removeprefix("\ufeff")
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:  # a cheap depth scan first: the parser itself would recurse and overflow
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                raise DiT4EditError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+        elif char in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        message = error.msg if isinstance(error, json.JSONDecodeError) else "too deeply nested"
+        raise DiT4EditError(f"{what} is not JSON ({message})") from None

@@ -172,3 +172,11 @@ def _same_file(a: Path, b: Path) -> bool:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def temporary_of(name: str) -> str | None:
+    """The output name whose temporary file (as `atomic_path` names it) `name` is, else None."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    stem, dot, _random = name[1:-4].rpartition(".")
+    return stem if dot and stem else None

@@ -44,11 +44,11 @@ class BatchLayout:
             raise ValueError(f"num_targets must be >= 0, got {self.num_targets}")
 
     @classmethod
-    def for_scale(cls, num_targets: int, guidance_scale: float, rows: str = "4") -> BatchLayout:
-        """The layout of an edit at `guidance_scale` (no unconditional rows at 1 or below) with `rows` "4" or "3"."""
-        if rows not in ("3", "4"):
-            raise ValueError(f'rows must be "3" or "4", got {rows!r}')
-        return cls(num_targets, guidance=guidance_scale > 1.0, uncond_source=rows == "4")
+    def for_scale(cls, num_targets: int, guidance_scale: float, rows: int = 4) -> BatchLayout:
+        """The layout of an edit at `guidance_scale` (no unconditional rows at 1 or below) with `rows` 4 or 3."""
+        if rows not in (3, 4) or isinstance(rows, bool):
+            raise ValueError(f"rows must be 3 or 4, got {rows!r}")
+        return cls(num_targets, guidance=guidance_scale > 1.0, uncond_source=rows == 4)
 
     # --- rows --------------------------------------------------------------------------------------------------
 

@@ -62,3 +62,46 @@ def grid(tiles: list[tuple[str, Image.Image]], columns: int = 6, label_height: i
 def slug(word: str) -> str:
     """A file-name-safe form of a word."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", word).strip("_") or "word"
+
+
+#: Names of the files `write_attention` writes (and replaces on a rerun into the same folder).
+_ATTENTION_FILE = re.compile(r"\A(?:(?:source|target)-\d{2}-[A-Za-z0-9_-]+|mask|edited|overview)\.png\Z")
+
+
+def write_attention(out, result, base: Image.Image, with_target: bool, steps=None, num_steps: int = 1,
+                    protect=()) -> int:
+    """Write an edit's attention pictures into the folder `out`: each word's map (`source-NN-WORD.png`, and
+    `target-NN-WORD.png` `with_target`), the local-blend `mask.png`, the `edited.png` image and an `overview.png`
+    of them all; maps averaged over `steps` (default all). Pictures an earlier run left there under these names
+    are removed first, so the folder shows this run only; a name that is one of the files in `protect` (the
+    command's inputs) is refused before anything is written. Returns how many files were written."""
+    from pathlib import Path
+
+    from . import images as imgs
+    from .errors import DiT4EditError
+
+    out = Path(out)
+    pictures: list[tuple[str, Image.Image, str]] = []  # (file name, picture, overview label)
+    branches = [("source", 0)] + ([("target", 1)] if with_target else [])
+    for name, branch in branches:
+        under = base if branch == 0 else result.images[0]
+        for k, (word, picture) in enumerate(word_pictures(result.controller, branch, under, steps)):
+            pictures.append((f"{name}-{k:02d}-{slug(word)}.png", picture, f"{name[0]}:{word}"))
+    mask = result.controller.blend_mask(num_steps - 1)
+    if mask is not None:
+        pictures.append(("mask.png", mask_picture(mask, base), "mask"))
+    if with_target:
+        pictures.append(("edited.png", result.images[0], "edited"))
+    overview = grid([("input", base), *[(label, picture) for _, picture, label in pictures]])
+    pictures.append(("overview.png", overview, ""))
+    guarded = [Path(p).resolve() for p in protect if p is not None and Path(p).exists()]
+    for name, _, _ in pictures:
+        if (out / name).resolve() in guarded:
+            raise DiT4EditError(f"{out / name} is one of this command's inputs: choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if _ATTENTION_FILE.match(stale.name) and stale.is_file() and stale.resolve() not in guarded:
+            stale.unlink()
+    for name, picture, _ in pictures:
+        imgs.save_image(picture, out / name)
+    return len(pictures)

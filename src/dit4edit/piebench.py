@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import os
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,9 +24,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import checks
 from . import images as imgs
 from . import metrics as m
-from .batch import EditSettings, Job, write_atomic
+from .batch import Job, make_job, write_atomic
+from .request import EditRequest, Settings
 from .errors import DiT4EditError
 
 TYPE_NAMES = {
@@ -67,48 +68,77 @@ def read_mapping(data: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DiT4EditError(f"{data} has no {MAPPING}: not PIE-Bench as distributed")
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DiT4EditError(f"{path} is not valid JSON ({type(error).__name__})") from None
+        mapping = checks.load_json(path.read_text(encoding="utf-8-sig"), str(path))
+    except (OSError, UnicodeDecodeError) as error:
+        raise DiT4EditError(f"cannot read {path} ({type(error).__name__})") from None
     if not isinstance(mapping, dict) or not mapping:
         raise DiT4EditError(f"{path} holds no entries (expected an object keyed by image id)")
     return mapping
 
 
-def read_benchmark(data: str | os.PathLike, settings: EditSettings, types: Sequence[str] | None = None,
-                   limit: int | None = None, local_blend: bool = False) -> list[Job]:
-    """One job per benchmark entry (in id order), of the `types` asked for, at most `limit`. With `local_blend`
-    each entry's `blended_word` becomes the local-blend words of its edit. An entry with missing fields becomes a
-    job with its `error` set."""
+def read_benchmark(data: str | os.PathLike, settings: Settings = Settings(), types: Sequence[str] | None = None,
+                   limit: int | None = None, local_blend: bool = False, out: str | os.PathLike | None = None,
+                   defaults=None, num_blocks: int | None = None) -> list[Job]:
+    """One job per benchmark entry (in id order), of the `types` asked for, at most `limit`, each an
+    `EditRequest` with `settings`. With `local_blend` each entry's `blended_word` becomes the local-blend words of
+    its edit. An entry that cannot run (missing or mistyped fields, a mask that does not decode, an image path
+    another entry already writes) becomes a job with its `error` set, before any edit runs."""
     data = Path(data)
     mapping = read_mapping(data)
-    jobs = []
+    jobs, claimed = [], set()
     for line, key in enumerate(sorted(mapping), start=1):
         entry = mapping[key] if isinstance(mapping[key], dict) else {}
         type_id = str(entry.get("editing_type_id"))
         if types is not None and type_id not in types:
             continue
-        jobs.append(_job(data, key, line, entry, type_id, settings, local_blend))
+        job = _job(data, key, line, entry, type_id, settings, local_blend, out, defaults, num_blocks)
+        if job.error is None and job.outputs[0] in claimed:
+            job = replace(job, error=f"entry {key} writes {job.outputs[0]}, as an earlier entry does")
+        claimed.update(job.outputs)
+        jobs.append(job)
         if limit is not None and len(jobs) >= limit:
             break
     return jobs
 
 
-def _job(data: Path, key: str, line: int, entry: dict, type_id: str, settings: EditSettings,
-         local_blend: bool) -> Job:
+def _job(data: Path, key: str, line: int, entry: dict, type_id: str, settings: Settings, local_blend: bool,
+         out, defaults, num_blocks) -> Job:
     fields = {"id": key, "editing_type_id": type_id}
-    missing = [name for name in ("image_path", "original_prompt", "editing_prompt", "mask")
-               if not isinstance(entry.get(name), (str, list))]
-    image_path = str(entry.get("image_path", ""))
-    if missing or ".." in Path(image_path).parts or Path(image_path).is_absolute():
-        reason = f"entry {key} lacks {', '.join(missing)}" if missing else f"entry {key} has a bad image_path"
-        return Job(item=key, line=line, targets=("",), error=reason, fields=fields)
-    words = blend_words(str(entry.get("blended_word") or ""))
-    if local_blend and words and settings.control is not None:
-        settings = replace(settings, control=replace(settings.control, local_blend_words=words))
-    return Job(item=key, line=line, image=data / IMAGES / image_path, source=strip_brackets(entry["original_prompt"]),
-               targets=(strip_brackets(entry["editing_prompt"]),), outputs=(f"{IMAGES}/{image_path}",),
-               settings=settings, fields=fields)
+    wrong = [name for name in ("image_path", "original_prompt", "editing_prompt") if not isinstance(entry.get(name), str)]
+    image_path = entry.get("image_path") if isinstance(entry.get("image_path"), str) else ""
+    try:
+        if wrong:
+            raise DiT4EditError(f"entry {key}: {', '.join(wrong)} missing or not text")
+        if ".." in Path(image_path).parts or Path(image_path).is_absolute() or not image_path:
+            raise DiT4EditError(f"entry {key} has a bad image_path")
+        with Image.open(data / IMAGES / image_path) as image:  # the header only: the mask is decoded at its size
+            size = image.size
+        m.decode_mask(entry.get("mask"), (size[1], size[0]))  # scored after the edit: a bad mask fails it now
+        if Path(image_path).suffix.lower() not in imgs.OUTPUT_FORMATS:
+            raise DiT4EditError(f"entry {key}: cannot write an image named {Path(image_path).name}")
+        words = blend_words(entry.get("blended_word") if isinstance(entry.get("blended_word"), str) else "")
+        if local_blend and words and settings.control is not None:
+            settings = settings.with_options({"local_blend": words})
+    except (DiT4EditError, ValueError, TypeError, OSError) as error:
+        return Job(item=key, line=line, error=f"entry {key}: {error}" if not isinstance(error, DiT4EditError)
+                   else str(error), fields=fields)
+    request = EditRequest(targets=(strip_brackets(entry["editing_prompt"]),),
+                          source=strip_brackets(entry["original_prompt"]), image=str(data / IMAGES / image_path),
+                          settings=settings)
+    output = f"{IMAGES}/{image_path}"
+    job = make_job(key, line, request, [str(Path(out) / output) if out is not None else output], defaults,
+                   num_blocks, fields=fields)
+    return replace(job, outputs=(output,)) if job.error is None else job
+
+
+def describe(model: str, settings, local_blend: bool) -> list[str]:
+    """What a benchmark run ran with (the summary's header): the model and the resolved settings of its rows."""
+    control = settings.control
+    return [f"model: {model}",
+            f"settings: steps {settings.steps}, guidance {settings.guidance:g}, inversion {settings.inversion}, "
+            f"attention control {'off' if control is None else control}, "
+            f"merging {'off' if settings.merge is None else settings.merge}"
+            f"{', local blend from blended_word' if local_blend else ''}"]
 
 
 # --- scoring ---------------------------------------------------------------------------------------------------
@@ -143,7 +173,7 @@ class Scorer:
     def __call__(self, job: Job, k: int, edited: Image.Image) -> dict:
         self.load()
         start = time.perf_counter()
-        source = imgs.load_image(job.image)
+        source = imgs.load_image(job.request.image)
         edited = Image.open(self.out / job.outputs[k]).convert("RGB")  # as saved: what other tools will score
         mask = m.decode_mask(self.mapping[job.item]["mask"], (source.size[1], source.size[0]))
         scores = self.score(source, edited, mask, job.targets[k])

@@ -21,10 +21,12 @@ from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
 from .inversion_file import GENERATED, Inversion
-from .merging import MergeConfig, token_merging
+from .merging import token_merging
+from .masks import latent_mask, load_mask, paste_outside, pixel_mask
 from .model_folder import (DEFAULT_PROMPT_LENGTH, EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
                            check_folder, default_model, local_folder, prompt_length)
 from .prompts import PIXART_ALPHA_TOKENS
+from .request import UNCHANGED, EditRequest, Resolved, Settings, resolve, run
 from .solvers import INVERSIONS, SAMPLERS, Schedule
 
 __all__ = ["DiT4EditPipeline", "EditResult", "Inversion", "EMBEDDED_MODEL", "default_model"]
@@ -40,29 +42,8 @@ class EditResult:
     controller: AttentionController | None = None  # holds the recorded attention maps, when any
 
 
-#: What `edit` does when given no control: the model's attention control (`self.defaults.attention_control()`:
-#: DiT4Edit's unified control with its documented defaults, or the settings the model's dit4edit.json names).
-#: Passing `AttentionControl()` itself asks for the library's defaults whatever the model.
-DEFAULT_CONTROL = AttentionControl()
-#: Patch merging by default: the paper's ratio 0.8 (stride 3x3), on grids of 1024 tokens (512² images) and up.
-DEFAULT_MERGE = MergeConfig()
 #: A local-blend mask covering at least this fraction of the image blends (almost) nothing: the user is told.
 BLEND_EVERYWHERE = 0.95
-
-
-def paste_outside(edited: Image.Image, source: Image.Image, mask: Image.Image, radius: int = 8) -> Image.Image:
-    """`edited` inside `mask` (L, 255 = editable), `source` outside it, pixel for pixel.
-
-    The seam is feathered inside the mask only: the weight of `edited` is `mask * blur(mask)` (a Gaussian of
-    `radius` px), 0 everywhere outside the mask, so outside it the result is exactly `source`."""
-    from PIL import ImageFilter
-
-    hard = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0  # (H, W) in {0, 1}
-    soft = np.asarray(mask.convert("L").filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255.0
-    weight = (hard * np.clip(2.0 * soft, 0.0, 1.0))[..., None]  # (H, W, 1): 1 deep inside, 0 outside
-    a = np.asarray(edited.convert("RGB"), dtype=np.float32)
-    b = np.asarray(source.convert("RGB"), dtype=np.float32)
-    return Image.fromarray(np.rint(weight * a + (1.0 - weight) * b).astype(np.uint8))
 
 
 class DiT4EditPipeline(DiffusionPipeline):
@@ -152,7 +133,17 @@ class DiT4EditPipeline(DiffusionPipeline):
                     vae_scale_factor=self.vae_scale_factor, probe=probe)
 
     def check_inversion(self, inversion: Inversion) -> Inversion:
-        """One-line error unless `inversion` was made by this model (see `model_record`) and fits it."""
+        """One-line error unless `inversion` is an `Inversion` whose trajectory fits its settings and this model,
+        and which was made by this model (see `model_record`)."""
+        if not isinstance(inversion, Inversion):
+            raise DiT4EditError(f"inversion must be an Inversion, got {type(inversion).__name__}")
+        trajectory = inversion.trajectory
+        expected = (inversion.num_inference_steps + 1, self.transformer.config.in_channels,
+                    *self.latent_size(inversion.original_size))
+        if not isinstance(trajectory, torch.Tensor) or tuple(trajectory.shape) != expected:
+            shape = tuple(trajectory.shape) if isinstance(trajectory, torch.Tensor) else type(trajectory).__name__
+            raise DiT4EditError(f"the inversion's trajectory is {shape}; its settings and this model need {expected}")
+        checks.finite(trajectory, "the inversion's trajectory values")
         record, ours = inversion.model, self.model_record()
         if record is None:
             return inversion
@@ -217,17 +208,50 @@ class DiT4EditPipeline(DiffusionPipeline):
         decoded = self.vae.decode(latents).sample
         return [imgs.resize(imgs.to_image(x), size) if size else imgs.to_image(x) for x in decoded]
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike, max_pixels: int = imgs.MAX_PIXELS):
-        """(RGB image at the working size, original (width, height))."""
+    def prepare_input(self, image, max_pixels: int = imgs.MAX_PIXELS) -> Image.Image:
+        """The input image (a PIL image or a file path) as RGB at its own size, its work size checked against
+        `max_pixels`."""
         checks.integer(max_pixels, "max_pixels", 1)
         if isinstance(image, (str, os.PathLike)):
-            image = imgs.load_image(image, max_pixels)
-        elif not isinstance(image, Image.Image):
+            return imgs.load_image(image, max_pixels)
+        if not isinstance(image, Image.Image):
             raise DiT4EditError(f"the image must be a PIL image or a file path, got {type(image).__name__}")
-        else:
-            imgs.check_size(image.size, max_pixels)
-            image = imgs.to_rgb(image)
+        imgs.check_size(image.size, max_pixels)
+        return imgs.to_rgb(image)
+
+    def prepare_image(self, image, max_pixels: int = imgs.MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+        """(RGB image at the working size, original (width, height))."""
+        image = self.prepare_input(image, max_pixels)
         return imgs.resize(image, imgs.work_size(image.size)), image.size
+
+    @staticmethod
+    def prepare_mask(mask, size: tuple[int, int]) -> Image.Image | torch.Tensor:
+        """A user mask (a file, a PIL image, or an (h, w) tensor at latent resolution) in the form `edit` uses:
+        an "L" image of the input's `size` (255 = editable) or the tensor."""
+        return mask if isinstance(mask, torch.Tensor) else load_mask(mask, size)
+
+    def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the latent of an image of `size` (width, height): its work size over the VAE's factor."""
+        width, height = imgs.work_size(size)
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks (the block ranges of attention control and merging index them)."""
+        return len(self.transformer.transformer_blocks)
+
+    def check_edit(self, source: str, targets: Sequence[str], settings: Resolved, size: tuple[int, int],
+                   mask=None) -> None:
+        """Everything about an edit that depends on the model, checked before any inversion: the prompts against
+        the tokenizer and vocabulary, and the attention controller built on a stand-in inversion of the right
+        shape (words, block ranges, the mask)."""
+        self.check_prompt(source, "source prompt")
+        for k, target in enumerate(targets):
+            self.check_prompt(target, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
+        stand_in = Inversion(trajectory=torch.zeros(1, self.transformer.config.in_channels, *self.latent_size(size)),
+                             source_prompt=source, num_inference_steps=settings.steps, guidance_scale=1.0,
+                             method="stand-in", original_size=tuple(size))
+        self.make_controller(settings.control, stand_in, list(targets), mask, record_words=True)
 
     # --- the denoiser ----------------------------------------------------------------------------------------
 
@@ -287,15 +311,10 @@ class DiT4EditPipeline(DiffusionPipeline):
         return Schedule.from_scheduler(self.scheduler, checks.steps(num_inference_steps))
 
     def _settings(self, num_inference_steps: int | None, guidance_scale: float | None,
-                  method: str | None = None) -> tuple[int, float, str]:
-        """(steps, guidance, inversion method): each None filled from `self.defaults`, each checked."""
-        defaults = self.defaults
-        steps = checks.steps(defaults.num_inference_steps if num_inference_steps is None else num_inference_steps)
-        guidance = checks.guidance(defaults.guidance_scale if guidance_scale is None else guidance_scale)
-        method = defaults.inversion if method is None else method
-        if method not in INVERSIONS:
-            raise DiT4EditError(f"unknown inversion method {method!r} (choose from {', '.join(INVERSIONS)})")
-        return steps, guidance, method
+                  method: str | None = None, tol: float | None = None, max_pixels: int | None = None) -> Resolved:
+        """These choices resolved against `self.defaults` (`request.resolve`: the one place settings resolve)."""
+        return resolve(Settings(steps=num_inference_steps, guidance=guidance_scale, inversion=method, tol=tol,
+                                max_pixels=max_pixels), self.defaults)
 
     def _solver_dtype(self) -> torch.dtype:
         return torch.float32 if self._execution_device.type == "mps" else torch.float64
@@ -307,156 +326,123 @@ class DiT4EditPipeline(DiffusionPipeline):
     # --- invert, edit, generate ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def invert(
-        self,
-        image: Image.Image | str | os.PathLike,
-        source_prompt: str,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        method: str | None = None,
-        tol: float = 1e-5,
-        max_pixels: int = imgs.MAX_PIXELS,
-        disable_progress: bool | None = None,
-    ) -> Inversion:
+    def invert(self, image, source_prompt: str, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, method: str | None = None, tol: float | None = None,
+               max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> Inversion:
         """Invert `image` under `source_prompt`: the latent trajectory that the matching sampler (2M for dpm*,
         DDIM for ddim*) turns back into the image. Invert at the guidance the edit will use, or edit with
         `pin_source=True` (the default), which makes the source branch follow the stored trajectory anyway.
-        Steps, guidance and method default to `self.defaults`."""
-        num_inference_steps, guidance_scale, method = self._settings(num_inference_steps, guidance_scale, method)
-        checks.tolerance(tol)
+        Steps, guidance, method and tolerance default to the model's settings (`self.defaults`)."""
+        settings = self._settings(num_inference_steps, guidance_scale, method, tol, max_pixels)
         self.check_prompt(source_prompt, "source prompt")
-        work, original_size = self.prepare_image(image, max_pixels)
-        schedule = self._schedule(num_inference_steps)
+        work, original_size = self.prepare_image(image, settings.max_pixels)
+        schedule = self._schedule(settings.steps)
         latent = self.encode_image(work).to(self._solver_dtype())
-        denoise = self.make_denoiser([source_prompt], guidance_scale, schedule, work.size)
-        result = INVERSIONS[method](denoise, latent, schedule, tol=tol, disable=self._progress(disable_progress))
+        denoise = self.make_denoiser([source_prompt], settings.guidance, schedule, work.size)
+        result = INVERSIONS[settings.inversion](denoise, latent, schedule, tol=settings.tol,
+                                                disable=self._progress(disable_progress))
         self.maybe_free_model_hooks()
         return Inversion(
             trajectory=torch.cat(result.trajectory).cpu(),  # (N + 1, C, h, w)
-            source_prompt=source_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            method=method,
-            original_size=original_size,
-            nfe=result.nfe,
-            residuals=result.residuals,
+            source_prompt=source_prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+            method=settings.inversion, original_size=original_size, nfe=result.nfe, residuals=result.residuals,
             model=self.model_record(),
-        )
+        )  # fmt: skip
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompt: str,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        disable_progress: bool | None = None,
-    ) -> tuple[Image.Image, Inversion]:
+    def generate(self, prompt: str, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, disable_progress: bool | None = None,
+                 max_pixels: int = imgs.MAX_PIXELS) -> tuple[Image.Image, Inversion]:
         """Generate from `prompt` with DPM-Solver++(2M) and keep the trajectory, so the image can be edited
         without inversion ("generate, then edit"). Height and width default to the model's native size
         (`default_size`), steps and guidance to `self.defaults`."""
-        num_inference_steps, guidance_scale, _ = self._settings(num_inference_steps, guidance_scale)
+        settings = self._settings(num_inference_steps, guidance_scale, max_pixels=max_pixels)
         native = self.default_size()
         width = native if width is None else checks.integer(width, "width", 1)
         height = native if height is None else checks.integer(height, "height", 1)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise DiT4EditError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.check_prompt(prompt)
-        imgs.check_size((width, height))
+        imgs.check_size((width, height), settings.max_pixels)
         size = imgs.work_size((width, height))
-        schedule = self._schedule(num_inference_steps)
-        factor = self.vae_scale_factor
-        shape = (1, self.transformer.config.in_channels, size[1] // factor, size[0] // factor)
+        schedule = self._schedule(settings.steps)
+        shape = (1, self.transformer.config.in_channels, *self.latent_size((width, height)))
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         x = noise.to(self._execution_device, self._solver_dtype())
-        denoise = self.make_denoiser([prompt], guidance_scale, schedule, size)
+        denoise = self.make_denoiser([prompt], settings.guidance, schedule, size)
         trajectory = SAMPLERS["dpm"](denoise, x, schedule, disable=self._progress(disable_progress))
         inversion = Inversion(trajectory=torch.cat(trajectory).cpu(), source_prompt=prompt,
-                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                               method=GENERATED, original_size=(width, height), model=self.model_record())
         image = self.decode_latents(trajectory[-1], (width, height))[0]
         self.maybe_free_model_hooks()
         return image, inversion
 
     @torch.no_grad()
-    def edit(
-        self,
-        inversion: Inversion,
-        target_prompt: str | Sequence[str],
-        guidance_scale: float | None = None,
-        pin_source: bool = True,
-        control: AttentionControl | None = DEFAULT_CONTROL,
-        mask: Image.Image | str | os.PathLike | torch.Tensor | None = None,
-        merge: MergeConfig | None = DEFAULT_MERGE,
-        record_words: bool = False,
-        disable_progress: bool | None = None,
-        rows: str = "4",
-        source_image: Image.Image | None = None,
-        direct_inversion: bool = False,
-    ) -> EditResult:
+    def edit(self, inversion: Inversion, target_prompt: str | Sequence[str], guidance_scale: float | None = None,
+             pin_source: bool = True, control=UNCHANGED, mask=None, merge=UNCHANGED, record_words: bool = False,
+             disable_progress: bool | None = None, rows: int = 4, source_image: Image.Image | None = None,
+             direct_inversion: bool = False) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
-        `control` is DiT4Edit's unified attention control (`AttentionControl`; None = plain inversion-then-denoise;
-        not given = the model's, `self.defaults.attention_control()`).
-        `mask` (white = editable, the input's size) keeps the source outside it, overriding the attention-derived
-        local-blend mask. `pin_source=True` resets the source branch to the stored trajectory after every step, so
-        it reproduces the input whatever the guidance or precision; `False` lets it run free (it still reproduces
-        the input when the inversion was exact and made at this guidance). `guidance_scale` defaults to the
-        inversion's. `merge` is patch merging around self-attention (ToMe; one plan per step and block from the
-        source branch, shared by all branches; None = off); it applies to grids of `merge.min_tokens` and up.
-        `record_words` keeps every word's cross-attention maps in `result.controller`. `rows` is the batch layout
-        under guidance (`BatchLayout`): "4" runs the source's unconditional row too, "3" leaves it out (one row
-        fewer; the target's unconditional row is then not controlled, and the source must be pinned). At
-        `guidance_scale <= 1` there are no unconditional rows and the control works on the conditional ones.
-        With `mask`, nothing outside it changes, measured in pixels: outside the mask each output shows
-        `source_image` (the input, at its original size; default the decoded source branch), blended in over a
-        feathered edge inside the mask (see `paste_outside`).
-        `direct_inversion=True` (PnP Inversion's "direct inversion", Ju et al. 2024) adds the source branch's error
-        of each step, the stored trajectory's next latent minus where the step took the source branch, to every
-        target branch too: an inexact (naive) inversion then costs the edit nothing where the target's prediction
-        equals the source's, so an edit whose target prompt is the source prompt returns the input's latent. It
-        needs `pin_source=True`; with an exact inversion made at this guidance the error is ~0 and it changes little.
-        """
-        if control is DEFAULT_CONTROL:  # not given: the model's own (its dit4edit.json), else the library's
-            control = self.defaults.attention_control()
-        _check_edit_arguments(inversion, target_prompt, control, mask, merge, source_image)
+        The settings mean what `request.Settings` says (`control`: changes to the model's attention control, an
+        `AttentionControl`, or None; `merge`: changes to patch merging, a `MergeConfig`, or None; `mask`: a file,
+        a PIL image of the input's size or an (h, w) latent tensor; `guidance_scale`: default the inversion's).
+        `source_image` (the input at its original size) is what a mask keeps outside it, pixel for pixel (default:
+        the decoded source branch). `record_words` keeps every word's cross-attention maps in `result.controller`.
+        To edit from an image and prompts, build an `EditRequest` and `request.run` it (or call the pipeline)."""
+        if not isinstance(target_prompt, (str, list, tuple)) or (not isinstance(target_prompt, str) and not target_prompt):
+            raise DiT4EditError("target_prompt must be a prompt or a non-empty list of prompts")
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
-        if not targets:
-            raise DiT4EditError("no target prompt given")
         for k, prompt in enumerate(targets):
             self.check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-        self.check_inversion(inversion)
-        if source_image is not None and source_image.size != tuple(inversion.original_size):
-            raise DiT4EditError(f"source_image is {source_image.size[0]}x{source_image.size[1]}, the inversion's "
-                                f"image is {inversion.original_size[0]}x{inversion.original_size[1]}")
-        guidance = checks.guidance(inversion.guidance_scale if guidance_scale is None else guidance_scale)
-        if rows not in ("3", "4"):
-            raise DiT4EditError(f'rows must be "3" or "4", got {rows!r}')
-        if rows == "3" and not pin_source:
-            raise DiT4EditError("the 3-row layout has no unconditional source row: it needs pin_source=True")
-        if direct_inversion and not pin_source:
-            raise DiT4EditError("direct inversion corrects the targets by the pinned source's error: it needs "
-                                "pin_source=True")
-        layout = BatchLayout.for_scale(len(targets), guidance, rows)
+        inversion = self.check_inversion(inversion)
+        settings = resolve(Settings(guidance=guidance_scale, control=control, merge=merge, pin_source=pin_source,
+                                    direct_inversion=direct_inversion, rows=rows), self.defaults, inversion,
+                           self.num_blocks)
+        if source_image is not None:
+            if not isinstance(source_image, Image.Image):
+                raise DiT4EditError(f"source_image must be a PIL image, got {type(source_image).__name__}")
+            if source_image.size != tuple(inversion.original_size):
+                raise DiT4EditError(f"source_image is {source_image.size[0]}x{source_image.size[1]}, the "
+                                    f"inversion's image is {inversion.original_size[0]}x{inversion.original_size[1]}")
+        mask = None if mask is None else self.prepare_mask(mask, inversion.original_size)
+        final, controller = self._denoise_edit(inversion, targets, settings, mask, record_words, disable_progress)
+        decoded = self.decode_latents(final, inversion.original_size)
+        images = decoded[SOURCE + 1 :]
+        if mask is not None:
+            keep = decoded[SOURCE] if source_image is None else imgs.to_rgb(source_image)
+            outline = pixel_mask(mask, inversion.original_size)
+            images = [paste_outside(image, keep, outline, radius=self.vae_scale_factor) for image in images]
+        elif controller is not None:
+            self._warn_blend_everywhere(controller, inversion.num_inference_steps)
+        self.maybe_free_model_hooks()
+        return EditResult(images=images, reconstruction=decoded[SOURCE], latents=final.cpu(), controller=controller)
+
+    def _denoise_edit(self, inversion: Inversion, targets: list[str], settings: Resolved, mask, record_words: bool,
+                      disable_progress: bool | None) -> tuple[torch.Tensor, AttentionController | None]:
+        """The edit's denoising loop: the source and target branches in one batch (`BatchLayout`), attention
+        control and patch merging installed around it; returns the final latents (source first)."""
+        layout = BatchLayout.for_scale(len(targets), settings.guidance, settings.rows)
         schedule = self._schedule(inversion.num_inference_steps)
-        trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())
+        trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())  # (N + 1, C, h, w)
         latent_hw = tuple(trajectory.shape[-2:])
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
         grid = self._token_grid(latent_hw)
+        merge = settings.merge
         if merge is not None and merge.merge_ff and merge.applies(grid) and blocks_compiled(self.transformer):
             raise DiT4EditError("merging the feed-forward (merge_ff) does not work on compiled transformer blocks")
         merges = merge is not None and merge.applies(grid)
-        if merges:
-            merge.block_indices(len(self.transformer.transformer_blocks))  # a range outside the model: one-line error
-        controller = self.make_controller(control, inversion, targets, mask, record_words, layout)
-        denoise = self.make_denoiser([inversion.source_prompt, *targets], guidance, schedule, size,
+        controller = self.make_controller(settings.control, inversion, targets, mask, record_words, layout)
+        denoise = self.make_denoiser([inversion.source_prompt, *targets], settings.guidance, schedule, size,
                                      step_kwargs=controller is not None or merges, layout=layout)
         x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
 
         def on_step(i: int, x_next: torch.Tensor) -> torch.Tensor:
-            if direct_inversion:  # every branch takes the source's step error (the source's own is pinned next)
+            if settings.direct_inversion:  # every branch takes the source's step error (the source's is pinned next)
                 x_next = x_next + (trajectory[i + 1] - layout.source(x_next))  # (branches, C, h, w) + (C, h, w)
-            if pin_source:
+            if settings.pin_source:
                 x_next = layout.with_source(x_next, trajectory[i + 1 : i + 2])
             if controller is not None:
                 x_next = controller.local_blend(x_next, i)
@@ -467,17 +453,9 @@ class DiT4EditPipeline(DiffusionPipeline):
                    if merges else contextlib.nullcontext())  # one plan from the source's conditional row
         with installed, merging:
             final = SAMPLERS[inversion.sampler](denoise, x, schedule, callback=on_step,
-                                                   disable=self._progress(disable_progress))[-1]
-        decoded = self.decode_latents(final, inversion.original_size)
-        images = decoded[SOURCE + 1 :]
-        if mask is not None:
-            keep = decoded[SOURCE] if source_image is None else imgs.to_rgb(source_image)
-            pixel_mask = self._pixel_mask(mask, inversion.original_size)
-            images = [paste_outside(image, keep, pixel_mask, radius=self.vae_scale_factor) for image in images]
-        elif controller is not None:
-            self._warn_blend_everywhere(controller, inversion.num_inference_steps)
-        self.maybe_free_model_hooks()
-        return EditResult(images=images, reconstruction=decoded[SOURCE], latents=final.cpu(), controller=controller)
+                                                disable=self._progress(disable_progress))[-1]
+        checks.finite(final, "the edit's latents")
+        return final, controller
 
     @staticmethod
     def _warn_blend_everywhere(controller: AttentionController, num_steps: int) -> None:
@@ -491,17 +469,8 @@ class DiT4EditPipeline(DiffusionPipeline):
             if mask is not None and float(mask.float().mean()) >= BLEND_EVERYWHERE:
                 words = " ".join(dict.fromkeys(source_words + target_words))
                 logger.warning("the local-blend mask of %s covers %.0f%% of the image, so the blend keeps (almost) "
-                               "nothing of the source; name other words or give a --mask",
-                               words, 100 * float(mask.float().mean()))
-
-    def _pixel_mask(self, mask, size: tuple[int, int]) -> Image.Image:
-        """The user mask as an "L" image of `size` (width, height), 255 = editable."""
-        if isinstance(mask, torch.Tensor):  # (h, w) at latent resolution
-            small = Image.fromarray(((mask > 0.5).cpu().numpy() * 255).astype(np.uint8), mode="L")
-            return small.resize(size, Image.NEAREST)
-        if not isinstance(mask, Image.Image):
-            mask = imgs.load_image(mask, what="mask")
-        return mask.convert("L").point(lambda v: 255 if v > 127 else 0)
+                               "nothing of the source; name other words or give a mask",
+                               checks.printable(words), 100 * float(mask.float().mean()))
 
     def compile_blocks(self, **options) -> DiT4EditPipeline:
         """Compile the transformer blocks with `torch.compile(**options)`, attention layers left eager, so attention
@@ -516,38 +485,21 @@ class DiT4EditPipeline(DiffusionPipeline):
         """The attention controller of one edit, or None when nothing is controlled, masked or recorded (a mask or
         recording without control runs with `AttentionControl(enabled=False)`: default attention)."""
         latent_hw = tuple(inversion.trajectory.shape[-2:])
-        grid = self._token_grid(latent_hw)
         if control is None:
             if mask is None and not record_words:
                 return None
             control = AttentionControl(enabled=False)
-        user_mask = None if mask is None else self._latent_mask(mask, inversion.original_size, latent_hw)
+        user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
         return AttentionController.for_edit(
             control, self.tokenizer, inversion.source_prompt, list(targets),
-            num_steps=inversion.num_inference_steps, num_blocks=len(self.transformer.transformer_blocks),
-            grid=grid, patch_size=self.transformer.config.patch_size, user_mask=user_mask,
-            record_words=record_words, layout=layout, max_length=self.max_sequence_length,
-        )
+            num_steps=inversion.num_inference_steps, num_blocks=self.num_blocks, grid=self._token_grid(latent_hw),
+            patch_size=self.transformer.config.patch_size, user_mask=user_mask, record_words=record_words,
+            layout=layout, max_length=self.max_sequence_length,
+        )  # fmt: skip
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         patch = self.transformer.config.patch_size
         return latent_hw[0] // patch, latent_hw[1] // patch
-
-    @staticmethod
-    def _latent_mask(mask, original_size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
-        """A user mask (image or path, white = editable, the input's size; or an (h, w) latent tensor) as an
-        (h, w) 0/1 tensor at latent resolution."""
-        if isinstance(mask, torch.Tensor):
-            if tuple(mask.shape) != latent_hw:
-                raise DiT4EditError(f"mask tensor is {tuple(mask.shape)}, the latent is {latent_hw}")
-            return (mask > 0.5).float()
-        if not isinstance(mask, Image.Image):
-            mask = imgs.load_image(mask)
-        if mask.size != tuple(original_size):
-            raise DiT4EditError(f"mask is {mask.size[0]}x{mask.size[1]}, the image is "
-                                f"{original_size[0]}x{original_size[1]}; they must match")
-        small = mask.convert("L").resize((latent_hw[1], latent_hw[0]), Image.BOX)  # area average
-        return (torch.from_numpy(np.asarray(small, dtype=np.float32)) / 255.0 > 0.5).float()
 
     @torch.no_grad()
     def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int | None = None,
@@ -555,17 +507,17 @@ class DiT4EditPipeline(DiffusionPipeline):
                max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> Image.Image:
         """SDEdit (Meng et al. 2022), the baseline: noise the input latent to `strength` of the schedule and
         denoise it with the target prompt (2M). No inversion, no attention control."""
-        num_inference_steps, guidance_scale, _ = self._settings(num_inference_steps, guidance_scale)
+        settings = self._settings(num_inference_steps, guidance_scale, max_pixels=max_pixels)
         checks.number(strength, "strength", 0.0, 1.0, low_open=True)
         self.check_prompt(target_prompt, "target prompt")
-        work, original_size = self.prepare_image(image, max_pixels)
-        schedule = self._schedule(num_inference_steps)
-        start = min(num_inference_steps - 1, round(num_inference_steps * (1.0 - strength)))
+        work, original_size = self.prepare_image(image, settings.max_pixels)
+        schedule = self._schedule(settings.steps)
+        start = min(settings.steps - 1, round(settings.steps * (1.0 - strength)))
         tail = schedule.tail(start)
         latent = self.encode_image(work).to(self._solver_dtype())
         noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent)
         x = tail.alphas[0].item() * latent + tail.sigmas[0].item() * noise
-        denoise = self.make_denoiser([target_prompt], guidance_scale, tail, work.size)
+        denoise = self.make_denoiser([target_prompt], settings.guidance, tail, work.size)
         final = SAMPLERS["dpm"](denoise, x, tail, disable=self._progress(disable_progress))[-1]
         image = self.decode_latents(final, original_size)[0]
         self.maybe_free_model_hooks()
@@ -573,7 +525,7 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def reconstruct(self, image, source_prompt: str, num_inference_steps: int | None = None,
-                    guidance_scale: float | None = None, method: str | None = None, tol: float = 1e-5,
+                    guidance_scale: float | None = None, method: str | None = None, tol: float | None = None,
                     max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None
                     ) -> tuple[Image.Image, dict]:
         """Invert, then regenerate with the same prompt, guidance and matching sampler; report how close it came.
@@ -582,45 +534,44 @@ class DiT4EditPipeline(DiffusionPipeline):
         `psnr` (output vs input image), `vae_psnr` (VAE round trip alone, the floor of any edit) and, for the exact
         methods, `step_residual` (the largest relative residual of the sampler's step equations, None for the naive
         ones). A small step residual with a large `latent_nmse` means the inversion is exact but sampling amplifies
-        its last digits (an unstable trajectory of the model, seen at 2.5x per step), not that the solver failed.
+        its last digits (an unstable trajectory of the model), not that the solver failed.
         Steps, guidance and method default to `self.defaults`."""
-        num_inference_steps, guidance_scale, method = self._settings(num_inference_steps, guidance_scale, method)
-        checks.tolerance(tol)
+        settings = self._settings(num_inference_steps, guidance_scale, method, tol, max_pixels)
         self.check_prompt(source_prompt, "source prompt")
-        work, original_size = self.prepare_image(image, max_pixels)
-        original = imgs.to_rgb(image) if isinstance(image, Image.Image) else imgs.load_image(image, max_pixels)
-        inversion = self.invert(work, source_prompt, num_inference_steps, guidance_scale, method, tol,
-                                max_pixels, disable_progress)
-        schedule = self._schedule(num_inference_steps)
-        denoise = self.make_denoiser([source_prompt], guidance_scale, schedule, work.size)
+        original = self.prepare_input(image, settings.max_pixels)
+        work = imgs.resize(original, imgs.work_size(original.size))
+        inversion = self.invert(work, source_prompt, settings.steps, settings.guidance, settings.inversion,
+                                settings.tol, settings.max_pixels, disable_progress)
+        schedule = self._schedule(settings.steps)
+        denoise = self.make_denoiser([source_prompt], settings.guidance, schedule, work.size)
         start = inversion.latent.unsqueeze(0).to(self._execution_device, self._solver_dtype())
         regenerated = SAMPLERS[inversion.sampler](denoise, start, schedule,
-                                                     disable=self._progress(disable_progress))[-1]
+                                                  disable=self._progress(disable_progress))[-1]
         target = inversion.input_latent.unsqueeze(0).to(regenerated)
         nmse = ((regenerated - target).norm() ** 2 / target.norm() ** 2).item()
-        output = self.decode_latents(regenerated, original_size)[0]
-        vae_only = self.decode_latents(target, original_size)[0]
+        output = self.decode_latents(regenerated, original.size)[0]
+        vae_only = self.decode_latents(target, original.size)[0]
         self.maybe_free_model_hooks()
-        stats = dict(method=method, steps=num_inference_steps, guidance=guidance_scale, latent_nmse=nmse,
+        stats = dict(method=settings.inversion, steps=settings.steps, guidance=settings.guidance, latent_nmse=nmse,
                      nfe=inversion.nfe, psnr=imgs.psnr(output, original), vae_psnr=imgs.psnr(vae_only, original),
                      step_residual=max(inversion.residuals) if inversion.residuals else None)
         return output, stats
 
     @torch.no_grad()
     def __call__(self, image, source_prompt: str, target_prompt: str | Sequence[str],
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 inversion_method: str | None = None,
-                 control: AttentionControl | None = DEFAULT_CONTROL, mask=None,
-                 merge: MergeConfig | None = DEFAULT_MERGE, pin_source: bool = True,
-                 max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> EditResult:
-        """Invert `image` under `source_prompt`, then edit it towards `target_prompt` (see `invert`, `edit`)."""
-        inversion = self.invert(image, source_prompt, num_inference_steps, guidance_scale, inversion_method,
-                                max_pixels=max_pixels, disable_progress=disable_progress)
-        original = None
-        if mask is not None:  # the input's own pixels outside the mask
-            original = imgs.to_rgb(image) if isinstance(image, Image.Image) else imgs.load_image(image, max_pixels)
-        return self.edit(inversion, target_prompt, guidance_scale, pin_source, control, mask, merge,
-                         disable_progress=disable_progress, source_image=original)
+                 settings: Settings | None = None, *, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, inversion_method: str | None = None,
+                 disable_progress: bool | None = None, **options) -> EditResult:
+        """Invert `image` under `source_prompt`, then edit it towards `target_prompt`: an `EditRequest` run by
+        `request.run`, as every surface runs one. `settings` (a `request.Settings`) and `options` by name
+        (`steps=10`, `self_replace_steps=0.5`, `mask="m.png"`, `no_merge=True`, ...; see `request.OPTIONS`) say
+        how; what they leave open comes from the model's settings. `num_inference_steps`, `guidance_scale` and
+        `inversion_method` are diffusers' names for the options `steps`, `guidance` and `inversion`."""
+        named = {"steps": num_inference_steps, "guidance": guidance_scale, "inversion": inversion_method}
+        options = {**{k: v for k, v in named.items() if v is not None}, **options}
+        settings = (settings or Settings()).with_options(options, "option")
+        request = EditRequest(targets=target_prompt, source=source_prompt, image=image, settings=settings)
+        return run(self, request, disable_progress=disable_progress)[0]
 
 
 def _hub_prompt_length(name: str, kwargs: dict) -> int:
@@ -639,27 +590,6 @@ def _dtype_kwarg() -> str:
     from diffusers.utils import deprecation_utils
 
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
-def _check_edit_arguments(inversion, target_prompt, control, mask, merge, source_image) -> None:
-    """One-line errors for arguments of the wrong type (before they fail deep inside the loop)."""
-    expected = (
-        ("inversion", inversion, Inversion, False),
-        ("target_prompt", target_prompt, (str, list, tuple), False),
-        ("control", control, AttentionControl, True),
-        ("mask", mask, (Image.Image, str, os.PathLike, torch.Tensor), True),
-        ("merge", merge, MergeConfig, True),
-        ("source_image", source_image, Image.Image, True),
-    )
-    for name, value, types, optional in expected:
-        if not (isinstance(value, types) or (optional and value is None)):
-            raise DiT4EditError(f"{name} must be {_type_names(types)}{' or None' if optional else ''}, "
-                                f"got {type(value).__name__}")
-
-
-def _type_names(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join(t.__name__ for t in types)
 
 
 def _parameter_values(module: torch.nn.Module, name: str, parameter: torch.Tensor) -> torch.Tensor | None:
