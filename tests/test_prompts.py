@@ -45,6 +45,12 @@ def positions(tokens, word_index):
     return tokens.word_tokens(word_index)
 
 
+def test_prompt_length_default_agrees_with_the_model_folder():
+    from dit4edit.model_folder import DEFAULT_PROMPT_LENGTH, PROMPT_LENGTHS
+
+    assert PIXART_ALPHA_TOKENS == DEFAULT_PROMPT_LENGTH == PROMPT_LENGTHS["PixArtAlphaPipeline"] == 120
+
+
 # --- tokenize ------------------------------------------------------------------------------------------------------
 
 

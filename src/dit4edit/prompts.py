@@ -25,15 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from .checks import word_key
+from .defaults import PIXART_ALPHA_TOKENS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES
-from .model_folder import DEFAULT_PROMPT_LENGTH
 
 WORD_START = "\u2581"  # sentencepiece's marker at the start of a word's first piece
-
-#: PixArt-alpha's prompt length in T5 tokens (its pipelines pad and cut every prompt to it; PixArt-Sigma reads 300).
-#: The default of the functions here; a pipeline passes its model's own (`DiT4EditPipeline.max_sequence_length`).
-PIXART_ALPHA_TOKENS = DEFAULT_PROMPT_LENGTH
+# `PIXART_ALPHA_TOKENS` (120) is the default length of the functions here; a pipeline passes its model's own
+# (`DiT4EditPipeline.max_sequence_length`).
 
 
 @dataclass(frozen=True)
