@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit4edit.errors import DiT4EditError
-from dit4edit.prompts import WORD_START, align, reweight_vector, tokenize, word_key, word_token_indices
+from dit4edit.prompts import WORD_START, align, preprocess_prompt, reweight_vector, tokenize, word_key, word_token_indices
 from dit4edit.prompts import PIXART_ALPHA_TOKENS
 from dit4edit.tokenizer import train_t5_tokenizer
 
@@ -43,6 +43,34 @@ def pieces_of(tokenizer, text):
 
 def positions(tokens, word_index):
     return tokens.word_tokens(word_index)
+
+
+# --- preparing a prompt -------------------------------------------------------------------------------------------
+
+VARIED_PROMPTS = [
+    "A Red Circle on a White Background",
+    "  a cat sitting on the GRASS  ",
+    "\tA Photo Of A Cat,\nWatercolor Style.\r\n",
+    "an ELEPHANT -- near the \"House\"!",
+    "Straße, ÉCOLE, İstanbul, ΣΟΦΙΑ",
+    "a cat &amp; a dog at https://example.com/cat.png #123",
+    "already lowercase",
+]
+
+
+@pytest.mark.parametrize("clean_caption", [False, True])
+def test_preprocess_prompt_is_what_diffusers_pixart_pipeline_does(clean_caption):
+    from diffusers import PixArtAlphaPipeline
+
+    pipeline = PixArtAlphaPipeline.__new__(PixArtAlphaPipeline)  # no components: the text rules only
+    expected = pipeline._text_preprocessing(VARIED_PROMPTS, clean_caption=clean_caption)
+    assert [preprocess_prompt(p, clean_caption=clean_caption) for p in VARIED_PROMPTS] == expected
+    assert preprocess_prompt(VARIED_PROMPTS[0]) == "a red circle on a white background"
+
+
+def test_preprocess_prompt_refuses_what_is_not_text():
+    with pytest.raises(DiT4EditError, match="must be text"):
+        preprocess_prompt(["a cat"])
 
 
 def test_prompt_length_default_agrees_with_the_model_folder():
