@@ -247,7 +247,9 @@ def _align_words(source: tuple[str, ...], target: tuple[str, ...]) -> list[tuple
     """Needleman-Wunsch global alignment of two word sequences; returns the matched (source, target) word pairs.
 
     Scores as in Prompt-to-Prompt's `seq_aligner` (match 1, mismatch -1, gap 0): a mismatch never beats two gaps, so
-    only identical words pair up (a longest common subsequence). Ties go to the latest match when read backwards.
+    only identical words pair up (a longest common subsequence). Ties: reading both sequences from the end, two equal
+    last words always pair; otherwise the source's last word is dropped unless that loses a pair that dropping the
+    target's keeps. So a repeated source word pairs by its first copy and a repeated target word by its last.
     """
     n, m = len(source), len(target)
     score = [[0] * (m + 1) for _ in range(n + 1)]  # (n + 1, m + 1)
