@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -282,6 +283,15 @@ def test_scorer_applies_the_protocol(pie_data, tmp_path):
     full = scorer.score(source, edited, np.ones_like(mask), "a prompt")
     assert full["psnr"] is None and full["mse"] is None and full["ssim"] is None
     assert full["clip_edited"] == pytest.approx(np.asarray(edited).mean())
+
+
+def test_hub_offline_asks_nothing_when_the_variable_is_set(monkeypatch):
+    import huggingface_hub.utils
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: asked.append(1))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert metrics.hub_offline() == "HF_HUB_OFFLINE is set" and asked == []
 
 
 # --- the data set and the command ------------------------------------------------------------------------------
