@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dit4edit.errors import DiT4EditError
-from dit4edit.prompts import WORD_START, align, preprocess_prompt, reweight_vector, tokenize, word_key, word_token_indices
-from dit4edit.prompts import PIXART_ALPHA_TOKENS, _align_words
+from dit4edit.prompts import WORD_START, align, reweight_vector, tokenize, word_key, word_token_indices
+from dit4edit.prompts import PIXART_ALPHA_TOKENS, _align_words, preprocess_prompt
 from dit4edit.tokenizer import train_t5_tokenizer
 
 L = PIXART_ALPHA_TOKENS
