@@ -296,7 +296,7 @@ def refused_endpoint():
 
 def test_unreachable_hub_costs_one_line_per_metric_and_no_retries(pie_data, tmp_path, monkeypatch, capfd):
     from huggingface_hub import constants
-    from transformers import AutoModel, CLIPModel  # noqa: F401 - imported before the clock starts
+    from transformers import AutoModel, CLIPModel  # noqa: F401 - loaded before the clock starts
 
     endpoint, sock = refused_endpoint()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
