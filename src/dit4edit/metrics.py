@@ -86,11 +86,10 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, size: int = 11, 
     (11 taps, sigma 1.5), K1 0.01, K2 0.03, averaged over the positions where the window lies inside the image.
 
     This is the benchmark's evaluation, torchmetrics' `StructuralSimilarityIndexMeasure(data_range=1.0)`, as
-    torchmetrics computed it before version 1.5.0: the mean over the positions whose window lies inside the image.
-    From 1.5.0 torchmetrics averages over every pixel, the border's windows filled by reflection, so it gives other
-    scores. It is also scikit-image's `structural_similarity(gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1)`; `sample_covariance=True` gives
-    scikit-image's default (variances x N/(N-1))."""
+    torchmetrics computed it before version 1.5.0 (windows inside the image only). From 1.5.0 torchmetrics averages
+    over every pixel, the windows at the border reaching into a reflection of the image, and gives other scores.
+    It is also scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1, channel_axis=-1)`; `sample_covariance=True` gives scikit-image's default (variances x N/(N-1))."""
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if x.shape != y.shape or x.ndim != 3:
         raise ValueError(f"ssim takes two (H, W, C) arrays of one shape, got {x.shape} and {y.shape}")
