@@ -138,7 +138,7 @@ def main_bench() -> None:
                                                             "a blue circle on a white background")),
         }
     print(f"# PIE-Bench harness cost per image ({platform.machine()}, {torch.get_num_threads()} thread, "
-          f"{len(rows)} images at {args.size}x{args.size}, {args.model or "embedded model"}, {args.steps} steps, {args.inversion})\n")
+          f"{len(rows)} images at {args.size}x{args.size}, {args.model or 'embedded model'}, {args.steps} steps, {args.inversion})\n")
     print("| part | s / image | share |\n|---|---|---|")
     for name, seconds in [("edit (inversion + edit)", edit), ("metrics (all)", scoring),
                           ("bookkeeping (save, results shard, load)", per_image - edit - scoring),

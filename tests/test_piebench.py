@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -282,6 +283,60 @@ def test_scorer_applies_the_protocol(pie_data, tmp_path):
     full = scorer.score(source, edited, np.ones_like(mask), "a prompt")
     assert full["psnr"] is None and full["mse"] is None and full["ssim"] is None
     assert full["clip_edited"] == pytest.approx(np.asarray(edited).mean())
+
+
+def refused_endpoint():
+    """An http URL on this machine whose port refuses connections (bound, never listening), and its socket."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", sock
+
+
+def test_unreachable_hub_costs_one_line_per_metric_and_no_retries(pie_data, tmp_path, monkeypatch, capfd):
+    from huggingface_hub import constants
+    from transformers import AutoModel, CLIPModel  # noqa: F401 - loaded before the clock starts
+
+    endpoint, sock = refused_endpoint()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    said = []
+    scorer = piebench.Scorer(pie_data, tmp_path, ("psnr", "structure_distance", "clip_whole"),
+                             clip_model="dit4edit-tests/no-such-clip", dino_model="dit4edit-tests/no-such-dino",
+                             say=said.append)
+    capfd.readouterr()
+    start = time.perf_counter()
+    try:
+        scorer.load()
+    finally:
+        sock.close()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"loading two missing metric models took {elapsed:.0f} s: the hub was retried"
+    assert len(said) == 2 and all("\n" not in line and "did not answer" in line for line in said), said
+    assert set(scorer.skipped) == {"structure_distance", "clip"}
+    assert capfd.readouterr().err == ""  # nothing but the two lines, which go through `say`
+    row = scorer.score(random_image(SIDE, SIDE, 0), random_image(SIDE, SIDE, 1), np.zeros((SIDE, SIDE)), "a cat")
+    assert set(row) == {"psnr"}
+
+
+def test_hub_offline_asks_nothing_when_the_variable_is_set(monkeypatch):
+    import huggingface_hub.utils
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: asked.append(1))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert metrics.hub_offline() == "HF_HUB_OFFLINE is set" and asked == []
+
+
+def test_local_metric_models_load_without_asking_the_hub(pie_data, metric_models, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(metrics, "hub_offline", lambda *args, **kwargs: asked.append(1))
+    scorer = piebench.Scorer(pie_data, tmp_path, ("structure_distance", "clip_whole"),
+                             clip_model=str(metric_models / "clip"), dino_model=str(metric_models / "vit"))
+    scorer.load()
+    assert asked == [] and scorer.skipped == {} and scorer.models["clip"] is not None
 
 
 # --- the data set and the command ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from dit4edit.errors import DiT4EditError
 from dit4edit.prompts import WORD_START, align, reweight_vector, tokenize, word_key, word_token_indices
-from dit4edit.prompts import PIXART_ALPHA_TOKENS
+from dit4edit.prompts import PIXART_ALPHA_TOKENS, _align_words, preprocess_prompt
 from dit4edit.tokenizer import train_t5_tokenizer
 
 L = PIXART_ALPHA_TOKENS
@@ -43,6 +43,40 @@ def pieces_of(tokenizer, text):
 
 def positions(tokens, word_index):
     return tokens.word_tokens(word_index)
+
+
+# --- preparing a prompt -------------------------------------------------------------------------------------------
+
+VARIED_PROMPTS = [
+    "A Red Circle on a White Background",
+    "  a cat sitting on the GRASS  ",
+    "\tA Photo Of A Cat,\nWatercolor Style.\r\n",
+    "an ELEPHANT -- near the \"House\"!",
+    "Straße, ÉCOLE, İstanbul, ΣΟΦΙΑ",
+    "a cat &amp; a dog at https://example.com/cat.png #123",
+    "already lowercase",
+]
+
+
+@pytest.mark.parametrize("clean_caption", [False, True])
+def test_preprocess_prompt_is_what_diffusers_pixart_pipeline_does(clean_caption):
+    from diffusers import PixArtAlphaPipeline
+
+    pipeline = PixArtAlphaPipeline.__new__(PixArtAlphaPipeline)  # no components: the text rules only
+    expected = pipeline._text_preprocessing(VARIED_PROMPTS, clean_caption=clean_caption)
+    assert [preprocess_prompt(p, clean_caption=clean_caption) for p in VARIED_PROMPTS] == expected
+    assert preprocess_prompt(VARIED_PROMPTS[0]) == "a red circle on a white background"
+
+
+def test_preprocess_prompt_refuses_what_is_not_text():
+    with pytest.raises(DiT4EditError, match="must be text"):
+        preprocess_prompt(["a cat"])
+
+
+def test_prompt_length_default_agrees_with_the_model_folder():
+    from dit4edit.model_folder import DEFAULT_PROMPT_LENGTH, PROMPT_LENGTHS
+
+    assert PIXART_ALPHA_TOKENS == DEFAULT_PROMPT_LENGTH == PROMPT_LENGTHS["PixArtAlphaPipeline"] == 120
 
 
 # --- tokenize ------------------------------------------------------------------------------------------------------
@@ -254,6 +288,69 @@ def test_refine_repeated_words_align_to_the_nearest_match(tok):
     (first_a,), (second_a,), (target_a,) = positions(src, 0), positions(src, 3), positions(tgt, 0)
     assert a.mapper[second_a, target_a] == 1.0 and a.mapper[first_a].sum() == 0.0
     assert torch.all(a.from_source[: tgt.num_text + 1] == 1.0)
+
+
+def test_refine_ties_pair_early_source_words_with_late_target_words(tok):
+    # Two alignments keep two words each: "a big" with the target's second "a big", or "a cat" with its first
+    # "a cat". The backtrace from the end prefers dropping a source word to dropping a target word, so the match
+    # sits late in the target: "cat" is the changed source word and the target's first "a cat" is new.
+    a = align(tok, "a big cat", "a cat and a big dog")
+    assert a.changed_source_words == ("cat",)
+    assert a.changed_words == ("a", "cat", "and", "dog")
+    (source_a,), target_a = positions(a.source, 0), positions(a.target, 3)
+    assert a.mapper[source_a, target_a].tolist() == [1.0]
+    assert a.mapper[source_a, positions(a.target, 0)].tolist() == [0.0]
+
+
+@pytest.mark.parametrize("source, target, pairs", [
+    ("ccc", "cb", [(0, 0)]),  # a repeated source word: its first copy
+    ("cc", "caaa", [(0, 0)]),
+    ("ba", "bb", [(0, 1)]),  # a repeated target word: its last copy
+    ("ab", "baca", [(0, 3)]),  # "a" late in the target rather than "b" early
+    ("caab", "cc", [(0, 1)]),
+    ("abc", "abc", [(0, 0), (1, 1), (2, 2)]),
+])
+def test_word_alignment_tie_break(source, target, pairs):
+    assert _align_words(tuple(source), tuple(target)) == pairs
+
+
+def test_word_alignment_is_a_longest_common_subsequence_with_the_stated_tie_break():
+    rng = random.Random(0)
+    for _ in range(300):
+        source = tuple(rng.choice("abc") for _ in range(rng.randint(1, 6)))
+        target = tuple(rng.choice("abc") for _ in range(rng.randint(1, 6)))
+        pairs = _align_words(source, target)
+        assert all(source[s] == target[t] for s, t in pairs)
+        assert all(s1 < s2 and t1 < t2 for (s1, t1), (s2, t2) in zip(pairs, pairs[1:]))
+        assert len(pairs) == _lcs_length(source, target)
+        assert pairs == _preferred_alignment(source, target)
+
+
+def _lcs_length(a, b):
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def _preferred_alignment(a, b):
+    """The tie-break, by brute force over every way to walk both sequences from their ends: each step pairs the two
+    last words (only if equal), drops the source's last word, or drops the target's. Of the walks with the most
+    pairs, the one whose steps, read from the end, prefer pairing, then dropping the source word."""
+    walks = []
+
+    def walk(i, j, steps, pairs):
+        if i == 0 or j == 0:
+            walks.append((-len(pairs), steps, pairs[::-1]))
+            return
+        if a[i - 1] == b[j - 1]:
+            walk(i - 1, j - 1, steps + "0", pairs + [(i - 1, j - 1)])
+        walk(i - 1, j, steps + "1", pairs)  # drop the source word
+        walk(i, j - 1, steps + "2", pairs)  # drop the target word
+
+    walk(len(a), len(b), "", [])
+    return min(walks)[2]
 
 
 def test_auto_mode_choice(tok):

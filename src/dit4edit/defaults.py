@@ -28,3 +28,7 @@ class RunSettings:
 
 
 DEFAULTS = RunSettings()
+
+#: Prompt length in T5 tokens of PixArt-alpha's pipelines (they pad and cut every prompt to it; PixArt-Sigma reads
+#: 300): the length used when a model folder names none.
+PIXART_ALPHA_TOKENS = 120

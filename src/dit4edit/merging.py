@@ -58,7 +58,7 @@ class MergeConfig:
             not with diffusers' feed-forward chunking, which feeds the FF slices of the grid).
     min_tokens: the pipeline merges only token grids at least this large (the functions here merge what they
             are given). The saving grows with the grid (attention is quadratic in it) while the lost detail does
-            not shrink; below ~1024 tokens (512² images) it is not worth it; see BENCHMARKS.md.
+            not shrink; BENCHMARKS.md ("Patch merging") has the measurements behind the default (a 512x512 image).
     blocks: `[start, end)` transformer blocks that merge in an edit (None = all).
     skip_steps: the first `skip_steps` denoising steps of an edit run unmerged (the layout is decided early).
     plan_every: make a fresh plan every `plan_every` merging blocks and let the blocks in between reuse it.

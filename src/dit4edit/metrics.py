@@ -8,13 +8,15 @@
 - `Lpips`: LPIPS with the SqueezeNet backbone on inputs in [-1, 1]; needs the `lpips` package and torchvision.
 
 Metric models load with transformers from a local folder or hub id; the caller decides what to do when one is
-missing (`load_metric` turns the failure into a one-line reason).
+missing (`load_metric` turns the failure into a one-line reason). Ask `hub_offline` once per run and load with
+`local_files_only=True` when it gives a reason: otherwise each missing file is retried for tens of seconds.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,8 +85,10 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, size: int = 11, 
     """Mean SSIM (Wang et al. 2004) of two (H, W, C) arrays, channels averaged: Gaussian-weighted local statistics
     (11 taps, sigma 1.5), K1 0.01, K2 0.03, averaged over the positions where the window lies inside the image.
 
-    This is torchmetrics' `StructuralSimilarityIndexMeasure(data_range=1.0)` (the benchmark's evaluation) and
-    scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    This is the benchmark's evaluation, torchmetrics' `StructuralSimilarityIndexMeasure(data_range=1.0)`, as
+    torchmetrics computed it before version 1.5.0 (windows inside the image only). From 1.5.0 torchmetrics averages
+    over every pixel, the windows at the border reaching into a reflection of the image, and gives other scores.
+    It is also scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
     data_range=1, channel_axis=-1)`; `sample_covariance=True` gives scikit-image's default (variances x N/(N-1))."""
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if x.shape != y.shape or x.ndim != 3:
@@ -135,10 +139,11 @@ class StructureDistance:
         self.forward_kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepts else {}
 
     @classmethod
-    def from_pretrained(cls, name: str = DINO_MODEL, device: str | torch.device = "cpu") -> StructureDistance:
-        from transformers import AutoModel
+    def from_pretrained(cls, name: str = DINO_MODEL, device: str | torch.device = "cpu",
+                        local_files_only: bool = False) -> StructureDistance:
+        from transformers import AutoModel  # deferred: transformers is heavy and only model-based metrics need it
 
-        return cls(AutoModel.from_pretrained(name, dtype=torch.float32), device)
+        return cls(AutoModel.from_pretrained(name, dtype=torch.float32, local_files_only=local_files_only), device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
@@ -180,11 +185,13 @@ class ClipScore:
         self.device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, name: str = CLIP_MODEL, device: str | torch.device = "cpu") -> ClipScore:
-        from transformers import AutoTokenizer, CLIPModel
+    def from_pretrained(cls, name: str = CLIP_MODEL, device: str | torch.device = "cpu",
+                        local_files_only: bool = False) -> ClipScore:
+        from transformers import AutoTokenizer, CLIPModel  # deferred: heavy, and only this metric needs them
 
-        return cls(CLIPModel.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name),
-                   _clip_image_processor(name), device)
+        local = {"local_files_only": local_files_only}
+        return cls(CLIPModel.from_pretrained(name, dtype=torch.float32, **local),
+                   AutoTokenizer.from_pretrained(name, **local), _clip_image_processor(name, **local), device)
 
     @torch.no_grad()
     def __call__(self, image: Image.Image | np.ndarray, text: str) -> float:
@@ -203,13 +210,13 @@ def _pooled(features) -> torch.Tensor:
     return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
-def _clip_image_processor(name: str):
+def _clip_image_processor(name: str, local_files_only: bool = False):
     """CLIP's Pillow image processor (resize shorter side, centre crop, normalise); the torchvision-backed default
     of recent transformers is not installed beside this torch."""
-    import transformers
+    import transformers  # deferred: heavy, and only the CLIP metric needs it
 
     processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return processor.from_pretrained(name)
+    return processor.from_pretrained(name, local_files_only=local_files_only)
 
 
 def masked_uint8(image: Image.Image, mask: np.ndarray) -> np.ndarray:
@@ -236,10 +243,27 @@ class Lpips:
         return float(self.model(to(a), to(b)).item())
 
 
-def load_metric(loader, *args):
+def hub_offline(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot serve metric models now, or None when it can: `HF_HUB_OFFLINE` is set, or one
+    HEAD request to the hub's endpoint gets no answer within `timeout` seconds (any HTTP answer counts as online).
+    One quick check instead of every loader retrying every file with back-off."""
+    # Deferred: huggingface_hub comes with transformers, and only runs that load metric models ask.
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean "no hub now"
+        return f"{constants.ENDPOINT} did not answer ({type(error).__name__})"
+    return None
+
+
+def load_metric(loader, *args, **kwargs):
     """`(metric, None)`, or `(None, one-line reason)` when its model or package cannot be loaded."""
     try:
-        return loader(*args), None
+        return loader(*args, **kwargs), None
     except Exception as error:  # noqa: BLE001 - missing package, weights, hub access: all mean "skip, say why"
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         return None, f"{type(error).__name__}: {lines[0] if lines else 'cannot load'}"

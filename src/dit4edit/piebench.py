@@ -157,15 +157,28 @@ class Scorer:
         self.skipped: dict[str, str] = {}
 
     def load(self) -> None:
-        """Load the metric models asked for; a model that cannot load is skipped with one line said."""
+        """Load the metric models asked for; a model that cannot load is skipped with one line said.
+
+        Whether the hub can serve the models named by hub id is decided once, before any loads (`m.hub_offline`);
+        without it they load from the local cache only, so a missing model costs its one line, not minutes of
+        retries."""
         if self.models is not None:
             return
-        loaders = {"structure_distance": (m.StructureDistance.from_pretrained, self.dino_model, self.device),
-                   "lpips": (m.Lpips, self.device), "clip": (m.ClipScore.from_pretrained, self.clip_model, self.device)}
+        wanted = tuple(dict.fromkeys(METRIC_MODELS[name] for name in self.names if name in METRIC_MODELS))
+        hub_names = {"structure_distance": self.dino_model, "clip": self.clip_model}
+        from_hub = [hub_names[model] for model in wanted if model in hub_names and not Path(hub_names[model]).is_dir()]
+        offline = m.hub_offline() if from_hub else None
+        local = {"local_files_only": offline is not None}
+        loaders = {"structure_distance": (m.StructureDistance.from_pretrained, (self.dino_model, self.device), local),
+                   "lpips": (m.Lpips, (self.device,), {}),
+                   "clip": (m.ClipScore.from_pretrained, (self.clip_model, self.device), local)}
         self.models = {}
-        for model in dict.fromkeys(METRIC_MODELS[name] for name in self.names if name in METRIC_MODELS):
-            loaded, reason = m.load_metric(*loaders[model])
+        for model in wanted:
+            loader, args, kwargs = loaders[model]
+            loaded, reason = m.load_metric(loader, *args, **kwargs)
             if loaded is None:
+                if offline is not None and model in hub_names:
+                    reason = f"{reason} [hub not used: {offline}]"
                 self.skipped[model] = reason
                 self.say(f"{model} metric skipped (model not available: {reason})")
             self.models[model] = loaded

@@ -8,8 +8,9 @@ this is the failure the DiT4Edit paper names, and every function below works on 
 Conventions shared by all functions:
 - Words are the prompt split on whitespace. Two words are the same word when they are equal after stripping
   surrounding punctuation and case-folding (`word_key`); token positions are always the tokenizer's own.
-- Pass the text exactly as the text encoder sees it. diffusers' PixArt `encode_prompt` lowercases and strips the
-  prompt (or rewrites it with `clean_caption=True`); align the same string, or positions of upper-case words differ.
+- Pass the text exactly as the text encoder sees it: `preprocess_prompt` prepares it as diffusers' PixArt pipelines
+  do (lowercased and stripped, or cleaned with `clean_caption=True`); align that string, or positions of upper-case
+  words differ.
 - `mapper` acts on attention probabilities along the key axis: `P_target ≈ P_source @ mapper`, `(L, L)`, rows =
   source tokens, columns = target tokens. `from_source[j]` is 1 where target column `j` comes from the source and 0
   where the target keeps its own (Prompt-to-Prompt refine: `A = (P_src @ M) * f + P_tgt * (1 - f)`; replace has
@@ -18,6 +19,8 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,15 +28,38 @@ from dataclasses import dataclass
 import torch
 
 from .checks import word_key
+from .defaults import PIXART_ALPHA_TOKENS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES
-from .model_folder import DEFAULT_PROMPT_LENGTH
+
+logger = logging.getLogger(__name__)
 
 WORD_START = "\u2581"  # sentencepiece's marker at the start of a word's first piece
+# `PIXART_ALPHA_TOKENS` (120) is the default length of the functions here; a pipeline passes its model's own
+# (`DiT4EditPipeline.max_sequence_length`).
 
-#: PixArt-alpha's prompt length in T5 tokens (its pipelines pad and cut every prompt to it; PixArt-Sigma reads 300).
-#: The default of the functions here; a pipeline passes its model's own (`DiT4EditPipeline.max_sequence_length`).
-PIXART_ALPHA_TOKENS = DEFAULT_PROMPT_LENGTH
+
+def preprocess_prompt(text: str, clean_caption: bool = False) -> str:
+    """The prompt as diffusers' PixArt pipelines hand it to the tokenizer (`PixArtAlphaPipeline._text_preprocessing`).
+
+    clean_caption False: lowercased, then stripped of surrounding whitespace.
+    clean_caption True: diffusers' `_clean_caption` applied twice (URLs, HTML, odd punctuation removed; lowercased)
+        when both of its optional packages, beautifulsoup4 and ftfy, are installed; without them diffusers logs a
+        warning and does as for False, and so does this.
+    Align, tokenize and check the words of this string: it is the one the text encoder sees.
+    """
+    if not isinstance(text, str):
+        raise DiT4EditError(f"prompt must be text, got {type(text).__name__}")
+    if clean_caption and not all(importlib.util.find_spec(name) for name in ("bs4", "ftfy")):
+        logger.warning("clean_caption needs beautifulsoup4 and ftfy; prompts are only lowercased and stripped")
+        clean_caption = False
+    if not clean_caption:
+        return text.lower().strip()
+    # Deferred: the diffusers pipeline module is heavy, and only this optional path needs its cleaning rules.
+    from diffusers import PixArtAlphaPipeline
+
+    rules = PixArtAlphaPipeline.__new__(PixArtAlphaPipeline)  # `_clean_caption` reads only class attributes
+    return rules._clean_caption(rules._clean_caption(text))
 
 
 @dataclass(frozen=True)
@@ -221,7 +247,9 @@ def _align_words(source: tuple[str, ...], target: tuple[str, ...]) -> list[tuple
     """Needleman-Wunsch global alignment of two word sequences; returns the matched (source, target) word pairs.
 
     Scores as in Prompt-to-Prompt's `seq_aligner` (match 1, mismatch -1, gap 0): a mismatch never beats two gaps, so
-    only identical words pair up (a longest common subsequence). Ties go to the latest match when read backwards.
+    only identical words pair up (a longest common subsequence). Ties: reading both sequences from the end, two equal
+    last words always pair; otherwise the source's last word is dropped unless that loses a pair that dropping the
+    target's keeps. So a repeated source word pairs by its first copy and a repeated target word by its last.
     """
     n, m = len(source), len(target)
     score = [[0] * (m + 1) for _ in range(n + 1)]  # (n + 1, m + 1)
