@@ -321,3 +321,32 @@ def test_unsupported_output_extension_is_a_one_line_error(tmp_path):
     with pytest.raises(DiT4EditError, match="no supported image extension"):
         images.save_image(Image.new("RGB", (4, 4)), tmp_path / "anim.gif")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_size_cap_while_saving_an_image_is_one_line_and_leaves_nothing(tmp_path):
+    """A real failing write (EFBIG under a file-size cap, as a full disk gives ENOSPC), in a child process."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+import numpy as np
+from PIL import Image
+from dit4edit import images
+from dit4edit.errors import DiT4EditError
+noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+try:
+    images.save_image(noise, sys.argv[1])
+except DiT4EditError as error:
+    print("ERROR", error)
+"""
+    out = tmp_path / "a" / "b" / "noise.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"ERROR cannot write the output image {out}: ")
+    assert list(tmp_path.iterdir()) == []

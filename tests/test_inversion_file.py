@@ -247,3 +247,33 @@ def test_model_record_reads_offloaded_weights():
     assert next(pipe.transformer.parameters()).device.type == "meta"
     after = model_record(pipe.transformer, pipe.vae, "m")
     assert after == before
+
+
+WRITE_WHEN_FILES_ARE_CAPPED = """
+import resource, signal, sys
+from dit4edit.errors import DiT4EditError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap then fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+import torch
+from dit4edit.inversion_file import Inversion
+inversion = Inversion(torch.zeros(3, 4, 16, 16), "a cat", 2, 4.5, "ddim", (128, 128))
+try:
+    inversion.save(sys.argv[1])
+except DiT4EditError as error:
+    print("ERROR", error)
+"""
+
+
+def test_write_error_while_saving_is_one_line_and_leaves_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "new-folder" / "inv.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", WRITE_WHEN_FILES_ARE_CAPPED, str(out)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"ERROR cannot write the inversion file {out}: ") and "too large" in lines[0]
+    assert list(tmp_path.iterdir()) == []

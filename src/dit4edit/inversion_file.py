@@ -79,7 +79,8 @@ class Inversion:
         return f"{self.num_inference_steps} steps, {self.method}, guidance {self.guidance_scale:g}"
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save as safetensors (trajectory in float32, metadata as JSON), written atomically."""
+        """Save as safetensors (trajectory in float32, metadata as JSON), written atomically (`images.atomic_path`:
+        the mode of a file it replaces is kept, a write error is a one-line `DiT4EditError`, nothing is left)."""
         from safetensors.torch import save_file
 
         meta = dict(
@@ -93,9 +94,14 @@ class Inversion:
             extra=self.extra,
             model=self.model,
         )
+        from safetensors import SafetensorError
+
         tensors = {"trajectory": self.trajectory.float().contiguous().cpu()}
-        with imgs.atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        with imgs.atomic_path(path, "inversion file") as tmp:
+            try:
+                save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+            except SafetensorError as error:  # its I/O errors (a full disk): reported and cleaned up as OSErrors
+                raise OSError(str(error).removeprefix("Error while serializing: ")) from None
         return Path(path)
 
     @classmethod
