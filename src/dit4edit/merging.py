@@ -111,8 +111,10 @@ class MergeConfig:
             if not pair(self.blocks) or not 0 <= self.blocks[0] < self.blocks[1]:
                 raise DiT4EditError(f"merge blocks must be [start, end) with 0 <= start < end, got {self.blocks!r}")
             object.__setattr__(self, "blocks", (int(self.blocks[0]), int(self.blocks[1])))
-        if not integer(self.skip_steps) or self.skip_steps < 0:
-            raise DiT4EditError(f"merge skip_steps must be an integer >= 0, got {self.skip_steps!r}")
+        if not integer(self.skip_steps):
+            raise DiT4EditError(f"merge skip_steps must be an integer, got {self.skip_steps!r}")
+        if self.skip_steps < 0:
+            raise DiT4EditError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
         plan_every = self.plan_every
         if isinstance(plan_every, bool) or not isinstance(plan_every, numbers.Integral) or plan_every < 1:
             raise DiT4EditError(f"merge plan_every must be an integer >= 1 (blocks per plan), got {self.plan_every!r}")
