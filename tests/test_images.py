@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,3 +351,55 @@ except DiT4EditError as error:
     assert result.returncode == 0 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"ERROR cannot write the output image {out}: ")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def as_another_user():
+    """Run a block as user `nobody` (real and effective ids, so `os.access` and the kernel agree), in a folder
+    anyone may write in; the ids are restored after it. Needs root, which can switch back."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    folder = Path(tempfile.mkdtemp(prefix="dit4edit-user-"))
+    folder.chmod(0o777)
+
+    @contextlib.contextmanager
+    def nobody():
+        os.setresgid(65534, 65534, 0)
+        os.setresuid(65534, 65534, 0)
+        try:
+            yield
+        finally:
+            os.setresuid(0, 0, 0)
+            os.setresgid(0, 0, 0)
+
+    yield folder, nobody
+    shutil.rmtree(folder)
+
+
+def test_output_a_plain_write_could_not_change_is_refused_for_a_user(as_another_user):
+    folder, nobody = as_another_user
+    theirs = folder / "someone-elses.png"
+    Image.new("RGB", (4, 4), (1, 1, 1)).save(theirs)
+    theirs.chmod(0o644)  # root's, readable by all, writable by root only
+    locked = folder / "locked"
+    locked.mkdir(mode=0o555)
+    mine = folder / "mine.png"
+    Image.new("RGB", (4, 4)).save(mine)
+    os.chown(mine, 65534, 65534)
+    mine.chmod(0o600)
+    before = theirs.read_bytes()
+    with nobody():
+        with pytest.raises(DiT4EditError, match="read-only"):
+            images.save_image(Image.new("RGB", (4, 4), (200, 0, 0)), theirs)
+        with pytest.raises(DiT4EditError, match="locked.*not writable"):
+            images.save_image(Image.new("RGB", (4, 4)), locked / "new.png")
+        images.save_image(Image.new("RGB", (4, 4), (0, 200, 0)), mine)
+    assert theirs.read_bytes() == before and list(locked.iterdir()) == []
+    status = mine.stat()
+    assert (stat.S_IMODE(status.st_mode), status.st_uid) == (0o600, 65534)
+    assert Image.open(mine).getpixel((0, 0))[1] > 150
+    assert sorted(p.name for p in folder.iterdir()) == ["locked", "mine.png", "someone-elses.png"]
