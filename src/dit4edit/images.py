@@ -78,8 +78,8 @@ def check_size(size: tuple[int, int], max_pixels: int = MAX_PIXELS, what: str = 
     work = work_size((width, height))
     pixels = max(width * height, work[0] * work[1])
     if pixels > max_pixels:
-        at = "" if work == (width, height) else f", worked on at {work[0]}x{work[1]},"
-        raise DiT4EditError(f"{what} is {width}x{height}{at} = {pixels} pixels, over the limit of {max_pixels}")
+        at = "" if work == (width, height) else f", worked on at {work[0]}x{work[1]}"
+        raise DiT4EditError(f"{what} is {width}x{height}{at}: {pixels} pixels, over the limit of {max_pixels}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
