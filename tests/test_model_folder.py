@@ -216,9 +216,11 @@ def test_bad_model_control_is_one_line_error(control, message):
     ("text_encoder", {"d_ff": 10**9}, "d_ff is 1000000000"),
     ("text_encoder", {"vocab_size": 2**40}, "vocab_size"),
     ("text_encoder", {"num_layers": -3}, "no valid num_layers"),
+    ("scheduler", {"num_train_timesteps": 10**9}, "num_train_timesteps is 1000000000"),
 ])
 def test_config_sizes_beyond_real_models_are_refused_before_loading(copy, monkeypatch, component, updates, message):
-    edit_json(copy / component / "config.json", **updates)
+    file = "scheduler_config.json" if component == "scheduler" else "config.json"
+    edit_json(copy / component / file, **updates)
     monkeypatch.setattr(DiT4EditPipeline.__mro__[1], "from_pretrained",
                         lambda *a, **k: pytest.fail("a weight was loaded before the config was checked"))
     with pytest.raises(DiT4EditError, match=message) as info:

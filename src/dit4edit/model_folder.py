@@ -49,7 +49,8 @@ _SCHEDULER_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*Scheduler")
 #: T5-XXL captions of 4096), SD3.5-large (38 layers of 38 x 64 = 2432; joint 4096; pooled 2048; positions 192),
 #: FLUX.1 (19 + 38 layers of 24 x 128 = 3072; 64 input channels), the SD/SDXL/SD3/FLUX VAEs (block widths up to
 #: 512, 16 latent channels), T5-XXL (d_model 4096, d_ff 10240, 64 heads, 24 layers, 32128 words; umT5 256384) and
-#: CLIP-L/G (1280 wide, 32 layers). A list's bound applies to each entry, and its length is bounded too.
+#: CLIP-L/G (1280 wide, 32 layers), and their schedulers. A list's bound applies to each entry, and its length is
+#: bounded too.
 CONFIG_LIMITS = {
     "transformer": {
         "sample_size": 512, "num_layers": 96, "num_single_layers": 96, "num_attention_heads": 128,
@@ -69,6 +70,8 @@ CONFIG_LIMITS = {
         "hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 96, "num_attention_heads": 256,
         "max_position_embeddings": 65536, "projection_dim": 16384,
     },
+    # Schedulers allocate a table of num_train_timesteps values (1000 in every released model).
+    "scheduler": {"num_train_timesteps": 10000, "solver_order": 3, "steps_offset": 10000},
 }
 #: Longest list in a component config (block widths, block types, rotary axes).
 MAX_CONFIG_LIST = 16
@@ -252,6 +255,7 @@ def check_folder(folder: str | Path) -> ModelInfo:
     for name in REQUIRED_COMPONENTS:
         check_component_class(name, index[name], str(folder))
     configs = {name: _component_config(folder, name) for name in WEIGHTED_COMPONENTS}
+    check_config_limits(_component_config(folder, "scheduler", "scheduler_config.json"), "scheduler", str(folder))
     found = configs["transformer"].get("_class_name")
     if found != TRANSFORMER_CLASS:
         raise DiT4EditError(f"{folder} is not a PixArt model: its transformer is {found!r}, not {TRANSFORMER_CLASS}")
@@ -370,10 +374,10 @@ def check_component_shapes(transformer: dict, vae: dict, text_encoder: dict, nam
         raise DiT4EditError(f"{name}: the vae config has no valid shift_factor (got {shift!r})")
 
 
-def _component_config(folder: Path, name: str) -> dict:
-    path = folder / name / "config.json"
+def _component_config(folder: Path, name: str, file: str = "config.json") -> dict:
+    path = folder / name / file
     if not path.is_file():
-        raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: {name}/config.json is missing")
+        raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: {name}/{file} is missing")
     config = checks.read_json(path)
     if not isinstance(config, dict):
         raise DiT4EditError(f"{path} must hold a JSON object")
