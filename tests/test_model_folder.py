@@ -101,6 +101,8 @@ def test_defaults_file_is_read_and_becomes_pipe_defaults(copy):
     ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer"),
     ({"inversion": "euler"}, "unknown inversion 'euler'"),
     ({"vocabulary": "red"}, "vocabulary must be a non-empty list of words"),
+    ({"vocabulary": ["red", "\u200b"]}, "vocabulary must be a non-empty list of words"),
+    ({"vocabulary": {"red": 1}}, "vocabulary must be a non-empty list of words"),
     ([1, 2], "must hold a JSON object, got list"),
 ])
 def test_bad_defaults_file_is_one_line_error(copy, content, message):

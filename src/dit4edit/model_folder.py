@@ -131,7 +131,8 @@ class ModelDefaults:
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         if self.vocabulary is not None:
             words = self.vocabulary
-            if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words) or not words:
+            if (isinstance(words, str) or not isinstance(words, (list, tuple, set, frozenset)) or not words
+                    or not all(isinstance(w, str) and not checks.is_blank(w) for w in words)):
                 raise DiT4EditError(f"vocabulary must be a non-empty list of words, got {words!r}")
             object.__setattr__(self, "vocabulary", frozenset(checks.word_key(w) for w in words))
         if self.control is not None:
