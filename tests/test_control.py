@@ -20,6 +20,7 @@ from dit4edit.control import (
     steps_before,
 )
 from dit4edit.control import edits
+from dit4edit.control.config import MAX_REWEIGHT
 from dit4edit.errors import DiT4EditError
 from dit4edit.layout import BatchLayout
 
@@ -536,3 +537,53 @@ def test_for_edit_identical_prompts_and_recorder(transformer, tokenizer):
     maps = recorder.word_maps()
     assert list(maps) == ["a", "photo", "of", "a#3", "cat", "sitting", "on", "a#7", "wooden", "table"]
     assert all(m.shape == GRID for m in maps.values())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cross_replace_changed=False), "cross_replace_changed must be a fraction"),
+    (dict(local_blend_start=True), "local_blend_start must be a fraction"),
+    (dict(cross_replace_words={"cat": "0.5"}), "cross_replace_words\\['cat'\\] must be a fraction"),
+    (dict(enabled=0), "enabled must be true or false"),
+    (dict(enabled="false"), "enabled must be true or false"),
+    (dict(local_blend_changed=1), "local_blend_changed must be true or false"),
+    (dict(local_blend_dilate=2.0), "local_blend_dilate must be an integer"),
+    (dict(local_blend_dilate=True), "local_blend_dilate must be an integer"),
+    (dict(self_layers=(True, 3)), "self_layers must be a"),
+    (dict(local_blend_layers=(0.5, 3)), "local_blend_layers must be a"),
+    (dict(self_layers="14:28"), "self_layers must be a"),
+    (dict(local_blend_words=7), "local_blend_words must be words"),
+    (dict(mutual=["none"]), "mutual must be one of"),
+    (dict(local_blend_threshold=True), "local_blend_threshold"),
+    (dict(reweight="cat=2"), "reweight must map words to numbers"),
+    (dict(reweight={"cat": "2"}), "reweight factor for 'cat' must be a finite number"),
+    (dict(reweight={"cat": True}), "reweight factor for 'cat' must be a finite number"),
+])
+def test_control_types_are_strict(kwargs, message):
+    """A bool is not a fraction or a count, a string is not a flag or a factor."""
+    with pytest.raises(DiT4EditError, match=message) as info:
+        AttentionControl(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("factor", [1e39, 3.5e38, 1e4, MAX_REWEIGHT * 1.001, 0.0, -2.0, 1e-320 * -1])
+def test_reweight_factor_beyond_a_safe_range_is_refused_up_front(factor):
+    with pytest.raises(DiT4EditError, match="reweight factor for 'blue' must be > 0 and <= 1000"):
+        AttentionControl(reweight={"blue": factor})
+
+
+@pytest.mark.parametrize("factor", [MAX_REWEIGHT, 1e-3, 2, 0.5])
+def test_reweight_factor_in_range_fits_float32_and_float16_weights(factor):
+    config = AttentionControl(reweight={"blue": factor})
+    assert isinstance(config.reweight["blue"], float)
+    weights = torch.tensor([config.reweight["blue"]]) * torch.ones(4)  # the factor times attention of at most 1
+    assert torch.isfinite(weights.half() * 60).all()  # room for values up to 60 in float16
+
+
+def test_model_settings_with_strict_types(tmp_path):
+    from dit4edit.model_folder import ModelDefaults
+
+    for control, message in (({"enabled": "no"}, "enabled must be true or false"),
+                             ({"self_replace_steps": True}, "self_replace_steps must be a fraction"),
+                             ({"reweight": {"blue": 1e300}}, "reweight factor for 'blue' must be > 0")):
+        with pytest.raises(DiT4EditError, match=message):
+            ModelDefaults(control=control).attention_control()

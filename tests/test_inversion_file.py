@@ -9,8 +9,9 @@ import torch
 from conftest import SOURCE, random_image
 from safetensors.torch import save_file
 
+from dit4edit import images
 from dit4edit.errors import DiT4EditError
-from dit4edit.inversion_file import Inversion
+from dit4edit.inversion_file import MAX_LATENT, Inversion, check_model, model_record
 
 STEPS = 3
 
@@ -51,7 +52,7 @@ def without(meta, key):
 
 BAD_META = [
     (lambda m: [1, 2], "is a JSON list"),
-    (lambda m: "not json {", "metadata is not JSON"),
+    (lambda m: "not json {", "metadata is not valid JSON"),
     (lambda m: without(m, "model"), "missing model"),
     (lambda m: without(m, "source_prompt"), "missing source_prompt"),
     (lambda m: changed(m, surprise=1), "unknown key(s) surprise"),
@@ -138,3 +139,141 @@ def test_save_is_atomic_and_leaves_no_temporary_file(saved, tmp_path):
     inversion.save(tmp_path / "a.safetensors")
     inversion.save(tmp_path / "a.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+# --- sizes as worked on, values as real latents reach -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [[2, 3000], [5000, 1]])
+def test_thin_image_of_an_inversion_is_limited_by_its_work_size(saved, tmp_path, size):
+    inversion, meta = saved
+    work = images.work_size(tuple(size))
+    limit = 4 * size[0] * size[1]  # the file's own pixels are well within it, the worked-on ones are not
+    assert work[0] * work[1] > limit
+    path = write(tmp_path / "thin.safetensors", inversion.trajectory.float(), changed(meta, original_size=size))
+    with pytest.raises(DiT4EditError, match=f"worked on at {work[0]}x{work[1]}.*over the limit of {limit}"):
+        Inversion.load(path, max_pixels=limit)
+
+
+def test_trajectory_values_beyond_real_latents_are_refused(saved, tmp_path):
+    inversion, meta = saved
+    trajectory = inversion.trajectory.float().clone()
+    trajectory[-1, 3, 5, 2] = -2 * MAX_LATENT  # one finite value in the encoded image, far beyond any latent
+    with pytest.raises(DiT4EditError, match="trajectory holds values up to 2e\\+04") as info:
+        Inversion.load(write(tmp_path / "far.safetensors", trajectory, meta))
+    assert "\n" not in str(info.value)
+    loud = Inversion(**{**inversion.__dict__, "trajectory": inversion.trajectory * 1e30})
+    with pytest.raises(DiT4EditError, match="trajectory holds values up to"):
+        loud.check()
+    assert inversion.check() is inversion
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda inv: {"trajectory": inv.trajectory[:3]}, "trajectory is \\[3, 4, 6, 4\\]; 3 steps of a 32x48"),
+    (lambda inv: {"trajectory": inv.trajectory[:, :, :, :2]}, "need \\[4, 4, 6, 4\\]"),
+    (lambda inv: {"trajectory": inv.trajectory.int()}, "must be a float tensor"),
+    (lambda inv: {"trajectory": inv.trajectory.tolist()}, "must be a float tensor, got list"),
+    (lambda inv: {"num_inference_steps": 2.0}, "num_inference_steps must be an integer"),
+    (lambda inv: {"method": "euler"}, "unknown method"),
+    (lambda inv: {"source_prompt": "\u200b"}, "source_prompt must be non-empty"),
+    (lambda inv: {"model": {**inv.model, "probe": []}}, "probe must be a non-empty list"),
+])
+def test_inversion_built_in_python_gets_the_checks_of_a_file(saved, change, message):
+    inversion, _ = saved
+    bad = Inversion(**{**inversion.__dict__, **change(inversion)})
+    with pytest.raises(DiT4EditError, match=message) as info:
+        bad.check()
+    assert "\n" not in str(info.value)
+
+
+# --- which model made it ------------------------------------------------------------------------------------------
+
+
+def test_model_record_is_a_fingerprint_not_a_local_path(tiny_pipe, tmp_path):
+    folder = tmp_path / "private" / "my-model"
+    folder.mkdir(parents=True)
+    record = model_record(tiny_pipe.transformer, tiny_pipe.vae, str(folder))
+    assert record["name"] == "my-model" and str(tmp_path) not in json.dumps(record)
+    assert model_record(tiny_pipe.transformer, tiny_pipe.vae, "owner/model-x")["name"] == "owner/model-x"
+    assert len(record["fingerprint"]) == 16 and int(record["fingerprint"], 16) >= 0
+    assert model_record(tiny_pipe.transformer, tiny_pipe.vae, "elsewhere")["fingerprint"] == record["fingerprint"]
+    check_model(record, record)
+
+
+def test_fingerprint_and_check_tell_other_weights_apart(tiny_pipe):
+    from dit4edit.tiny import tiny_components
+
+    ours = model_record(tiny_pipe.transformer, tiny_pipe.vae, "a")
+    other = tiny_components(seed=1)
+    theirs = model_record(other["transformer"], other["vae"], "a")
+    assert theirs["fingerprint"] != ours["fingerprint"]
+    with pytest.raises(DiT4EditError, match="made by another model \\(a\\)"):
+        check_model(theirs, ours)
+
+
+@pytest.mark.parametrize("probe_change", [
+    lambda model: {**model, "probe": []},
+    lambda model: {key: value for key, value in model.items() if key != "probe"},
+    lambda model: {**model, "probe": None},
+])
+def test_record_without_a_weight_probe_is_refused(saved, tiny_pipe, tmp_path, probe_change):
+    inversion, meta = saved
+    record = probe_change(meta["model"])
+    with pytest.raises(DiT4EditError, match="model (probe must be a non-empty list|must be an object)"):
+        Inversion.load(write(tmp_path / "noprobe.safetensors", inversion.trajectory.float(), changed(meta,
+                                                                                                      model=record)))
+    with pytest.raises(DiT4EditError, match="no weight probe"):
+        check_model(record, model_record(tiny_pipe.transformer, tiny_pipe.vae))
+
+
+def test_older_file_with_a_path_and_a_probe_still_loads_and_checks(saved, tiny_pipe, tmp_path):
+    inversion, meta = saved
+    older = changed(meta, model={key: meta["model"][key] for key in ("name", "latent_channels", "vae_scale_factor",
+                                                                      "probe")})
+    older["model"]["name"] = "/home/someone/models/shapes"
+    loaded = Inversion.load(write(tmp_path / "older.safetensors", inversion.trajectory.float(), older))
+    check_model(loaded.model, model_record(tiny_pipe.transformer, tiny_pipe.vae))
+
+
+def test_model_record_reads_offloaded_weights():
+    from test_offload import sequential_offload_on_cpu
+
+    from dit4edit.pipeline import DiT4EditPipeline
+    from dit4edit.tiny import tiny_components
+
+    pipe = DiT4EditPipeline(**tiny_components(seed=0))
+    before = model_record(pipe.transformer, pipe.vae, "m")
+    sequential_offload_on_cpu(pipe)  # weights on the meta device, the values in the hooks' copy
+    assert next(pipe.transformer.parameters()).device.type == "meta"
+    after = model_record(pipe.transformer, pipe.vae, "m")
+    assert after == before
+
+
+WRITE_WHEN_FILES_ARE_CAPPED = """
+import resource, signal, sys
+from dit4edit.errors import DiT4EditError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap then fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+import torch
+from dit4edit.inversion_file import Inversion
+inversion = Inversion(torch.zeros(3, 4, 16, 16), "a cat", 2, 4.5, "ddim", (128, 128))
+try:
+    inversion.save(sys.argv[1])
+except DiT4EditError as error:
+    print("ERROR", error)
+"""
+
+
+def test_write_error_while_saving_is_one_line_and_leaves_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "new-folder" / "inv.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", WRITE_WHEN_FILES_ARE_CAPPED, str(out)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"ERROR cannot write the inversion file {out}: ") and "too large" in lines[0]
+    assert list(tmp_path.iterdir()) == []

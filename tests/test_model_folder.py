@@ -102,6 +102,8 @@ def test_defaults_file_is_read_and_becomes_pipe_defaults(copy):
     ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer"),
     ({"inversion": "euler"}, "unknown inversion 'euler'"),
     ({"vocabulary": "red"}, "vocabulary must be a non-empty list of words"),
+    ({"vocabulary": ["red", "\u200b"]}, "vocabulary must be a non-empty list of words"),
+    ({"vocabulary": {"red": 1}}, "vocabulary must be a non-empty list of words"),
     ([1, 2], "must hold a JSON object, got list"),
 ])
 def test_bad_defaults_file_is_one_line_error(copy, content, message):
@@ -201,3 +203,130 @@ def test_bad_model_control_is_one_line_error(control, message):
     assert "\n" not in str(info.value)
     with pytest.raises(DiT4EditError, match="control must be an object"):
         ModelDefaults(control=["p2p"])
+
+
+# --- configs are requests for memory: bounded before anything loads ---------------------------------------------------
+
+
+@pytest.mark.parametrize("component, updates, message", [
+    ("transformer", {"num_layers": 200_000}, "num_layers is 200000, over the limit of 96"),
+    ("transformer", {"num_attention_heads": 100, "attention_head_dim": 500}, "100 x 500 = 50000 wide"),
+    ("transformer", {"sample_size": 512, "num_attention_heads": 32, "attention_head_dim": 256},
+     "position table is 256\\^2 positions x 8192"),
+    ("vae", {"block_out_channels": [16, 32, 64, 1_000_000]}, "block_out_channels is .*over the limit of 2048"),
+    ("vae", {"block_out_channels": [16] * 40}, "has 40 entries"),
+    ("vae", {"layers_per_block": 5000}, "layers_per_block is 5000"),
+    ("text_encoder", {"d_ff": 10**9}, "d_ff is 1000000000"),
+    ("text_encoder", {"vocab_size": 2**40}, "vocab_size"),
+    ("text_encoder", {"num_layers": -3}, "no valid num_layers"),
+    ("scheduler", {"num_train_timesteps": 10**9}, "num_train_timesteps is 1000000000"),
+])
+def test_config_sizes_beyond_real_models_are_refused_before_loading(copy, monkeypatch, component, updates, message):
+    file = "scheduler_config.json" if component == "scheduler" else "config.json"
+    edit_json(copy / component / file, **updates)
+    monkeypatch.setattr(DiT4EditPipeline.__mro__[1], "from_pretrained",
+                        lambda *a, **k: pytest.fail("a weight was loaded before the config was checked"))
+    with pytest.raises(DiT4EditError, match=message) as info:
+        DiT4EditPipeline.from_pretrained(copy)
+    assert "\n" not in str(info.value)
+
+
+# The configs of the largest released checkpoints of each family (from their hub folders' config.json).
+PIXART_SIGMA_2K = {"sample_size": 256, "num_layers": 28, "num_attention_heads": 16, "attention_head_dim": 72,
+                   "in_channels": 4, "out_channels": 8, "patch_size": 2, "caption_channels": 4096,
+                   "cross_attention_dim": 1152, "num_embeds_ada_norm": 1000, "norm_num_groups": 32}
+SD35_LARGE = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38, "attention_head_dim": 64,
+              "num_attention_heads": 38, "joint_attention_dim": 4096, "caption_projection_dim": 2432,
+              "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+              "dual_attention_layers": []}
+FLUX_DEV = {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]}
+SDXL_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+            "in_channels": 3, "out_channels": 3, "norm_num_groups": 32, "sample_size": 1024}
+FLUX_VAE = {**SDXL_VAE, "latent_channels": 16}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "num_decoder_layers": 24,
+          "vocab_size": 32128, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+          "max_position_embeddings": 77, "projection_dim": 1280, "vocab_size": 49408}
+
+
+@pytest.mark.parametrize("component, config", [
+    ("transformer", PIXART_SIGMA_2K), ("transformer", SD35_LARGE), ("transformer", FLUX_DEV),
+    ("vae", SDXL_VAE), ("vae", FLUX_VAE), ("text_encoder", T5_XXL), ("text_encoder", CLIP_G),
+])
+def test_largest_real_checkpoints_fit_the_config_limits_with_margin(component, config):
+    model_folder.check_config_limits(config, component, "real")
+    for key, value in config.items():  # each size may grow (sides of the position grid enter squared: 1.5x)
+        grown = 3 * value // 2 if key in ("sample_size", "pos_embed_max_size") else 2 * value if isinstance(
+            value, int) else [2 * v for v in value] if isinstance(value, list) else value
+        model_folder.check_config_limits({**config, key: grown}, component, f"{key} grown")
+
+
+@pytest.mark.parametrize("component, entry, message", [
+    ("vae", ["diffusers", "UNet2DConditionModel"], "its vae is diffusers.UNet2DConditionModel"),
+    ("text_encoder", ["transformers", "T5ForConditionalGeneration"], "diffusers|transformers.T5EncoderModel"),
+    ("tokenizer", ["transformers", "BertTokenizer"], "T5Tokenizer or T5TokenizerFast"),
+    ("tokenizer", ["diffusers", "T5Tokenizer"], "its tokenizer is diffusers.T5Tokenizer"),
+    ("scheduler", ["diffusers", "os.system"], "diffusers.a scheduler class"),
+    ("scheduler", "DPMSolverMultistepScheduler", "must be \\[library, class\\]"),
+])
+def test_every_component_class_is_checked(copy, component, entry, message):
+    index = json.loads((copy / "model_index.json").read_text())
+    index[component] = entry
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(DiT4EditError, match=message) as info:
+        check_folder(copy)
+    assert "\n" not in str(info.value)
+
+
+def test_component_config_of_another_class_is_refused(copy):
+    edit_json(copy / "vae" / "config.json", _class_name="VQModel")
+    with pytest.raises(DiT4EditError, match="vae/config.json is for a 'VQModel'"):
+        check_folder(copy)
+    edit_json(copy / "vae" / "config.json", _class_name="AutoencoderKL")
+    edit_json(copy / "text_encoder" / "config.json", model_type="bert")
+    with pytest.raises(DiT4EditError, match="text_encoder/config.json is a 'bert' model"):
+        check_folder(copy)
+
+
+@pytest.mark.parametrize("updates, message", [({"scaling_factor": 1e6}, "scaling_factor"),
+                                              ({"scaling_factor": 0.0004}, "scaling_factor"),
+                                              ({"shift_factor": -1e30}, "shift_factor")])
+def test_vae_scale_beyond_real_vaes_is_refused(copy, updates, message):
+    edit_json(copy / "vae" / "config.json", **updates)
+    with pytest.raises(DiT4EditError, match=f"no valid {message}"):
+        check_folder(copy)
+
+
+# --- JSON files of a model folder -------------------------------------------------------------------------------------
+
+
+def test_deeply_nested_config_is_one_line_error(copy):
+    (copy / "transformer" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DiT4EditError, match="config.json is nested more than"):
+        check_folder(copy)
+
+
+def test_settings_file_with_byte_order_mark_is_read(copy):
+    (copy / "dit4edit.json").write_bytes("\ufeff".encode() + json.dumps({"num_inference_steps": 9}).encode())
+    assert check_folder(copy).defaults.num_inference_steps == 9
+
+
+@pytest.mark.parametrize("make", [
+    lambda path: path.mkdir(),
+    lambda path: __import__("os").mkfifo(path),
+    lambda path: path.symlink_to(path.parent / "settings-that-were-moved.json"),
+])
+def test_settings_file_that_is_not_a_regular_file_is_an_error(copy, make):
+    make(copy / "dit4edit.json")
+    with pytest.raises(DiT4EditError, match="dit4edit.json is (not a regular file|a broken link)"):
+        check_folder(copy)
+
+
+def test_unknown_word_warning_escapes_terminal_controls(caplog):
+    defaults = ModelDefaults(vocabulary=["a", "circle"])
+    with caplog.at_level("WARNING"):
+        defaults.warn_unknown_words("a \x1b]0;owned\x07circle\u202e \x00dog", what="target prompt")
+    assert "\x1b" not in caplog.text and "\x00" not in caplog.text and "\u202e" not in caplog.text
+    assert "\\x1b]0;owned\\x07circle\\u202e" in caplog.text and "\\x00dog" in caplog.text

@@ -27,7 +27,6 @@ from . import checks
 from . import images as imgs
 from . import pictures
 from .errors import DiT4EditError
-from .masks import mask_from_image
 from .methods import EDIT_MODES, INVERSION_METHODS
 from .pipeline import DiT4EditPipeline, EditResult, Inversion
 from .request import EditRequest, Resolved, Settings, invert, inversion_key, prepare, resolve, run
@@ -190,7 +189,7 @@ def _blend_picture(result: EditResult, image: Image.Image) -> Image.Image | None
 def editor_mask(value) -> Image.Image | None:
     """The brushed region of an image-editor value as an "L" mask (255 = editable), or None when nothing was
     brushed: the painted (opaque) part of its layers, the meaning a mask file with transparency has too
-    (`masks.mask_from_image`). A layer that is not an image or is larger than `MAX_LAYER_SIDE` is refused."""
+    (`images.mask_from_image`). A layer that is not an image or is larger than `MAX_LAYER_SIDE` is refused."""
     layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
     if not layers:
         return None
@@ -201,9 +200,7 @@ def editor_mask(value) -> Image.Image | None:
         raise DiT4EditError(f"the brushed mask's layers must share one size of at most {MAX_LAYER_SIDE} px a side")
     painted = np.zeros(size[::-1], dtype=bool)  # (H, W)
     for layer in layers:
-        transparent = layer.convert("RGBA")
-        transparent.putalpha(transparent.getchannel("A").point(lambda v: min(v, 254)))  # mark it as having alpha
-        painted |= np.asarray(mask_from_image(transparent)) > 0
+        painted |= np.asarray(imgs.mask_from_image(layer, use_alpha=True)) > 0
     return Image.fromarray((painted * 255).astype(np.uint8)) if painted.any() else None
 
 

@@ -341,17 +341,14 @@ def _todo(job: Job, done: dict, out: Path, run: str) -> list[int]:
 
 
 def _remove_stale_temporaries(out: Path, jobs: Sequence[Job]) -> None:
-    """Temporary files a killed run left beside its own outputs (`images.temporary_of` recognises them); never a
-    file under `out` that is not the temporary of one of this run's outputs, results or shards."""
-    ours = {out / RESULTS, *(out / o for job in jobs for o in job.outputs)}
-    shards = out / SHARDS
-    for folder in {path.parent for path in ours} | {shards}:
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            name = imgs.temporary_of(path.name)
-            if name is not None and (folder / name in ours or (folder == shards and name.startswith("results-"))):
-                path.unlink(missing_ok=True)
+    """Temporary files a killed run left in the folders this run writes to (named as `images.atomic_path` names
+    them: `images.is_temp_file`); nothing else under `out`, and nothing in folders of no output of this run."""
+    folders = {out, out / SHARDS, *((out / o).parent for job in jobs for o in job.outputs)}
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.is_file() and imgs.is_temp_file(path):
+                    path.unlink(missing_ok=True)
 
 
 def run_job(pipe, job: Job, out: Path, todo: Sequence[int] | None = None, scorer: Scorer | None = None,

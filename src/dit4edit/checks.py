@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import string
 import unicodedata
 from pathlib import Path
@@ -137,59 +138,126 @@ def words_in_prompts(words, prompts: list[str], what: str) -> None:
         raise DiT4EditError(f"{what} {', '.join(missing)} not in the prompt {shown}")
 
 
-# --- text from users ---------------------------------------------------------------------------------------------
+# --- text from users ----------------------------------------------------------------------------------------------
+
+#: Characters that draw nothing although their Unicode category says "letter" or "symbol" (Hangul fillers, the
+#: blank Braille pattern).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+#: Categories that draw nothing on their own: separators (spaces, line and paragraph separators), controls, format
+#: characters (zero-width spaces and joiners, bidi marks), surrogates, unassigned code points, and combining marks
+#: with nothing to combine with (variation selectors are among them).
+_BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Cn", "Mn", "Me"})
 
 
-def printable(text: str) -> str:
-    """`text` safe to print on one line: control and format characters (ESC, NUL, newlines, bidi overrides) shown
-    escaped."""
-    return "".join(c if c.isprintable() and unicodedata.category(c) != "Cf" else repr(c)[1:-1] for c in str(text))
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: every character is whitespace of any kind, zero-width, a format or control
+    character, or a lone combining mark ("\\u200b\\u2060\\ufeff" is blank, like "" and " \\t")."""
+    return all(char.isspace() or char in _BLANK_LETTERS or unicodedata.category(char) in _BLANK_CATEGORIES
+               for char in text)
 
 
 def prompt(value, what: str = "prompt") -> str:
-    """A prompt: text with at least one visible character (whitespace, zero-width and other format characters do
-    not count)."""
-    if value is None:
-        raise DiT4EditError(f"a {what} is needed")
+    """`value` as a prompt: text that shows at least one character (see `is_blank`); one-line error otherwise."""
     if not isinstance(value, str):
         raise DiT4EditError(f"the {what} must be text, got {type(value).__name__}")
-    if not any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc", "Zs") for c in value):
-        raise DiT4EditError(f"the {what} is empty")
+    if is_blank(value):
+        raise DiT4EditError(f"the {what} is empty" + (" (it holds only invisible characters)" if value else ""))
     return value
 
 
-def finite(tensor, what: str):
-    """`tensor` when every value is finite; a one-line error naming `what` otherwise (a result that is not finite
-    is an error, never a black image)."""
-    if not bool(tensor.isfinite().all()):
-        raise DiT4EditError(f"{what} are not finite (NaN or infinity): the model or its settings overflowed")
-    return tensor
+def printable(text) -> str:
+    """`text` safe to print on a terminal or in a log line: control characters (ESC, NUL, newlines, DEL, C1),
+    format characters (bidi overrides and isolates, zero-width characters), line/paragraph separators, surrogates and
+    unassigned code points are written as Python escapes (`\\x1b`, `\\u202e`); everything else, accents, CJK and
+    emoji included, is kept. Backslashes are doubled so an escape in the output always means the character."""
+    out = []
+    for char in str(text):
+        if char == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Cn", "Co"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
-#: The deepest nesting of arrays and objects read from a JSON file (specs, mappings, configs are shallow).
+# --- JSON ---------------------------------------------------------------------------------------------------------
+
+#: Deepest nesting of arrays and objects accepted in a JSON file or line (settings, specs and mappings need < 10).
 MAX_JSON_DEPTH = 64
 
 
-def load_json(text: str, what: str):
-    """Parse JSON text (a leading byte-order mark allowed) with nesting at most `MAX_JSON_DEPTH` deep; any problem
-    is a one-line error naming `what`."""
+def load_json(text: str | bytes, what: str):
+    """Parse JSON text from a user's file or line; any problem is a one-line `DiT4EditError` naming `what`.
+
+    A leading UTF-8 byte-order mark is dropped (bytes are decoded as `utf-8-sig`), and arrays or objects nested more
+    than `MAX_JSON_DEPTH` deep are refused, including ones so deep that the parser itself would give up."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise DiT4EditError(f"{what} is not UTF-8 text (byte {error.start})") from None
+    elif not isinstance(text, str):
+        raise DiT4EditError(f"{what} must be JSON text, got {type(text).__name__}")
     text = text.removeprefix("\ufeff")
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:  # a cheap depth scan first: the parser itself would recurse and overflow
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_JSON_DEPTH:
-                raise DiT4EditError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
-        elif char in "]}":
-            depth -= 1
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
-        message = error.msg if isinstance(error, json.JSONDecodeError) else "too deeply nested"
-        raise DiT4EditError(f"{what} is not JSON ({message})") from None
+        value = json.loads(text)
+    except RecursionError:
+        raise DiT4EditError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as error:  # JSONDecodeError, and int conversion limits
+        raise DiT4EditError(f"{what} is not valid JSON ({str(error).splitlines()[0] if str(error) else 'empty'})"
+                            ) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise DiT4EditError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def read_json(path, what: str | None = None):
+    """`load_json` of a file's contents; `what` defaults to the path. A path that is not a regular file (a folder,
+    a FIFO, a device) or cannot be read is a one-line `DiT4EditError` too; nothing is read from a non-file."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise DiT4EditError(f"{what} is not a regular file: {path}")
+        data = path.read_bytes()
+    except OSError as error:
+        raise DiT4EditError(f"cannot read {what}: {error.strerror or error}") from None
+    return load_json(data, what)
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar is 0, `[]` is 1, `[{}]` is 2); iterative,
+    so any depth the parser produced is measured without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+# --- tensors --------------------------------------------------------------------------------------------------------
+
+
+def finite(tensor, what: str, limit: float | None = None):
+    """`tensor` (torch or numpy) unchanged when every value is finite (and `abs(value) <= limit` when given);
+    otherwise a one-line `DiT4EditError` saying how many values are not, e.g. "the decoded image holds 12 NaN or
+    infinite values". Use it on every result before it becomes an image or a file."""
+    if hasattr(tensor, "isfinite"):  # a torch tensor: count on its own device, copy nothing
+        bad = int((~tensor.isfinite()).sum())
+        peak = (lambda: float(tensor.abs().max())) if tensor.numel() else (lambda: 0.0)
+    else:
+        import numpy as np
+
+        values = np.asarray(tensor, dtype=np.float64)
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        peak = (lambda: float(np.abs(values).max())) if values.size else (lambda: 0.0)
+    if bad:
+        raise DiT4EditError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
+    if limit is not None and peak() > limit:
+        raise DiT4EditError(f"{what} holds values up to {peak():.3g}, beyond the +-{limit:g} that real ones stay "
+                            "within")
+    return tensor

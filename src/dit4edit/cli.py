@@ -530,7 +530,7 @@ def _device_name(device) -> str:
 
 def _serve(args) -> int:
     try:
-        import gradio  # noqa: F401  (only to tell a missing extra apart before anything loads)
+        import gradio  # noqa: F401 - only to tell a missing extra apart before anything loads
     except ImportError:
         raise DiT4EditError("the web app needs gradio: pip install 'dit4edit[app]'") from None
     from . import app as web

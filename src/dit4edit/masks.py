@@ -13,28 +13,21 @@ from . import images as imgs
 from .errors import DiT4EditError
 
 
-def load_mask(mask, size: tuple[int, int]) -> Image.Image:
-    """A user mask (a path or a PIL image) as an "L" image, 255 = editable, checked to be `size` (the input's
-    (width, height)). A mask with transparency means its opaque (painted) part; otherwise its light part."""
+def load_mask(mask, size: tuple[int, int], max_pixels: int = imgs.MAX_PIXELS) -> Image.Image:
+    """A user mask (a path or a PIL image) as an "L" image, 255 = editable (`images.mask_from_image`: where a mask
+    has transparency its opaque, painted part is editable, otherwise its light part), checked to be `size` (the
+    input's (width, height))."""
     if isinstance(mask, (str, os.PathLike)):
-        mask = imgs.load_image(mask, what="mask")
-    elif not isinstance(mask, Image.Image):
+        mask = imgs.load_mask(mask, max_pixels)
+    elif isinstance(mask, Image.Image):
+        imgs.check_size(mask.size, max_pixels, "mask")
+        mask = imgs.mask_from_image(mask)
+    else:
         raise DiT4EditError(f"the mask must be an image or its file, got {type(mask).__name__}")
     if mask.size != tuple(size):
         raise DiT4EditError(f"mask is {mask.size[0]}x{mask.size[1]}, the image is {size[0]}x{size[1]}; they must "
                             "match")
-    return mask_from_image(mask)
-
-
-def mask_from_image(image: Image.Image) -> Image.Image:
-    """The one meaning of a mask image, for files and the web page's brush alike, as an "L" image with 255 =
-    editable: where the image has transparency (an alpha channel that is not fully opaque) its opaque, painted part
-    is editable; otherwise its light part (luminance above 127)."""
-    if "A" in image.getbands() or "a" in image.getbands() or image.mode == "P" and "transparency" in image.info:
-        alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            return alpha.point(lambda v: 255 if v > 127 else 0)
-    return image.convert("L").point(lambda v: 255 if v > 127 else 0)
+    return mask
 
 
 def pixel_mask(mask, size: tuple[int, int]) -> Image.Image:

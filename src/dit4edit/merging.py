@@ -46,6 +46,10 @@ Grid = tuple[int, int]
 MergeFn = Callable[[Tensor], Tensor]
 
 
+#: Largest merge cell side (a cell of stride rows x cols gives one destination token).
+MAX_STRIDE = 64
+
+
 @dataclass(frozen=True)
 class MergeConfig:
     """What to merge. `ratio` and `stride` matter; `seed` only picks which token of each cell is the destination.
@@ -83,15 +87,32 @@ class MergeConfig:
     plan_every: int = 1
 
     def __post_init__(self):
-        if len(self.stride) != 2 or any(int(s) != s or s < 1 for s in self.stride):
-            raise DiT4EditError(f"merge stride must be two positive integers (rows, cols), got {self.stride}")
+        def integer(value) -> bool:  # a whole number, not a bool and not 2.0 or 2.7
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        def pair(value) -> bool:
+            return isinstance(value, (list, tuple)) and len(value) == 2 and all(integer(v) for v in value)
+
+        if not pair(self.stride) or any(s < 1 or s > MAX_STRIDE for s in self.stride):
+            raise DiT4EditError(f"merge stride must be two positive integers (rows, cols) up to {MAX_STRIDE}, got "
+                                f"{self.stride!r}")
         object.__setattr__(self, "stride", (int(self.stride[0]), int(self.stride[1])))
-        if not 0.0 <= self.ratio < 1.0:
-            raise DiT4EditError(f"merge ratio is the fraction of tokens removed, in [0, 1); got {self.ratio}")
+        ratio = self.ratio
+        if isinstance(ratio, (bool, str)) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
+            raise DiT4EditError(f"merge ratio is the fraction of tokens removed, in [0, 1); got {ratio!r}")
+        object.__setattr__(self, "ratio", float(ratio))
+        if not integer(self.seed) or not 0 <= self.seed < 2**64:
+            raise DiT4EditError(f"merge seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
+        if not isinstance(self.merge_ff, bool):
+            raise DiT4EditError(f"merge_ff must be true or false, got {self.merge_ff!r}")
+        if not integer(self.min_tokens) or self.min_tokens < 0:
+            raise DiT4EditError(f"merge min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.blocks is not None:
-            if len(self.blocks) != 2 or not 0 <= self.blocks[0] < self.blocks[1]:
-                raise DiT4EditError(f"merge blocks must be [start, end) with 0 <= start < end, got {self.blocks}")
+            if not pair(self.blocks) or not 0 <= self.blocks[0] < self.blocks[1]:
+                raise DiT4EditError(f"merge blocks must be [start, end) with 0 <= start < end, got {self.blocks!r}")
             object.__setattr__(self, "blocks", (int(self.blocks[0]), int(self.blocks[1])))
+        if not integer(self.skip_steps):
+            raise DiT4EditError(f"merge skip_steps must be an integer, got {self.skip_steps!r}")
         if self.skip_steps < 0:
             raise DiT4EditError(f"merge skip_steps must be >= 0, got {self.skip_steps}")
         plan_every = self.plan_every

@@ -2,17 +2,19 @@
 components' shapes, and the per-model default settings in `dit4edit.json`. Nothing here imports torch, so the CLI
 checks a model folder and every flag that depends on it in a fraction of a second, before loading anything.
 
-A folder is accepted when `model_index.json` is a JSON object naming the five PixArt components, each component
-folder holds its config, the transformer is a `PixArtTransformer2DModel`, the weights are safetensors (pickled
-`.bin` / `.pt` weights are refused: loading them can run code), and the components fit together (the VAE's latent
-channels are the transformer's input channels, the text encoder's width is the transformer's caption width).
+A folder is accepted when `model_index.json` is a JSON object naming the five PixArt components, each of the class
+PixArt uses (`COMPONENT_CLASSES`), each component folder holds its config, the weights are safetensors (pickled
+`.bin` / `.pt` weights are refused: loading them can run code), every size in the configs is within what the largest
+real checkpoint of its kind needs (`CONFIG_LIMITS`: a config is a request for memory, checked before anything is
+allocated), and the components fit together (the VAE's latent channels are the transformer's input channels, the
+text encoder's width is the transformer's caption width).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +22,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from . import checks
-from .defaults import DEFAULTS
+from .defaults import DEFAULTS, PIXART_ALPHA_TOKENS
 from .errors import DiT4EditError
 
 logger = logging.getLogger(__name__)
@@ -32,9 +34,58 @@ DEFAULTS_FILE = "dit4edit.json"
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 WEIGHTED_COMPONENTS = ("text_encoder", "vae", "transformer")
 TRANSFORMER_CLASS = "PixArtTransformer2DModel"
+#: The (library, class) pairs `model_index.json` may name for each component. The scheduler may be any diffusers
+#: scheduler class (`solvers.check_scheduler` says which ones editing runs with); the others load weights.
+COMPONENT_CLASSES = {
+    "transformer": ("diffusers", (TRANSFORMER_CLASS,)),
+    "vae": ("diffusers", ("AutoencoderKL",)),
+    "text_encoder": ("transformers", ("T5EncoderModel",)),
+    "tokenizer": ("transformers", ("T5Tokenizer", "T5TokenizerFast")),
+    "scheduler": ("diffusers", None),
+}
+_SCHEDULER_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*Scheduler")
+#: Upper bounds of every size in the component configs, each a few times what the largest real checkpoint of its
+#: kind needs: PixArt-alpha/Sigma XL-2 (sample_size 128, 256 for Sigma's 2K model; 28 layers of 16 x 72 = 1152;
+#: T5-XXL captions of 4096), SD3.5-large (38 layers of 38 x 64 = 2432; joint 4096; pooled 2048; positions 192),
+#: FLUX.1 (19 + 38 layers of 24 x 128 = 3072; 64 input channels), the SD/SDXL/SD3/FLUX VAEs (block widths up to
+#: 512, 16 latent channels), T5-XXL (d_model 4096, d_ff 10240, 64 heads, 24 layers, 32128 words; umT5 256384) and
+#: CLIP-L/G (1280 wide, 32 layers), and their schedulers. A list's bound applies to each entry, and its length is
+#: bounded too.
+CONFIG_LIMITS = {
+    "transformer": {
+        "sample_size": 512, "num_layers": 96, "num_single_layers": 96, "num_attention_heads": 128,
+        "attention_head_dim": 512, "in_channels": 256, "out_channels": 512, "patch_size": 8,
+        "caption_channels": 16384, "cross_attention_dim": 16384, "joint_attention_dim": 16384,
+        "caption_projection_dim": 16384, "pooled_projection_dim": 16384, "pos_embed_max_size": 1024,
+        "num_embeds_ada_norm": 10000, "norm_num_groups": 1024, "num_vector_embeds": 65536,
+        "axes_dims_rope": 1024, "dual_attention_layers": 96,
+    },
+    "vae": {
+        "block_out_channels": 2048, "layers_per_block": 8, "latent_channels": 64, "in_channels": 16,
+        "out_channels": 16, "norm_num_groups": 1024, "sample_size": 4096,
+    },
+    "text_encoder": {
+        "d_model": 16384, "d_ff": 65536, "d_kv": 1024, "num_heads": 256, "num_layers": 96, "num_decoder_layers": 96,
+        "vocab_size": 1_000_000, "relative_attention_num_buckets": 1024, "relative_attention_max_distance": 65536,
+        "hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 96, "num_attention_heads": 256,
+        "max_position_embeddings": 65536, "projection_dim": 16384,
+    },
+    # Schedulers allocate a table of num_train_timesteps values (1000 in every released model).
+    "scheduler": {"num_train_timesteps": 10000, "solver_order": 3, "steps_offset": 10000},
+}
+#: Longest list in a component config (block widths, block types, rotary axes).
+MAX_CONFIG_LIST = 16
+#: The transformer's transformer width (heads x head width) and its table of position embeddings (positions x
+#: width, filled when the model is built): about 5x FLUX.1's 3072 wide, about 3x SD3.5-large's 192^2 x 2432.
+MAX_TRANSFORMER_WIDTH = 16384
+MAX_POSITION_TABLE = 2**28
+#: The VAE's scaling_factor (SD 0.18215, SDXL 0.13025, FLUX 0.3611, SD3 1.5305) and |shift_factor| (SD3 0.0609,
+#: FLUX 0.1159): latents are multiplied by these, so a tiny or huge one turns every result into noise or black.
+SCALING_FACTOR_RANGE = (1e-3, 100.0)
+MAX_SHIFT_FACTOR = 100.0
 #: Prompt length in T5 tokens of each PixArt pipeline class, as diffusers' pipelines encode prompts (PixArt-Sigma
 #: reads 300; PixArt-alpha, and any other class, 120). A `max_sequence_length` in model_index.json wins.
-PROMPT_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
+PROMPT_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": PIXART_ALPHA_TOKENS}
 DEFAULT_PROMPT_LENGTH = PROMPT_LENGTHS["PixArtAlphaPipeline"]
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -80,7 +131,8 @@ class ModelDefaults:
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         if self.vocabulary is not None:
             words = self.vocabulary
-            if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words) or not words:
+            if (isinstance(words, str) or not isinstance(words, (list, tuple, set, frozenset)) or not words
+                    or not all(isinstance(w, str) and not checks.is_blank(w) for w in words)):
                 raise DiT4EditError(f"vocabulary must be a non-empty list of words, got {words!r}")
             object.__setattr__(self, "vocabulary", frozenset(checks.word_key(w) for w in words))
         if self.control is not None:
@@ -108,7 +160,7 @@ class ModelDefaults:
     def from_file(cls, path: str | Path) -> ModelDefaults:
         """Read and validate a `dit4edit.json`; any problem is a one-line `DiT4EditError` naming the file."""
         path = Path(path)
-        values = _read_json(path)
+        values = checks.read_json(path)
         if not isinstance(values, dict):
             raise DiT4EditError(f"{path} must hold a JSON object, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
@@ -122,9 +174,18 @@ class ModelDefaults:
 
     @classmethod
     def from_folder(cls, folder: str | Path | None) -> ModelDefaults:
-        """The defaults of a model folder: its `dit4edit.json`, or the library's when it has none (or for a hub id)."""
-        path = Path(folder) / DEFAULTS_FILE if folder is not None else None
-        return cls.from_file(path) if path is not None and path.is_file() else cls()
+        """The defaults of a model folder: its `dit4edit.json`, or the library's when it has none (or for a hub id).
+        A `dit4edit.json` that is there but is not a regular file (a folder, a FIFO, a link to a device or to
+        nothing) is an error, not a file to ignore."""
+        if folder is None:
+            return cls()
+        path = Path(folder) / DEFAULTS_FILE
+        if not os.path.lexists(path):
+            return cls()
+        if not path.is_file():
+            kind = "a broken link" if not path.exists() else "not a regular file"
+            raise DiT4EditError(f"{path} is {kind}; make it a JSON file of settings or remove it")
+        return cls.from_file(path)
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the vocabulary (compared by `checks.word_key`), in order; [] without one."""
@@ -136,7 +197,7 @@ class ModelDefaults:
         unknown = self.unknown_words(prompt)
         if unknown:
             logger.warning("the %s has words this model was not trained on: %s (it ignores or misreads them)",
-                           what, ", ".join(dict.fromkeys(unknown)))
+                           checks.printable(what), ", ".join(checks.printable(w) for w in dict.fromkeys(unknown)))
 
 
 # --- where a model is ---------------------------------------------------------------------------------------------
@@ -186,18 +247,25 @@ def check_folder(folder: str | Path) -> ModelInfo:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise DiT4EditError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    index = _read_json(index_path)
+    index = checks.read_json(index_path)
     if not isinstance(index, dict):
         raise DiT4EditError(f"{index_path} must hold a JSON object, got {json.dumps(index)[:40]}")
     missing = [name for name in REQUIRED_COMPONENTS if name not in index or not (folder / name).is_dir()]
     if missing:
         raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: missing {', '.join(missing)}")
+    for name in REQUIRED_COMPONENTS:
+        check_component_class(name, index[name], str(folder))
     configs = {name: _component_config(folder, name) for name in WEIGHTED_COMPONENTS}
-    entry = index["transformer"]
-    declared = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
-    for found in (declared, configs["transformer"].get("_class_name")):
-        if found != TRANSFORMER_CLASS:
-            raise DiT4EditError(f"{folder} is not a PixArt model: its transformer is {found!r}, not {TRANSFORMER_CLASS}")
+    check_config_limits(_component_config(folder, "scheduler", "scheduler_config.json"), "scheduler", str(folder))
+    found = configs["transformer"].get("_class_name")
+    if found != TRANSFORMER_CLASS:
+        raise DiT4EditError(f"{folder} is not a PixArt model: its transformer is {found!r}, not {TRANSFORMER_CLASS}")
+    vae_class = configs["vae"].get("_class_name", "AutoencoderKL")
+    if vae_class != "AutoencoderKL":
+        raise DiT4EditError(f"{folder}: vae/config.json is for a {vae_class!r}, not the AutoencoderKL PixArt uses")
+    model_type = configs["text_encoder"].get("model_type", "t5")
+    if model_type != "t5":
+        raise DiT4EditError(f"{folder}: text_encoder/config.json is a {model_type!r} model, not the T5 PixArt uses")
     for name in WEIGHTED_COMPONENTS:
         _check_weights(folder / name)
     check_component_shapes(configs["transformer"], configs["vae"], configs["text_encoder"], str(folder))
@@ -222,8 +290,57 @@ def prompt_length(index: dict) -> int:
     return checks.integer(length, "max_sequence_length in model_index.json", low=2, high=4096)
 
 
+def check_component_class(component: str, entry, name: str) -> None:
+    """One-line error unless `model_index.json`'s `entry` for `component` is a `[library, class]` pair PixArt uses
+    (`COMPONENT_CLASSES`): another class would load (or fail) as something the pipeline cannot run."""
+    library, classes = COMPONENT_CLASSES[component]
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+        raise DiT4EditError(f"{name}: model_index.json's {component} must be [library, class], got {entry!r}")
+    if component == "transformer" and entry[1] != TRANSFORMER_CLASS:
+        raise DiT4EditError(f"{name} is not a PixArt model: its transformer is {entry[1]!r}, not {TRANSFORMER_CLASS}")
+    wanted = " or ".join(classes) if classes else "a scheduler class"
+    known = _SCHEDULER_CLASS.fullmatch(entry[1]) is not None if classes is None else entry[1] in classes
+    if entry[0] != library or not known:
+        raise DiT4EditError(f"{name}: its {component} is {entry[0]}.{entry[1]}; a PixArt pipeline's is "
+                            f"{library}.{wanted}")
+
+
+def check_config_limits(config: dict, component: str, name: str) -> None:
+    """One-line error when a size in a component's config is not a whole number in `[0, limit]` of
+    `CONFIG_LIMITS` (a list: each entry, and at most `MAX_CONFIG_LIST` of them), or the transformer's width or
+    position table exceeds `MAX_TRANSFORMER_WIDTH` / `MAX_POSITION_TABLE`. Checked before any weight loads."""
+    for key, limit in CONFIG_LIMITS.get(component, {}).items():
+        got = config.get(key)
+        if got is None:
+            continue
+        entries = got if isinstance(got, (list, tuple)) else [got]
+        if isinstance(got, (list, tuple)) and len(got) > MAX_CONFIG_LIST:
+            raise DiT4EditError(f"{name}: the {component} config's {key} has {len(got)} entries (at most "
+                                f"{MAX_CONFIG_LIST})")
+        for entry in entries:
+            if isinstance(entry, bool) or not isinstance(entry, int) or entry < 0:
+                raise DiT4EditError(f"{name}: the {component} config has no valid {key} (got {got!r})")
+            if entry > limit:
+                raise DiT4EditError(f"{name}: the {component} config's {key} is {got!r}, over the limit of {limit} "
+                                    "(a few times what the largest real models use)")
+    if component == "transformer":
+        heads, head_dim = config.get("num_attention_heads") or 1, config.get("attention_head_dim") or 1
+        if heads * head_dim > MAX_TRANSFORMER_WIDTH:
+            raise DiT4EditError(f"{name}: the transformer is {heads} x {head_dim} = {heads * head_dim} wide "
+                                f"(at most {MAX_TRANSFORMER_WIDTH})")
+        side = max((config.get("sample_size") or 1) // (config.get("patch_size") or 1),
+                   config.get("pos_embed_max_size") or 1)
+        if side * side * heads * head_dim > MAX_POSITION_TABLE:
+            raise DiT4EditError(f"{name}: the transformer's position table is {side}^2 positions x {heads * head_dim}"
+                                f" = {side * side * heads * head_dim} values (at most {MAX_POSITION_TABLE})")
+
+
 def check_component_shapes(transformer: dict, vae: dict, text_encoder: dict, name: str) -> None:
-    """The components' configs fit together: one-line error naming the mismatch (before anything runs into it)."""
+    """The components' configs are within `CONFIG_LIMITS` and fit together: one-line error naming the mismatch
+    (before anything runs into it)."""
+    for component, config in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
+        check_config_limits(config, component, name)
+
     def value(config: dict, key: str, component: str) -> int:
         got = config.get(key)
         if isinstance(got, bool) or not isinstance(got, int) or got < 1:
@@ -248,15 +365,21 @@ def check_component_shapes(transformer: dict, vae: dict, text_encoder: dict, nam
         raise DiT4EditError(f"{name}: the text encoder is {width} wide but the transformer reads {caption}-wide "
                             "captions")
     scaling = vae.get("scaling_factor", 1.0)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
-        raise DiT4EditError(f"{name}: the vae config has no valid scaling_factor (got {scaling!r})")
+    low, high = SCALING_FACTOR_RANGE
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not low <= scaling <= high:
+        raise DiT4EditError(f"{name}: the vae config has no valid scaling_factor (got {scaling!r}; real VAEs use "
+                            f"{low:g} to {high:g})")
+    shift = vae.get("shift_factor")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
+                              or not abs(shift) <= MAX_SHIFT_FACTOR):
+        raise DiT4EditError(f"{name}: the vae config has no valid shift_factor (got {shift!r})")
 
 
-def _component_config(folder: Path, name: str) -> dict:
-    path = folder / name / "config.json"
+def _component_config(folder: Path, name: str, file: str = "config.json") -> dict:
+    path = folder / name / file
     if not path.is_file():
-        raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: {name}/config.json is missing")
-    config = _read_json(path)
+        raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: {name}/{file} is missing")
+    config = checks.read_json(path)
     if not isinstance(config, dict):
         raise DiT4EditError(f"{path} must hold a JSON object")
     return config
@@ -271,12 +394,3 @@ def _check_weights(component: Path) -> None:
         raise DiT4EditError(f"{component} holds pickled weights ({pickled[0]}), which can run code when loaded; "
                             "only safetensors weights are accepted (convert them with safetensors)")
     raise DiT4EditError(f"{component} has no weights (no .safetensors file)")
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise DiT4EditError(f"{path} is not valid JSON") from None
-    except OSError as error:
-        raise DiT4EditError(f"cannot read {path}: {error.strerror or error}") from None

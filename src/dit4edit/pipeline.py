@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
 from PIL import Image
@@ -20,12 +19,12 @@ from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
-from .inversion_file import GENERATED, Inversion
+from .inversion_file import GENERATED, Inversion, check_model, model_record
 from .merging import token_merging
 from .masks import latent_mask, load_mask, paste_outside, pixel_mask
 from .model_folder import (DEFAULT_PROMPT_LENGTH, EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
                            check_folder, default_model, local_folder, prompt_length)
-from .prompts import PIXART_ALPHA_TOKENS
+from .prompts import PIXART_ALPHA_TOKENS, preprocess_prompt
 from .request import UNCHANGED, EditRequest, Resolved, Settings, resolve, run
 from .solvers import INVERSIONS, SAMPLERS, Schedule
 
@@ -103,7 +102,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         except DiT4EditError:
             raise
         except Exception as error:
-            raise DiT4EditError(f"cannot load model {name}: {_one_line(error)}") from None
+            raise DiT4EditError(f"cannot load model {name}: {_one_line(error)}") from error  # --debug shows it
         if not isinstance(pipe.transformer, PixArtTransformer2DModel):
             raise DiT4EditError(f"{name} is not a PixArt model: its transformer is {type(pipe.transformer).__name__}")
         check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
@@ -112,53 +111,23 @@ class DiT4EditPipeline(DiffusionPipeline):
         return pipe
 
     def model_record(self) -> dict:
-        """What identifies this model in a saved inversion: its name, latent channels, VAE scale, and a probe of
-        its weights (the first values of the transformer's and the VAE's first and last parameters) that survives
-        a change of dtype or device but not other weights. The probe is empty when the weights are out of reach
-        (offloaded to the meta device with no copy found)."""
-        probe = []
-        for module in (self.transformer, self.vae):
-            named = list(module.named_parameters())
-            for name, parameter in (named[0], named[-1]):
-                values = _parameter_values(module, name, parameter)
-                if values is None:
-                    probe = []
-                    break
-                probe += [float(f"{v:.6g}") for v in values.detach().flatten()[:8].float().cpu().tolist()]
-            else:
-                continue
-            break
+        """What identifies this model in a saved inversion (`inversion_file.model_record`): a fingerprint and a
+        probe of its weights, its latent channels and VAE scale, and its name (never a local path)."""
         name = str(self.config.get("_name_or_path") or "") if hasattr(self, "config") else ""
-        return dict(name=name, latent_channels=int(self.vae.config.latent_channels),
-                    vae_scale_factor=self.vae_scale_factor, probe=probe)
+        return model_record(self.transformer, self.vae, name)
 
     def check_inversion(self, inversion: Inversion) -> Inversion:
-        """One-line error unless `inversion` is an `Inversion` whose trajectory fits its settings and this model,
-        and which was made by this model (see `model_record`)."""
+        """One-line error unless `inversion` is a valid `Inversion` (`Inversion.check`) whose trajectory fits this
+        model and which this model made (`inversion_file.check_model`)."""
         if not isinstance(inversion, Inversion):
             raise DiT4EditError(f"inversion must be an Inversion, got {type(inversion).__name__}")
-        trajectory = inversion.trajectory
+        inversion.check()
         expected = (inversion.num_inference_steps + 1, self.transformer.config.in_channels,
                     *self.latent_size(inversion.original_size))
-        if not isinstance(trajectory, torch.Tensor) or tuple(trajectory.shape) != expected:
-            shape = tuple(trajectory.shape) if isinstance(trajectory, torch.Tensor) else type(trajectory).__name__
-            raise DiT4EditError(f"the inversion's trajectory is {shape}; its settings and this model need {expected}")
-        checks.finite(trajectory, "the inversion's trajectory values")
-        record, ours = inversion.model, self.model_record()
-        if record is None:
-            return inversion
-        for key, what in (("latent_channels", "latent channels"), ("vae_scale_factor", "pixels per latent")):
-            if record[key] != ours[key]:
-                raise DiT4EditError(f"the inversion was made by a model with {record[key]} {what}; this model has "
-                                    f"{ours[key]}: invert the image again with this model")
-        if not record["probe"] or not ours["probe"]:  # a probe could not be taken: nothing more to compare
-            return inversion
-        theirs, mine = np.asarray(record["probe"], dtype=np.float64), np.asarray(ours["probe"], dtype=np.float64)
-        scale = max(float(np.abs(mine).max(initial=0.0)), 1e-8)
-        if theirs.shape != mine.shape or not np.allclose(theirs, mine, rtol=2e-2, atol=1e-3 * scale):
-            made_by = f" ({record['name']})" if record["name"] else ""
-            raise DiT4EditError(f"the inversion was made by another model{made_by}: invert the image again with "
-                                "this model")
+        if tuple(inversion.trajectory.shape) != expected:
+            raise DiT4EditError(f"the inversion's trajectory is {tuple(inversion.trajectory.shape)}; its settings and "
+                                f"this model need {expected}")
+        check_model(inversion.model, self.model_record())
         return inversion
 
     # --- prompts, latents, images ----------------------------------------------------------------------------
@@ -169,9 +138,11 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings and 0/1 masks as PixArt computes them: `max_sequence_length` (L) tokens, no caption
-        cleaning. Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`."""
-        tokens = self.tokenizer(list(prompts), max_length=self.max_sequence_length, padding="max_length",
+        """T5 embeddings and 0/1 masks as PixArt computes them: each prompt prepared as diffusers' PixArt
+        pipelines prepare it without caption cleaning (`prompts.preprocess_prompt`: lowercased and stripped), then
+        `max_sequence_length` (L) tokens. Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`."""
+        prompts = [preprocess_prompt(prompt) for prompt in prompts]
+        tokens = self.tokenizer(prompts, max_length=self.max_sequence_length, padding="max_length",
                                 truncation=True, add_special_tokens=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self._execution_device)
         embeds = self.text_encoder(tokens.input_ids.to(self._execution_device), attention_mask=mask)[0]
@@ -179,12 +150,10 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     def check_prompt(self, prompt: str, what: str = "prompt") -> str:
         """One-line error for a prompt that is not text, is empty or is over the model's `max_sequence_length` T5
-        tokens; a one-line
-        warning for words outside the model's vocabulary (`defaults.vocabulary`)."""
-        if not isinstance(prompt, str):
-            raise DiT4EditError(f"the {what} must be text, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise DiT4EditError(f"the {what} is empty")
+        tokens; a one-line warning for words outside the model's vocabulary (`defaults.vocabulary`). Both see the
+        prompt as the text encoder does (`prompts.preprocess_prompt`)."""
+        checks.prompt(prompt, what)
+        prompt = preprocess_prompt(prompt)
         count = len(self.tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
         if count > self.max_sequence_length:
             raise DiT4EditError(f"the {what} is {count} T5 tokens long; this model reads at most "
@@ -491,7 +460,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             control = AttentionControl(enabled=False)
         user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
         return AttentionController.for_edit(
-            control, self.tokenizer, inversion.source_prompt, list(targets),
+            control, self.tokenizer, preprocess_prompt(inversion.source_prompt), [preprocess_prompt(t) for t in targets],
             num_steps=inversion.num_inference_steps, num_blocks=self.num_blocks, grid=self._token_grid(latent_hw),
             patch_size=self.transformer.config.patch_size, user_mask=user_mask, record_words=record_words,
             layout=layout, max_length=self.max_sequence_length,
@@ -580,7 +549,7 @@ def _hub_prompt_length(name: str, kwargs: dict) -> int:
     where = {k: kwargs[k] for k in ("local_files_only", "revision", "cache_dir", "token") if k in kwargs}
     try:
         index = DiffusionPipeline.load_config(name, **where)
-    except Exception:  # unreachable or not a pipeline: from_pretrained reports it
+    except (OSError, ValueError):  # unreachable, not found or not a pipeline: from_pretrained reports it
         return DEFAULT_PROMPT_LENGTH
     return prompt_length(dict(index))
 
@@ -590,19 +559,6 @@ def _dtype_kwarg() -> str:
     from diffusers.utils import deprecation_utils
 
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
-def _parameter_values(module: torch.nn.Module, name: str, parameter: torch.Tensor) -> torch.Tensor | None:
-    """A parameter's values; under accelerate's offloading (weights on the meta device) the copy its hook keeps."""
-    if parameter.device.type != "meta":
-        return parameter
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    weights = getattr(getattr(owner, "_hf_hook", None), "weights_map", None)
-    try:
-        return weights[leaf] if weights is not None else None
-    except KeyError:
-        return None
 
 
 @contextlib.contextmanager

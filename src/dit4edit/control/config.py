@@ -9,6 +9,7 @@ model by `block_range`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -19,6 +20,14 @@ from ..methods import EDIT_MODES
 SELF_MODES_EARLY = ("source", "p2p", "target")
 MUTUAL_MODES = ("source", "union", "none")
 BLEND_NORMALISATIONS = ("max", "minmax")
+#: Largest reweight factor. Prompt-to-Prompt uses factors of about 0.1 to 10; a factor multiplies attention
+#: probabilities that then multiply values, and beyond this the product leaves float16's range (65504) and, for
+#: factors near 1e38, float32's, where it would overflow after the inversion has run.
+MAX_REWEIGHT = 1000.0
+#: Largest block index, or negative index, a block range may name (the largest models have under 100 blocks).
+MAX_BLOCK_INDEX = 1024
+#: Largest local-blend dilation radius, in tokens.
+MAX_DILATE = 64
 
 
 def steps_before(fraction: float, num_steps: int) -> int:
@@ -47,14 +56,37 @@ def block_range(layers: tuple[int, int] | None, num_blocks: int, what: str, defa
     return range(start, end)
 
 
+def _is_number(value) -> bool:
+    """A real number that is not a bool (True is not a fraction, "0.5" is not a number)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, str)) and math.isfinite(float(value))
+
+
+def _is_integer(value) -> bool:
+    """A whole number that is not a bool (2.0 and 2.7 are not counts, True is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _fraction(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+    if not (_is_number(value) and 0.0 <= value <= 1.0):
         raise DiT4EditError(f"{name} must be a fraction of the schedule in [0, 1], got {value!r}")
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):  # "no" and 0 are not flags: a string would be truthy
+        raise DiT4EditError(f"{name} must be true or false, got {value!r}")
+
+
+def _mapping(name: str, value) -> dict:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k.strip() for k in value):
+        raise DiT4EditError(f"{name} must map words to numbers, got {value!r}")
+    return dict(value)
 
 
 def _words(name: str, words) -> tuple[str, ...]:
     if isinstance(words, str):
         words = tuple(words.replace(",", " ").split())
+    if not isinstance(words, (list, tuple)):
+        raise DiT4EditError(f"{name} must be words (text or a list of text), got {words!r}")
     words = tuple(words)
     if not all(isinstance(w, str) and w.strip() for w in words):
         raise DiT4EditError(f"{name} must be non-empty words, got {words!r}")
@@ -64,10 +96,10 @@ def _words(name: str, words) -> tuple[str, ...]:
 def _layers(name: str, layers) -> tuple[int, int] | None:
     if layers is None:
         return None
-    layers = tuple(layers)
-    if len(layers) != 2 or not all(isinstance(i, int) for i in layers):
+    if not isinstance(layers, (list, tuple)) or len(layers) != 2 or not all(
+            _is_integer(i) and -MAX_BLOCK_INDEX <= i <= MAX_BLOCK_INDEX for i in layers):
         raise DiT4EditError(f"{name} must be a (start, end) pair of block indices, got {layers!r}")
-    return layers
+    return int(layers[0]), int(layers[1])
 
 
 @dataclass(frozen=True)
@@ -147,7 +179,7 @@ class AttentionControl:
         _fraction("local_blend_start", self.local_blend_start)
         if self.cross_replace_changed is not None:
             _fraction("cross_replace_changed", self.cross_replace_changed)
-        for word, fraction in dict(self.cross_replace_words).items():
+        for word, fraction in _mapping("cross_replace_words", self.cross_replace_words).items():
             _fraction(f"cross_replace_words[{word!r}]", fraction)
         for name, value, allowed in (
             ("self_mode_early", self.self_mode_early, SELF_MODES_EARLY),
@@ -155,19 +187,23 @@ class AttentionControl:
             ("edit_mode", self.edit_mode, EDIT_MODES),
             ("local_blend_normalize", self.local_blend_normalize, BLEND_NORMALISATIONS),
         ):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise DiT4EditError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        for word, factor in dict(self.reweight).items():
-            if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 0):
-                raise DiT4EditError(f"reweight factor for {word!r} must be a finite number >= 0, got {factor!r}")
-        if not 0.0 < self.local_blend_threshold <= 1.0:
+        for word, factor in _mapping("reweight", self.reweight).items():
+            if not _is_number(factor):
+                raise DiT4EditError(f"reweight factor for {word!r} must be a finite number, got {factor!r}")
+            if not 0 < factor <= MAX_REWEIGHT:
+                raise DiT4EditError(f"reweight factor for {word!r} must be > 0 and <= {MAX_REWEIGHT:g}, got "
+                                    f"{factor:g}")
+        if not (_is_number(self.local_blend_threshold) and 0.0 < self.local_blend_threshold <= 1.0):
             raise DiT4EditError(f"local_blend_threshold must be in (0, 1], got {self.local_blend_threshold!r}")
-        if not isinstance(self.local_blend_changed, bool):
-            raise DiT4EditError(f"local_blend_changed must be true or false, got {self.local_blend_changed!r}")
-        if not (isinstance(self.local_blend_dilate, int) and self.local_blend_dilate >= 0):
-            raise DiT4EditError(f"local_blend_dilate must be an integer >= 0, got {self.local_blend_dilate!r}")
+        _flag("local_blend_changed", self.local_blend_changed)
+        _flag("enabled", self.enabled)
+        if not (_is_integer(self.local_blend_dilate) and 0 <= self.local_blend_dilate <= MAX_DILATE):
+            raise DiT4EditError(f"local_blend_dilate must be an integer from 0 to {MAX_DILATE}, got "
+                                f"{self.local_blend_dilate!r}")
         # Freeze the mappings too, and normalise sequences coming from a CLI or JSON.
-        object.__setattr__(self, "reweight", MappingProxyType(dict(self.reweight)))
+        object.__setattr__(self, "reweight", MappingProxyType({k: float(v) for k, v in self.reweight.items()}))
         object.__setattr__(self, "cross_replace_words", MappingProxyType(dict(self.cross_replace_words)))
         object.__setattr__(self, "local_blend_words", _words("local_blend_words", self.local_blend_words))
         object.__setattr__(self, "self_layers", _layers("self_layers", self.self_layers))
