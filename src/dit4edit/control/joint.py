@@ -1,0 +1,315 @@
+"""Attention control on joint attention (MM-DiT: SD3 / SD3.5, FLUX): Prompt-to-Prompt on the image-query / text-key
+part, the source's image-token keys and values for the target, one softmax over both key sets handled exactly.
+
+In joint attention an image query attends to image and text keys under one softmax. Split a target image query's
+probabilities into an image part `A_img` (over image keys) and a text part `A_txt` (over text keys); an edit
+replaces one part and keeps the other, *without* renormalising (the parts share the normaliser of the softmax they
+come from). With `P_t`, `P_s` the target's and source's own softmaxes, `P_m = softmax(Q_t [K_s,img; K_t,txt]^T)`
+the mutual one, `M` the token mapper and `c_src`, `c_own` Prompt-to-Prompt's per-column coefficients (as in
+`edits.cross_attention_edit`), a target image query's output is
+
+    A_img V_img + A_txt V_t,txt,   A_txt = own_txt diag(c_own) + (P_s,txt M) diag(c_src)
+
+    image edit   A_img, V_img          own (the text part's softmax)
+    none         P_t,img, V_t,img      P_t
+    "source"     P_s,img, V_s,img      P_t     (self-attention replacement: the source's image part)
+    "mutual"     P_m,img, V_s,img      P_m     (mutual self-attention: target queries, source image keys/values)
+
+and no Prompt-to-Prompt means `c_own = 1, c_src = 0`. Source rows, text-query rows and rows whose guidance half has
+no source row keep the default attention; Prompt-to-Prompt acts on the conditional target rows only (as on PixArt).
+
+Computed with SDPA only, never an `N x N` map: a part of a softmax is its mass times the softmax restricted to the
+part, `A_txt V = m_txt SDPA(Q, K_txt, V)`, and the text mass `m_txt` comes out of the same SDPA call as the full
+output by giving the values one more channel, 1 on text keys and 0 on image keys (`_with_text_mass`); the image
+part is the full output minus the text part. The two key sets' masses are `exp(lse_part - lse_all)`, the
+log-sum-exp split of the shared normaliser, which this channel yields without forming either log-sum-exp.
+
+Batch rows follow `dit4edit.layout.BatchLayout` (source / targets x unconditional / conditional; FLUX-dev has no
+unconditional rows). The step reaches the processors as `step_index` through `joint_attention_kwargs`; layers are
+named at install time; nothing counts calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import BatchLayout
+from .edits import SELF_EDITS, sdpa
+
+IMAGE_EDITS = ("source", "mutual")
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Where the image and the text tokens sit in a joint sequence: SD3 `[image, text]`, FLUX `[text, image]`."""
+
+    image: slice
+    text: slice
+
+    @classmethod
+    def of(cls, order: Sequence[str], num_image: int, num_text: int) -> Spans:
+        if tuple(order) == ("image", "text"):
+            return cls(slice(0, num_image), slice(num_image, num_image + num_text))
+        if tuple(order) == ("text", "image"):
+            return cls(slice(num_text, num_text + num_image), slice(0, num_text))
+        raise ValueError(f"a joint sequence is image and text in some order, got {tuple(order)}")
+
+
+@dataclass(frozen=True, eq=False)
+class TextEdit:
+    """Prompt-to-Prompt on the text keys: mapper `(T, L, L)` (rows source tokens, columns target tokens, over the
+    model's whole text sequence), `source_coef` `(T, L)` and `own_coef` `(T, L)` or None (all zero), T targets."""
+
+    mapper: torch.Tensor
+    source_coef: torch.Tensor
+    own_coef: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class JointEdit:
+    """What the target image queries get at one (step, layer): an image-part edit (None, "source", "mutual")
+    and/or a text-part edit."""
+
+    image: str | None = None
+    text: TextEdit | None = None
+
+    def __post_init__(self):
+        if self.image is not None and self.image not in IMAGE_EDITS:
+            raise ValueError(f"image edit must be one of {', '.join(IMAGE_EDITS)} or None, got {self.image!r}")
+
+
+# --- the edit as a pure function of the heads ----------------------------------------------------------------------
+
+
+def _with_text_mass(query, key, value, text: slice):
+    """`SDPA(Q, K, V)` and each query's softmax mass on the keys in `text`, from one call: `(B, H, N, d)`,
+    `(B, H, N, 1)`."""
+    indicator = torch.zeros(*value.shape[:-1], 1, dtype=value.dtype, device=value.device)  # (B, H, L, 1)
+    indicator[:, :, text] = 1.0
+    out = sdpa(query, key, torch.cat([value, indicator], dim=-1))  # (B, H, N, d + 1)
+    return out[..., :-1], out[..., -1:]
+
+
+def joint_attention_edit(query, key, value, spans: Spans, layout: BatchLayout, edit: JointEdit | None):
+    """Joint attention `(B, H, L, d) -> (B, H, L, d)` with `edit` on the target rows' image queries (module
+    docstring: the formula, and which rows change). `edit=None` is the default attention."""
+    out = sdpa(query, key, value)
+    if edit is None or (edit.image is None and edit.text is None):
+        return out
+    img, txt = spans.image, spans.text
+    device = query.device
+    src = layout.source_of(device)  # (B,) each row's source row
+    rows = (src != torch.arange(layout.rows, device=device)).nonzero()[:, 0]  # target rows with a source row
+    if len(rows) == 0:
+        return out
+    s_rows = src[rows]
+    q_t, k_t, v_t = query[rows], key[rows], value[rows]  # (R, H, L, d)
+    q_ti = q_t[:, :, img]  # (R, H, N, d) the target image queries
+
+    # The image part and the softmax the target's own text part lives in.
+    if edit.image == "source":
+        image_out, image_mass = _with_text_mass(query[s_rows][:, :, img], key[s_rows], value[s_rows], txt)
+        image_part = image_out - image_mass * sdpa(query[s_rows][:, :, img], key[s_rows][:, :, txt],
+                                                   value[s_rows][:, :, txt])
+        own_mass = _with_text_mass(q_ti, k_t, v_t, txt)[1]
+    else:
+        if edit.image == "mutual":
+            k_t, v_t = k_t.clone(), v_t.clone()
+            k_t[:, :, img], v_t[:, :, img] = key[s_rows][:, :, img], value[s_rows][:, :, img]
+        own_out, own_mass = _with_text_mass(q_ti, k_t, v_t, txt)
+        image_part = own_out - own_mass * sdpa(q_ti, k_t[:, :, txt], v_t[:, :, txt])
+    k_tt, v_tt = k_t[:, :, txt], v_t[:, :, txt]  # the target's own text keys and values (R, H, L_txt, d)
+
+    own_coef = torch.ones(len(rows), v_tt.shape[2], dtype=value.dtype, device=device)  # (R, L_txt)
+    p2p_rows = []
+    if edit.text is not None:  # Prompt-to-Prompt on the conditional target rows
+        cond = layout.cond_rows
+        p2p_rows = [int((rows == r).nonzero()[0, 0]) for r in cond[1:]]  # positions in `rows`, target order
+        own = edit.text.own_coef
+        own_coef[p2p_rows] = 0.0 if own is None else own.to(device, value.dtype)
+    text_part = own_mass * sdpa(q_ti, k_tt, own_coef[:, None, :, None] * v_tt)
+    result = image_part + text_part
+    if p2p_rows:
+        source = cond[0]
+        q_si = query[source : source + 1, :, img]  # (1, H, N, d)
+        source_mass = _with_text_mass(q_si, key[source : source + 1], value[source : source + 1], txt)[1]
+        scaled = edit.text.source_coef.to(device, value.dtype)[:, None, :, None] * v_tt[p2p_rows]  # c_src * V_t
+        mapped = torch.einsum("tij,thjd->thid", edit.text.mapper.to(device, value.dtype), scaled)  # M (c_src V_t)
+        n = len(p2p_rows)
+        moved = source_mass * sdpa(q_si.expand(n, -1, -1, -1), key[source : source + 1, :, txt].expand(n, -1, -1, -1),
+                                   mapped)
+        result[p2p_rows] = result[p2p_rows] + moved
+    out[rows[:, None], :, _indices(img, out.shape[2], device)[None, :]] = result.transpose(1, 2).to(out.dtype)
+    return out
+
+
+def _indices(part: slice, length: int, device) -> torch.Tensor:
+    return torch.arange(length, device=device)[part]
+
+
+# --- when: the controller ------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class JointController:
+    """Which edit applies at (step, layer) of an edit batch laid out as `layout`.
+
+    image_layers: names of the layers (processor names) whose target image queries take the source's image part:
+        "source" for steps before `switch_step`, "mutual" from it on (the paper's deeper blocks).
+    text_edit: Prompt-to-Prompt on the text keys of every joint / single-stream layer for steps before
+        `text_steps` (None: no Prompt-to-Prompt).
+    text_length: the model's text sequence length, which single-stream layers cannot see.
+    """
+
+    layout: BatchLayout
+    text_length: int
+    image_layers: frozenset[str] = frozenset()
+    switch_step: int = 0
+    text_edit: TextEdit | None = None
+    text_steps: int = 0
+    seen: set[str] = field(default_factory=set)  # layers that received an edit (for tests and pictures)
+
+    def edit(self, layer: str, step: int | None) -> JointEdit | None:
+        if step is None:
+            return None
+        image = None
+        if layer in self.image_layers:
+            image = "source" if step < self.switch_step else "mutual"
+        text = self.text_edit if step < self.text_steps else None
+        if image is None and text is None:
+            return None
+        self.seen.add(layer)
+        return JointEdit(image, text)
+
+
+# --- processors ----------------------------------------------------------------------------------------------------
+
+
+class JointControlProcessor:
+    """SD3 / SD3.5's `JointAttnProcessor2_0` written out, with `joint_attention_edit` at its core; heads
+    `(B, H, L, d)`, joint order `[image, text]`. On an image-only layer (SD3.5's `attn2`, role "self") the
+    image edit is `edits.SELF_EDITS`' "source" / "mutual" on the target rows."""
+
+    def __init__(self, controller: JointController, name: str):
+        self.controller, self.name = controller, name
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name})"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 step_index: int | None = None):
+        controller = self.controller
+        batch_size = hidden_states.shape[0]
+        head_dim = attn.to_k.out_features // attn.heads
+
+        def heads(x):  # (B, L, H * d) -> (B, H, L, d)
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
+            attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        num_image = hidden_states.shape[1]
+        edit = controller.edit(self.name, step_index)
+        _check_rows(controller, edit, batch_size)
+        if encoder_hidden_states is None:  # image-only attention
+            if edit is None or edit.image is None:
+                out = sdpa(query, key, value)
+            else:
+                out = SELF_EDITS[edit.image](query, key, value, controller.layout)
+        else:
+            c_query = heads(attn.add_q_proj(encoder_hidden_states))
+            c_key = heads(attn.add_k_proj(encoder_hidden_states))
+            c_value = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query = torch.cat([query, c_query], dim=2)  # (B, H, N + L, d): [image, text]
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+            spans = Spans.of(("image", "text"), num_image, encoder_hidden_states.shape[1])
+            out = joint_attention_edit(query, key, value, spans, controller.layout, edit)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # (B, L, H * d)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, context = out[:, :num_image], out[:, num_image:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
+
+
+class FluxJointControlProcessor:
+    """FLUX's `FluxAttnProcessor` written out (heads `(B, L, H, d)`, RMS q/k norms, RoPE over the joint sequence),
+    with `joint_attention_edit` at its core; joint order `[text, image]`. Double-stream layers get text and image
+    as two streams; single-stream layers get them concatenated (text first, `controller.text_length` tokens)."""
+
+    def __init__(self, controller: JointController, name: str):
+        self.controller, self.name = controller, name
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name})"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 step_index: int | None = None):
+        from diffusers.models.embeddings import apply_rotary_emb  # deferred: diffusers' model code loads slowly
+
+        controller = self.controller
+        if attention_mask is not None:
+            raise ValueError("attention control on FLUX takes no attention mask")
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, L, H, d)
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        num_text = controller.text_length
+        if encoder_hidden_states is not None:
+            num_text = encoder_hidden_states.shape[1]
+            c_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            c_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            c_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([c_query, query], dim=1)  # (B, L + N, H, d): [text, image]
+            key = torch.cat([c_key, key], dim=1)
+            value = torch.cat([c_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        edit = controller.edit(self.name, step_index)
+        _check_rows(controller, edit, query.shape[0])
+        spans = Spans.of(("text", "image"), query.shape[1] - num_text, num_text)
+        out = joint_attention_edit(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), spans,
+                                   controller.layout, edit)  # (B, H, L, d)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, L, H * d)
+        if encoder_hidden_states is None:
+            return out
+        context, out = out[:, :num_text], out[:, num_text:]
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(context.contiguous())
+
+
+def _check_rows(controller: JointController, edit, batch_size: int) -> None:
+    if edit is not None and batch_size != controller.layout.rows:
+        raise ValueError(f"attention control expects the {controller.layout.rows}-row batch of "
+                         f"{controller.layout}, got {batch_size} rows")
+
+
+@contextmanager
+def install_joint(transformer, controller: JointController, layers) -> Iterator[JointController]:
+    """Put a control processor on every layer of `layers` (`dit4edit.backbones.AttentionLayer`s of roles joint,
+    single and self) for the `with` block; the previous processors come back in `finally`."""
+    flux = any(layer.keys[0] == "text" for layer in layers if layer.role in ("joint", "single"))
+    processor = FluxJointControlProcessor if flux else JointControlProcessor
+    previous = dict(transformer.attn_processors)
+    wanted = {layer.name for layer in layers if layer.role in ("joint", "single", "self")}
+    processors = {name: processor(controller, name) if name in wanted else p for name, p in previous.items()}
+    transformer.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it gets
+    try:
+        yield controller
+    finally:
+        transformer.set_attn_processor(dict(previous))
