@@ -209,3 +209,44 @@ def test_model_index_of_a_saved_folder_lists_the_components(folders):
     index = json.loads((folders["flux"] / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+
+
+def test_alignment_over_the_whole_text_sequence(pipes):
+    """Prompt-to-Prompt's mapper on SD3's [CLIP | T5] sequence: unchanged words map to themselves in both segments,
+    the swapped word's pieces to the new word's, BOS/EOS/padding in order; refine keeps an inserted word's own."""
+    from dit4edit.backbones import backbone_for
+    from dit4edit.backbones.alignment import align_tokens
+    from dit4edit.control.joint import prompt_to_prompt
+
+    sd3 = backbone_for(pipes["sd3"])
+    source, target = sd3.prompt_tokens("a red circle on a white background"), sd3.prompt_tokens(
+        "a green circle on a white background")
+    replace = align_tokens(source, target)
+    assert replace.mode == "replace"
+    for segment in ("clip", "t5"):
+        for w in range(len(source.words)):
+            rows, cols = source.word_tokens(w, segment), target.word_tokens(w, segment)
+            block = replace.mapper[rows][:, cols]
+            assert block.sum(dim=0).allclose(torch.ones(len(cols)))  # each target piece gets one column's worth
+            assert replace.mapper[rows].sum() == pytest.approx(block.sum().item())  # nothing leaks elsewhere
+            if w != 1:  # an unchanged word: piece to piece, wherever the swapped word moved it
+                assert torch.equal(block, torch.eye(len(rows)))
+    red, green = source.word_tokens(1), target.word_tokens(1)
+    assert replace.mapper[red][:, green].sum() > 0
+    assert replace.mapper[0, 0] == 1  # CLIP's BOS
+    eos = [p for p in range(77, 333) if source.word_of_token[p] is None][0], [
+        p for p in range(77, 333) if target.word_of_token[p] is None][0]
+    assert replace.mapper[eos] == 1 and replace.mapper[:, -1].sum() == 1  # T5's </s> to </s>, padding in order
+    assert replace.from_source.sum() == len(source.word_of_token)  # replace: every column from the source
+    # Refine: an inserted word keeps its own columns; the rest shift to their new positions.
+    longer = sd3.prompt_tokens("a red circle on a plain white background")
+    refine = align_tokens(source, longer)
+    assert refine.mode == "refine"
+    inserted = longer.word_tokens(5)
+    assert refine.from_source[inserted].sum() == 0 and refine.mapper.sum() > 0
+    last_word = source.word_tokens(6, "t5"), longer.word_tokens(7, "t5")
+    assert torch.equal(refine.mapper[last_word[0]][:, last_word[1]], torch.eye(len(last_word[0])))
+    edit = prompt_to_prompt([replace, refine])
+    assert edit.mapper.shape == (2, 333, 333)
+    assert torch.equal(edit.source_coef[0], torch.ones(333)) and torch.equal(edit.own_coef[0], torch.zeros(333))
+    assert torch.equal(edit.own_coef[1], 1 - refine.from_source)

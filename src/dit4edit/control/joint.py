@@ -70,6 +70,18 @@ class TextEdit:
     own_coef: torch.Tensor | None = None
 
 
+def prompt_to_prompt(alignments) -> TextEdit:
+    """Prompt-to-Prompt's text edit for one alignment per target (`dit4edit.backbones.alignment.align_tokens`):
+    replace takes every text column from the source (`c_src = 1`, `c_own = 0`); refine takes the aligned columns
+    from the source and keeps the target's own elsewhere (`c_src = f`, `c_own = 1 - f`, f = `from_source`)."""
+    mapper = torch.stack([a.mapper for a in alignments])  # (T, L, L)
+    refine = [a.mode == "refine" for a in alignments]
+    from_source = torch.stack([a.from_source for a in alignments])  # (T, L)
+    source_coef = torch.where(torch.tensor(refine)[:, None], from_source, torch.ones_like(from_source))
+    own_coef = torch.where(torch.tensor(refine)[:, None], 1.0 - from_source, torch.zeros_like(from_source))
+    return TextEdit(mapper, source_coef, own_coef if any(refine) else None)
+
+
 @dataclass(frozen=True, eq=False)
 class JointEdit:
     """What the target image queries get at one (step, layer): an image-part edit (None, "source", "mutual")
