@@ -96,14 +96,10 @@ def test_prompts_encode_as_diffusers_encodes_them(pipes, family):
 
 
 def _generate(backbone, prompt, steps, guidance, latent_hw, seed):
-    """The family's own sampler through the backbone: Euler on s for flows, DPM-Solver++(2M) for PixArt."""
-    from dit4edit.backbones.flow import sample_euler
-    from dit4edit.solvers import sample_dpmpp_2m
-
+    """The family's own sampler through the backbone (Euler on s for flows, DPM-Solver++(2M) for PixArt)."""
     schedule = backbone.schedule(steps, latent_hw)
     x = backbone.noise(1, latent_hw, torch.Generator().manual_seed(seed)).double()
-    sampler = sample_dpmpp_2m if backbone.family == "pixart" else sample_euler
-    return sampler(backbone.denoiser([prompt], schedule, guidance), x, schedule)[-1]
+    return backbone.sampler()(backbone.denoiser([prompt], schedule, guidance), x, schedule)[-1]
 
 
 @pytest.mark.parametrize("family,guidance", [("sd3", 5.0), ("sd3.5", 5.0), ("flux", 3.5), ("flux-schnell", 0.0),

@@ -10,13 +10,12 @@ import torch
 from conftest import relative_error
 
 
-@pytest.fixture(scope="module")
-def sd3():
+def tiny_backbone(family):
     from dit4edit.backbones import backbone_for
     from dit4edit.backbones.tiny import tiny_pipeline
 
     torch.set_num_threads(1)
-    pipe = tiny_pipeline("sd3")
+    pipe = tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
     return backbone_for(pipe, max_sequence_length=32)  # a short T5 sequence: the tests need no long prompts
 
@@ -92,15 +91,19 @@ def test_dpm_solver_on_a_flow_converges_at_second_order():
     assert errors[40][1] < errors[40][0]
 
 
-def test_exact_inversion_regenerates_its_input_on_tiny_sd3(sd3):
-    """DPM-Solver++(2M) from `dit4edit.solvers` sampling on SD3's data prediction and flow schedule; its exact
-    inversion (and exact DDIM = Euler's) regenerates the input latent, where the naive inversion drifts."""
-    from dit4edit.backbones.flow import INVERTIBLE_SIGMA_MAX, flow_schedule
+@pytest.mark.parametrize("family,guidance", [("sd3", 4.0), ("flux", 3.5)])
+def test_exact_inversion_regenerates_its_input(family, guidance):
+    """DPM-Solver++(2M) from `dit4edit.solvers` sampling on a flow backbone's data prediction and flow schedule
+    (SD3 with classifier-free guidance, FLUX-dev with its guidance input); its exact inversion (and exact DDIM =
+    Euler's) regenerates the input latent, where the naive inversion drifts."""
+    from dit4edit.backbones.flow import INVERTIBLE_SIGMA_MAX
     from dit4edit.solvers import invert_ddim_exact, invert_dpm, invert_dpm_exact, sample_ddim, sample_dpmpp_2m
 
-    schedule = flow_schedule(sd3.pipe.scheduler, 8, sigma_max=INVERTIBLE_SIGMA_MAX)
-    denoise = sd3.denoiser(["a red circle on a white background"], schedule, guidance_scale=4.0)
-    image = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    backbone = tiny_backbone(family)
+    schedule = backbone.schedule(8, (16, 16), sigma_max=INVERTIBLE_SIGMA_MAX)
+    denoise = backbone.denoiser(["a red circle on a white background"], schedule, guidance_scale=guidance)
+    channels = backbone.latent_channels
+    image = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     naive = invert_dpm(denoise, image, schedule)
     naive_error = relative_error(sample_dpmpp_2m(denoise, naive.latent, schedule)[-1], image)
     assert naive_error > 1e-2

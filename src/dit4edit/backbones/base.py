@@ -179,11 +179,13 @@ class AttentionLayer:
 class Backbone:
     """One model family around a loaded diffusers pipeline `pipe` (its components are read, never changed).
 
-    Subclasses set the class attributes and implement `encode_prompts`, `schedule`, `predict`, `grid`,
-    `attention_layers`; `denoiser` and `layout` are shared."""
+    Subclasses set the class attributes and implement `encode_prompts`, `prompt_tokens`, `schedule`, `sampler`,
+    `predict`, `grid`, `attention_layers`; `denoiser`, `layout`, `layers` and the latent helpers are shared."""
 
     family: ClassVar[str]
     folder: ClassVar[FolderSpec]
+    #: What the network predicts: "epsilon" (VP diffusion) or "flow" (rectified-flow velocity).
+    prediction: ClassVar[str] = "flow"
     #: Whether guidance runs as classifier-free guidance over unconditional rows (else a model input, or none).
     cfg: ClassVar[bool] = True
 
@@ -206,9 +208,22 @@ class Backbone:
     # --- what every family implements ------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextInputs:
+        """The prompts as the family's pipeline encodes them (no negative prompt; `denoiser` adds "")."""
         raise NotImplementedError
 
-    def schedule(self, num_steps: int, latent_hw: tuple[int, int]) -> Schedule:
+    def prompt_tokens(self, prompt: str) -> PromptTokens:
+        """Which word of `prompt` each position of the model's text sequence holds."""
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, latent_hw: tuple[int, int], sigma_max: float = 1.0) -> Schedule:
+        """The points of the family's own `num_steps`-step schedule for a latent of `latent_hw`. `sigma_max` below 1
+        starts a flow schedule just short of pure noise, which DPM-Solver++ and the inverters of
+        `dit4edit.solvers` need (`flow.INVERTIBLE_SIGMA_MAX`); PixArt's VP schedule never reaches it."""
+        raise NotImplementedError
+
+    def sampler(self):
+        """The family's own sampler, `(denoise, x, schedule, callback, disable) -> trajectory`: Euler on s for the
+        flows, DPM-Solver++(2M) for PixArt."""
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor, i: int, text: TextInputs, schedule: Schedule, guidance_scale: float,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
-from .flow import flow_schedule
+from .flow import flow_schedule, sample_euler
 
 _LAYER = re.compile(r"(single_)?transformer_blocks\.(\d+)\.attn\.processor")
 PACK = 2  # latent pixels per token side
@@ -66,7 +66,7 @@ class FluxBackbone(Backbone):
         words, t5, span = word_map(self.pipe.tokenizer_2, prompt, self.max_sequence_length, "t5")
         return PromptTokens(prompt, words, t5, (span,))
 
-    def schedule(self, num_steps: int, latent_hw: tuple[int, int]):
+    def schedule(self, num_steps: int, latent_hw: tuple[int, int], sigma_max: float = 1.0):
         """`FluxPipeline`'s: sigmas `linspace(1, 1/N, N)`, shifted by `mu` from the number of image tokens."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # deferred: diffusers loads slowly
 
@@ -75,7 +75,10 @@ class FluxBackbone(Backbone):
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        return flow_schedule(self.pipe.scheduler, num_steps, sigmas=sigmas, mu=mu)
+        return flow_schedule(self.pipe.scheduler, num_steps, sigmas=sigmas, mu=mu, sigma_max=sigma_max)
+
+    def sampler(self):
+        return sample_euler
 
     @torch.no_grad()
     def predict(self, x, i, text, schedule, guidance_scale, layout, attention_kwargs=None):

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..model_folder import prompt_length
-from ..solvers import Schedule
+from ..solvers import Schedule, sample_dpmpp_2m
 from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
 
 _LAYER = re.compile(r"transformer_blocks\.(\d+)\.attn([12])\.processor")
@@ -28,6 +28,7 @@ def preprocess(prompt: str) -> str:
 
 class PixArtBackbone(Backbone):
     family = "pixart"
+    prediction = "epsilon"
     folder = FolderSpec(
         pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
         components=dict(
@@ -59,8 +60,11 @@ class PixArtBackbone(Backbone):
         words, owners, span = word_map(self.pipe.tokenizer, text, self.max_sequence_length, "t5")
         return PromptTokens(text, words, owners, (span,))
 
-    def schedule(self, num_steps: int, latent_hw: tuple[int, int]) -> Schedule:
+    def schedule(self, num_steps: int, latent_hw: tuple[int, int], sigma_max: float = 1.0) -> Schedule:
         return Schedule.from_scheduler(self.pipe.scheduler, num_steps)
+
+    def sampler(self):
+        return sample_dpmpp_2m
 
     @torch.no_grad()
     def predict(self, x, i, text, schedule, guidance_scale, layout, attention_kwargs=None):

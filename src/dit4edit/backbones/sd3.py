@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
-from .flow import flow_schedule
+from .flow import flow_schedule, sample_euler
 
 _LAYER = re.compile(r"transformer_blocks\.(\d+)\.(attn2?)\.processor")
 
@@ -69,7 +69,7 @@ class SD3Backbone(Backbone):
         _, t5, t5_span = word_map(self.pipe.tokenizer_3, prompt, self.max_sequence_length, "t5", clip_span.stop)
         return PromptTokens(prompt, words, clip + t5, (clip_span, t5_span))
 
-    def schedule(self, num_steps: int, latent_hw: tuple[int, int]):
+    def schedule(self, num_steps: int, latent_hw: tuple[int, int], sigma_max: float = 1.0):
         scheduler, mu = self.pipe.scheduler, None
         if scheduler.config.get("use_dynamic_shifting"):  # as StableDiffusion3Pipeline computes it
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
@@ -79,7 +79,10 @@ class SD3Backbone(Backbone):
             mu = calculate_shift(grid.num_tokens, config.get("base_image_seq_len", 256),
                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                  config.get("max_shift", 1.16))
-        return flow_schedule(scheduler, num_steps, mu=mu)
+        return flow_schedule(scheduler, num_steps, mu=mu, sigma_max=sigma_max)
+
+    def sampler(self):
+        return sample_euler
 
     @torch.no_grad()
     def predict(self, x, i, text, schedule, guidance_scale, layout, attention_kwargs=None):
