@@ -227,3 +227,83 @@ def test_edits_through_the_model(transformers, family):
             assert relative_error(edited[r], plain[r]) < TOL
         target = layout.row(1, True)
         assert relative_error(edited[target], plain[target]) > 1e-3
+
+
+# --- token merging on the image tokens -----------------------------------------------------------------------------
+
+
+def _run(transformer, inputs, controller, layers):
+    from dit4edit.control.joint import install_joint
+
+    with torch.no_grad(), install_joint(transformer, controller, layers):
+        return transformer(**inputs, joint_attention_kwargs={"step_index": 2}, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("family", ["sd3.5", "flux"])
+def test_merging_off_is_bit_identical_and_on_keeps_the_source_rows(transformers, family):
+    from dit4edit.control.joint import JointController
+    from dit4edit.layout import BatchLayout
+    from dit4edit.merging import MergeConfig
+
+    transformer = transformers[family]
+    layers = _layers(transformer)
+    grid = (8, 8) if family == "sd3.5" else (4, 4)
+    make = sd3_inputs if family == "sd3.5" else flux_inputs
+    layout = BatchLayout(1) if family == "sd3.5" else BatchLayout(1, guidance=False)
+    inputs = make(layout.rows, seed=4)
+    inputs["hidden_states"] = inputs["hidden_states"] + 0.5 * torch.randn_like(inputs["hidden_states"])
+    names = frozenset(layer.name for layer in layers)
+
+    def controller(lay, merge):
+        return JointController(lay, text_length=6, image_layers=names, switch_step=0, merge=merge, grid=grid)
+
+    plain = _run(transformer, inputs, controller(layout, None), layers)
+    off = _run(transformer, inputs, controller(layout, MergeConfig(ratio=0.0, min_tokens=1)), layers)
+    small = _run(transformer, inputs, controller(layout, MergeConfig(ratio=0.5, stride=(2, 2))), layers)
+    assert torch.equal(off, plain) and torch.equal(small, plain)  # off, or a grid under min_tokens: untouched
+    merge = MergeConfig(ratio=0.5, stride=(2, 2), min_tokens=1)
+    merged = _run(transformer, inputs, controller(layout, merge), layers)
+    assert merged.shape == plain.shape and merged.isfinite().all()
+    assert relative_error(merged, plain) > 1e-3  # merging does act
+    # One plan from the conditional source row: the source rows are what the source alone gets, merged alike.
+    alone = BatchLayout(0) if layout.guidance else BatchLayout(0, guidance=False)
+    source_inputs = {k: (v[layout.source_rows] if torch.is_tensor(v) and v.shape[0] == layout.rows else v)
+                     for k, v in inputs.items()}
+    source_alone = _run(transformer, source_inputs, controller(alone, merge), layers)
+    assert relative_error(merged[layout.source_rows], source_alone) < TOL
+
+
+def test_merging_on_flux_merges_rotated_image_tokens_only(transformers):
+    """A single-stream layer by hand: q/k normed and rotated per token, then the image tokens merged by the plan
+    (text untouched), the explicit softmax, the image outputs unmerged."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from dit4edit.control.joint import FluxJointControlProcessor, JointController
+    from dit4edit.layout import BatchLayout
+    from dit4edit.merging import MergeConfig
+
+    transformer = transformers["flux"]
+    attn = transformer.single_transformer_blocks[0].attn
+    layout, text, grid = BatchLayout(1, guidance=False), 6, (4, 4)
+    controller = JointController(layout, text_length=text, merge=MergeConfig(ratio=0.5, stride=(2, 2), min_tokens=1),
+                                 grid=grid)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, text + 16, attn.query_dim, generator=g)
+    ids = torch.cat([torch.zeros(text, 3), flux_inputs(1)["img_ids"]])
+    rotary = transformer.pos_embed(ids)
+    with torch.no_grad():
+        ours = FluxJointControlProcessor(controller, "single", index=1)(attn, hidden, image_rotary_emb=rotary,
+                                                                         step_index=0)
+        merge, unmerge = controller.merging(1, 0, hidden[:, text:])
+        heads = [x.unflatten(-1, (-1, attn.head_dim)) for x in (attn.to_q(hidden), attn.to_k(hidden),
+                                                                  attn.to_v(hidden))]
+        q, k, v = attn.norm_q(heads[0]), attn.norm_k(heads[1]), heads[2]
+        q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+        q, k, v = (torch.cat([x[:, :text].flatten(2), merge(x[:, text:].flatten(2))], dim=1) for x in (q, k, v))
+        assert q.shape[1] == text + 8  # half the 16 image tokens merged away, no text token
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2) for x in (q, k, v))  # (B, H, L', d)
+        out = ((q @ k.transpose(-1, -2)) * attn.head_dim**-0.5).softmax(-1) @ v
+        out = out.transpose(1, 2).flatten(2)  # (B, L', H * d)
+        reference = torch.cat([out[:, :text], unmerge(out[:, text:])], dim=1)
+    assert ours.shape == hidden.shape
+    assert relative_error(ours, reference) < TOL

@@ -24,6 +24,12 @@ output by giving the values one more channel, 1 on text keys and 0 on image keys
 part is the full output minus the text part. The two key sets' masses are `exp(lse_part - lse_all)`, the
 log-sum-exp split of the shared normaliser, which this channel yields without forming either log-sum-exp.
 
+Token merging (`JointController.merge`) acts on the image tokens only, inside the processor: after the projections,
+q/k norms and (FLUX) RoPE, so each merged token averages already-rotated queries and keys (the rotary positions are
+merged along); the text tokens are never merged; the image outputs are unmerged after the output projection. One
+plan per (step, layer) from the conditional source row serves every row, so edits still line target rows up with
+source rows. At ratio 0 nothing is touched: the outputs are bit-identical to no merging.
+
 Batch rows follow `dit4edit.layout.BatchLayout` (source / targets x unconditional / conditional; FLUX-dev has no
 unconditional rows). The step reaches the processors as `step_index` through `joint_attention_kwargs`; layers are
 named at install time; nothing counts calls.
@@ -39,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BatchLayout
+from ..merging import MergeConfig, MergeFn, identity, layer_seed, plan_merge
 from .edits import SELF_EDITS, sdpa
 
 IMAGE_EDITS = ("source", "mutual")
@@ -176,6 +183,9 @@ class JointController:
     text_edit: Prompt-to-Prompt on the text keys of every joint / single-stream layer for steps before
         `text_steps` (None: no Prompt-to-Prompt).
     text_length: the model's text sequence length, which single-stream layers cannot see.
+    merge: token merging of the image tokens (`dit4edit.merging.MergeConfig`: ratio, stride, seed, blocks as
+        positions in model order of the controlled layers, skip_steps, min_tokens) on the `grid` of image tokens;
+        None: off.
     """
 
     layout: BatchLayout
@@ -184,7 +194,21 @@ class JointController:
     switch_step: int = 0
     text_edit: TextEdit | None = None
     text_steps: int = 0
+    merge: MergeConfig | None = None
+    grid: tuple[int, int] | None = None
     seen: set[str] = field(default_factory=set)  # layers that received an edit (for tests and pictures)
+
+    def merging(self, index: int, step: int | None, image_states: torch.Tensor) -> tuple[MergeFn, MergeFn]:
+        """`(merge, unmerge)` of the image tokens `(B, N, C)` at the layer in position `index` (model order) and
+        `step`: one plan from the conditional source row, drawn from `layer_seed(seed, index)` and the step."""
+        config, step = self.merge, step or 0
+        if (config is None or self.grid is None or not config.applies(self.grid) or step < config.skip_steps
+                or not config.merges_block(index)):
+            return identity, identity
+        generator = torch.Generator(device=image_states.device)
+        generator.manual_seed(layer_seed(config.seed, index) * 1009 + step)
+        plan_row = self.layout.row(0, True)  # the source branch's conditional row
+        return plan_merge(image_states[plan_row], self.grid, config, generator)
 
     def edit(self, layer: str, step: int | None) -> JointEdit | None:
         if step is None:
@@ -207,8 +231,8 @@ class JointControlProcessor:
     `(B, H, L, d)`, joint order `[image, text]`. On an image-only layer (SD3.5's `attn2`, role "self") the
     image edit is `edits.SELF_EDITS`' "source" / "mutual" on the target rows."""
 
-    def __init__(self, controller: JointController, name: str):
-        self.controller, self.name = controller, name
+    def __init__(self, controller: JointController, name: str, index: int = 0):
+        self.controller, self.name, self.index = controller, name, index
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name})"
@@ -228,7 +252,10 @@ class JointControlProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        num_image = hidden_states.shape[1]
+        merge, unmerge = controller.merging(self.index, step_index, hidden_states)
+        if merge is not identity:  # (B, H, N, d) -> (B, H, N - r, d)
+            query, key, value = (_merge_heads(merge, x) for x in (query, key, value))
+        num_image = query.shape[2]
         edit = controller.edit(self.name, step_index)
         _check_rows(controller, edit, batch_size)
         if encoder_hidden_states is None:  # image-only attention
@@ -251,11 +278,11 @@ class JointControlProcessor:
             out = joint_attention_edit(query, key, value, spans, controller.layout, edit)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # (B, L, H * d)
         if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](out))
+            return unmerge(attn.to_out[1](attn.to_out[0](out)))
         out, context = out[:, :num_image], out[:, num_image:]
         if not attn.context_pre_only:
             context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](out)), context
+        return unmerge(attn.to_out[1](attn.to_out[0](out))), context
 
 
 class FluxJointControlProcessor:
@@ -263,8 +290,8 @@ class FluxJointControlProcessor:
     with `joint_attention_edit` at its core; joint order `[text, image]`. Double-stream layers get text and image
     as two streams; single-stream layers get them concatenated (text first, `controller.text_length` tokens)."""
 
-    def __init__(self, controller: JointController, name: str):
-        self.controller, self.name = controller, name
+    def __init__(self, controller: JointController, name: str, index: int = 0):
+        self.controller, self.name, self.index = controller, name, index
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name})"
@@ -292,6 +319,11 @@ class FluxJointControlProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        image_states = hidden_states if encoder_hidden_states is not None else hidden_states[:, num_text:]
+        merge, unmerge = controller.merging(self.index, step_index, image_states)
+        if merge is not identity:  # the image tokens, already rotated: (B, L + N, H, d) -> (B, L + N - r, H, d)
+            query, key, value = (torch.cat([x[:, :num_text], merge(x[:, num_text:].flatten(2)).unflatten(
+                2, (-1, attn.head_dim))], dim=1) for x in (query, key, value))
         edit = controller.edit(self.name, step_index)
         _check_rows(controller, edit, query.shape[0])
         spans = Spans.of(("text", "image"), query.shape[1] - num_text, num_text)
@@ -299,10 +331,17 @@ class FluxJointControlProcessor:
                                    controller.layout, edit)  # (B, H, L, d)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, L, H * d)
         if encoder_hidden_states is None:
-            return out
+            return out if merge is identity else torch.cat([out[:, :num_text], unmerge(out[:, num_text:])], dim=1)
         context, out = out[:, :num_text], out[:, num_text:]
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        out = unmerge(attn.to_out[1](attn.to_out[0](out.contiguous())))
         return out, attn.to_add_out(context.contiguous())
+
+
+def _merge_heads(merge: MergeFn, x: torch.Tensor) -> torch.Tensor:
+    """Merge the tokens of heads `(B, H, N, d) -> (B, H, N - r, d)` (the plan acts on `(B, N, C)`)."""
+    heads = x.shape[1]
+    merged = merge(x.transpose(1, 2).flatten(2))  # (B, N, H * d) -> (B, N - r, H * d)
+    return merged.unflatten(2, (heads, -1)).transpose(1, 2)
 
 
 def _check_rows(controller: JointController, edit, batch_size: int) -> None:
@@ -314,12 +353,15 @@ def _check_rows(controller: JointController, edit, batch_size: int) -> None:
 @contextmanager
 def install_joint(transformer, controller: JointController, layers) -> Iterator[JointController]:
     """Put a control processor on every layer of `layers` (`dit4edit.backbones.AttentionLayer`s of roles joint,
-    single and self) for the `with` block; the previous processors come back in `finally`."""
+    single and self, in model order: a layer's position there is its index for merging) for the `with` block;
+    the previous processors come back in `finally`."""
     flux = any(layer.keys[0] == "text" for layer in layers if layer.role in ("joint", "single"))
     processor = FluxJointControlProcessor if flux else JointControlProcessor
     previous = dict(transformer.attn_processors)
     wanted = {layer.name for layer in layers if layer.role in ("joint", "single", "self")}
-    processors = {name: processor(controller, name) if name in wanted else p for name, p in previous.items()}
+    index = {layer.name: i for i, layer in enumerate(layers)}  # the layer's position in model order
+    processors = {name: processor(controller, name, index[name]) if name in wanted else p
+                  for name, p in previous.items()}
     transformer.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it gets
     try:
         yield controller
