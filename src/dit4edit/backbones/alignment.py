@@ -1,5 +1,5 @@
 """Prompt-to-Prompt token alignment over a model's whole text sequence (every segment: SD3's CLIP and T5 parts,
-FLUX's and PixArt's T5), from two prompts' token -> word maps (`PromptTokens`).
+the T5-only families'), from two prompts' token -> word maps (`PromptTokens`).
 
 Same rules as `dit4edit.prompts.align` for T5 alone: replace pairs word i with word i (same word count), refine
 pairs the identical words of a global word alignment; a word pair with equal piece counts maps piece to piece,

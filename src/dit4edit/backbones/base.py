@@ -82,7 +82,7 @@ class TextSegment:
 class PromptTokens:
     """Which word of a prompt each position of the model's text sequence holds.
 
-    `prompt` is the text as the encoders saw it (PixArt lower-cases it); `words` its whitespace-split words;
+    `prompt` is the text as the encoders saw it (a family may lower-case it); `words` its whitespace-split words;
     `word_of_token` has one entry per position of the text sequence (all segments, in sequence order), None for
     BOS / EOS / padding and for positions no word reaches."""
 
@@ -130,7 +130,7 @@ class TextInputs:
 
     prompt_embeds: (B, L, D) the text sequence.
     pooled_prompt_embeds: (B, P) the pooled CLIP vector (SD3, FLUX), else None.
-    prompt_attention_mask: (B, L) 0/1 padding mask (PixArt), else None.
+    prompt_attention_mask: (B, L) 0/1 padding mask where the transformer takes one, else None.
     tokens: each prompt's token -> word map (empty after `rows`, whose rows mix prompts).
     """
 
@@ -218,12 +218,12 @@ class Backbone:
     def schedule(self, num_steps: int, latent_hw: tuple[int, int], sigma_max: float = 1.0) -> Schedule:
         """The points of the family's own `num_steps`-step schedule for a latent of `latent_hw`. `sigma_max` below 1
         starts a flow schedule just short of pure noise, which DPM-Solver++ and the inverters of
-        `dit4edit.solvers` need (`flow.INVERTIBLE_SIGMA_MAX`); PixArt's VP schedule never reaches it."""
+        `dit4edit.solvers` need (`flow.INVERTIBLE_SIGMA_MAX`); a VP schedule never reaches it and ignores it."""
         raise NotImplementedError
 
     def sampler(self):
         """The family's own sampler, `(denoise, x, schedule, callback, disable) -> trajectory`: Euler on s for the
-        flows, DPM-Solver++(2M) for PixArt."""
+        flows, DPM-Solver++(2M) for the eps models."""
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor, i: int, text: TextInputs, schedule: Schedule, guidance_scale: float,

@@ -16,7 +16,8 @@ the mutual one, `M` the token mapper and `c_src`, `c_own` Prompt-to-Prompt's per
     "mutual"     P_m,img, V_s,img      P_m     (mutual self-attention: target queries, source image keys/values)
 
 and no Prompt-to-Prompt means `c_own = 1, c_src = 0`. Source rows, text-query rows and rows whose guidance half has
-no source row keep the default attention; Prompt-to-Prompt acts on the conditional target rows only (as on PixArt).
+no source row keep the default attention; Prompt-to-Prompt acts on the conditional target rows only, as
+cross-attention control does.
 
 Computed with SDPA only, never an `N x N` map: a part of a softmax is its mass times the softmax restricted to the
 part, `A_txt V = m_txt SDPA(Q, K_txt, V)`, and the text mass `m_txt` comes out of the same SDPA call as the full
@@ -42,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..layout import BatchLayout
 from ..merging import MergeConfig, MergeFn, identity, layer_seed, plan_merge
