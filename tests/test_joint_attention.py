@@ -307,3 +307,53 @@ def test_merging_on_flux_merges_rotated_image_tokens_only(transformers):
         reference = torch.cat([out[:, :text], unmerge(out[:, text:])], dim=1)
     assert ours.shape == hidden.shape
     assert relative_error(ours, reference) < TOL
+
+
+# --- an edit through a backbone, end to end ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,guidance", [("sd3.5", 4.0), ("flux", 3.5)])
+def test_identity_edit_equals_reconstruction_and_an_edit_keeps_the_source(family, guidance):
+    """Invert a latent, then denoise source and target branches together under full control (Prompt-to-Prompt on
+    the aligned text, source image part early, mutual later, token merging): with the source prompt as target the
+    target branch is the reconstruction; with another prompt the source branch still is, and the target is not."""
+    from dit4edit.backbones import backbone_for
+    from dit4edit.backbones.alignment import align_tokens
+    from dit4edit.backbones.flow import INVERTIBLE_SIGMA_MAX
+    from dit4edit.backbones.tiny import tiny_pipeline
+    from dit4edit.control.joint import JointController, install_joint, prompt_to_prompt
+    from dit4edit.merging import MergeConfig
+    from dit4edit.solvers import invert_dpm, sample_dpmpp_2m
+
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    backbone = backbone_for(pipe, max_sequence_length=32)
+    latent_hw, steps, source = (16, 16), 6, "a red circle on a white background"
+    schedule = backbone.schedule(steps, latent_hw, sigma_max=INVERTIBLE_SIGMA_MAX)
+    image = torch.randn(1, backbone.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+    noise = invert_dpm(backbone.denoiser([source], schedule, guidance), image, schedule).latent
+    reconstruction = sample_dpmpp_2m(backbone.denoiser([source], schedule, guidance), noise, schedule)[-1]
+    layers = backbone.attention_layers()
+    deep = frozenset(layer.name for layer in layers if layer.block >= 1 or layer.role == "single")
+
+    def edit(target):
+        layout = backbone.layout(1, guidance)
+        alignment = align_tokens(backbone.prompt_tokens(source), backbone.prompt_tokens(target))
+        controller = JointController(layout, text_length=backbone.encode_prompts([source]).prompt_embeds.shape[1],
+                                     image_layers=deep, switch_step=2, text_edit=prompt_to_prompt([alignment]),
+                                     text_steps=4, merge=MergeConfig(ratio=0.5, stride=(2, 2), min_tokens=1),
+                                     grid=(backbone.grid(latent_hw).height, backbone.grid(latent_hw).width))
+        denoise = backbone.denoiser([source, target], schedule, guidance, layout, step_kwargs=True)
+        with install_joint(backbone.transformer, controller, layers):
+            out = sample_dpmpp_2m(denoise, noise.expand(2, -1, -1, -1), schedule)[-1]
+        assert deep <= controller.seen
+        return out
+
+    merged_reconstruction = edit(source)
+    assert relative_error(merged_reconstruction[1], merged_reconstruction[0]) < TOL  # identity edit
+    edited = edit("a blue circle on a white background")
+    assert relative_error(edited[0], merged_reconstruction[0]) < TOL  # the source branch is untouched by the edit
+    assert relative_error(edited[1], edited[0]) > 1e-3
+    # merging is the only thing between the source branch and the unmerged reconstruction
+    assert 1e-4 < relative_error(edited[0], reconstruction[0]) < 0.5
