@@ -106,6 +106,20 @@ def test_the_text_part_keeps_its_share_of_one_softmax():
     assert (expected - 1).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("order", [("image", "text"), ("text", "image")])
+def test_text_maps_are_the_full_softmaxs_text_columns(order):
+    from dit4edit.control.joint import Spans, text_attention_probs
+
+    query, key, _ = random_heads(3, num_image=12, num_text=5, seed=9)
+    spans = Spans.of(order, 12, 5)
+    probs = (query @ key.transpose(-1, -2) * 8**-0.5).softmax(-1)  # (B, H, L, L)
+    expected = probs[[2, 0]][:, :, spans.image, spans.text][..., [1, 3]].mean(dim=1)  # (2, N, 2)
+    ours = text_attention_probs(query, key, spans, [2, 0], [1, 3])
+    assert relative_error(ours, expected) < TOL
+    restricted = (query @ key[:, :, spans.text].transpose(-1, -2) * 8**-0.5).softmax(-1)[:, :, spans.image]
+    assert relative_error(ours, restricted[[2, 0]][..., [1, 3]].mean(dim=1)) > 1e-2  # not the text-only softmax
+
+
 # --- processors ----------------------------------------------------------------------------------------------------
 
 
@@ -357,3 +371,35 @@ def test_identity_edit_equals_reconstruction_and_an_edit_keeps_the_source(family
     assert relative_error(edited[1], edited[0]) > 1e-3
     # merging is the only thing between the source branch and the unmerged reconstruction
     assert 1e-4 < relative_error(edited[0], reconstruction[0]) < 0.5
+
+
+@pytest.mark.parametrize("family", ["sd3.5", "flux"])
+def test_recorded_maps_cover_the_full_token_grid_under_merging(transformers, family):
+    """Each branch's own image -> text maps, from the conditional rows, unmerged back to every image token."""
+    from dit4edit.control.joint import JointController
+    from dit4edit.layout import BatchLayout
+    from dit4edit.merging import MergeConfig
+
+    transformer = transformers[family]
+    layers = _layers(transformer)
+    grid, num_image = ((8, 8), 64) if family == "sd3.5" else ((4, 4), 16)
+    layout = BatchLayout(1) if family == "sd3.5" else BatchLayout(1, guidance=False)
+    inputs = (sd3_inputs if family == "sd3.5" else flux_inputs)(layout.rows, seed=6)
+    recorded = frozenset(layer.name for layer in layers if layer.role in ("joint", "single"))
+    maps = {}
+    for ratio in (0.0, 0.5):
+        controller = JointController(layout, text_length=6, record_layers=recorded, record_columns=(1, 2),
+                                     merge=MergeConfig(ratio=ratio, stride=(2, 2), min_tokens=1), grid=grid)
+        _run(transformer, inputs, controller, layers)
+        assert {layer for _, layer, _ in controller.maps} == recorded
+        maps[ratio] = controller.word_map()
+        assert maps[ratio].shape == (2, num_image, 2)
+        assert (maps[ratio] >= 0).all() and (maps[ratio].sum(-1) <= 1).all()
+    # Unmerged: every token of a merged group shows its group's map, so at most N/2 distinct rows per layer.
+    controller = JointController(layout, text_length=6, record_layers=recorded, record_columns=(1, 2),
+                                 merge=MergeConfig(ratio=0.5, stride=(2, 2), min_tokens=1), grid=grid)
+    _run(transformer, inputs, controller, layers)
+    for _, _, layer_map in controller.maps:
+        assert len(layer_map[0].unique(dim=0)) <= num_image // 2
+    assert len(maps[0.0][0].unique(dim=0)) > num_image // 2
+    assert relative_error(maps[0.0][0], maps[0.0][1]) > 1e-3  # each branch's own map (the prompts differ)

@@ -171,6 +171,24 @@ def _indices(part: slice, length: int, device) -> torch.Tensor:
     return torch.arange(length, device=device)[part]
 
 
+def text_attention_probs(query, key, spans: Spans, rows, columns=None) -> torch.Tensor:
+    """Probabilities of the image queries on text keys *within the full joint softmax*, averaged over heads:
+    `(R, N, C)` for batch rows `rows` and text positions `columns` (default: all).
+
+    `P[i, j] = exp(s_ij - lse_txt,i) * m_txt,i`: the softmax over the text keys alone (explicit, `N x L_txt`, as
+    cheap as a cross-attention map) times the text mass of the full softmax, from SDPA with a one-channel value
+    (1 on text keys); no `N x N` map."""
+    img, txt = spans.image, spans.text
+    q, k = query[rows][:, :, img].float(), key[rows].float()  # (R, H, N, d), (R, H, L, d)
+    indicator = torch.zeros(*k.shape[:-1], 1, dtype=k.dtype, device=k.device)  # (R, H, L, 1)
+    indicator[:, :, txt] = 1.0
+    mass = sdpa(q, k, indicator)  # (R, H, N, 1)
+    probs = (q @ k[:, :, txt].transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) * mass  # (R, H, N, L_txt)
+    if columns is not None:
+        probs = probs[..., columns]
+    return probs.mean(dim=1)  # (R, N, C)
+
+
 # --- when: the controller ------------------------------------------------------------------------------------------
 
 
@@ -186,6 +204,8 @@ class JointController:
     merge: token merging of the image tokens (`dit4edit.merging.MergeConfig`: ratio, stride, seed, blocks as
         positions in model order of the controlled layers, skip_steps, min_tokens) on the `grid` of image tokens;
         None: off.
+    record_layers, record_columns: the joint / single layers whose image -> text maps are kept in `maps`, and the
+        text positions kept (None: all); each branch's own map, before any edit.
     """
 
     layout: BatchLayout
@@ -196,7 +216,24 @@ class JointController:
     text_steps: int = 0
     merge: MergeConfig | None = None
     grid: tuple[int, int] | None = None
+    record_layers: frozenset[str] = frozenset()  # joint / single layers whose maps `record` keeps
+    record_columns: tuple[int, ...] | None = None
     seen: set[str] = field(default_factory=set)  # layers that received an edit (for tests and pictures)
+    maps: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)  # (step, layer, (branches, N, C))
+
+    def record(self, layer: str, step: int | None, query, key, spans: Spans, unmerge: MergeFn) -> None:
+        """Store each branch's own (pre-edit) image -> text map of `layer` at `step`, on the conditional rows, over
+        `record_columns`, unmerged to the full token grid."""
+        if layer not in self.record_layers:
+            return
+        probs = text_attention_probs(query, key, spans, self.layout.cond_rows, self.record_columns)  # (R, N', C)
+        self.maps.append((step or 0, layer, unmerge(probs)))
+
+    def word_map(self) -> torch.Tensor:
+        """The recorded maps averaged over steps and layers: `(branches, N, C)` (local blend, pictures)."""
+        if not self.maps:
+            raise ValueError("no attention maps were recorded")
+        return torch.stack([m for _, _, m in self.maps]).mean(dim=0)
 
     def merging(self, index: int, step: int | None, image_states: torch.Tensor) -> tuple[MergeFn, MergeFn]:
         """`(merge, unmerge)` of the image tokens `(B, N, C)` at the layer in position `index` (model order) and
@@ -275,6 +312,7 @@ class JointControlProcessor:
             key = torch.cat([key, c_key], dim=2)
             value = torch.cat([value, c_value], dim=2)
             spans = Spans.of(("image", "text"), num_image, encoder_hidden_states.shape[1])
+            controller.record(self.name, step_index, query, key, spans, unmerge)
             out = joint_attention_edit(query, key, value, spans, controller.layout, edit)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # (B, L, H * d)
         if encoder_hidden_states is None:
@@ -327,8 +365,9 @@ class FluxJointControlProcessor:
         edit = controller.edit(self.name, step_index)
         _check_rows(controller, edit, query.shape[0])
         spans = Spans.of(("text", "image"), query.shape[1] - num_text, num_text)
-        out = joint_attention_edit(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), spans,
-                                   controller.layout, edit)  # (B, H, L, d)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, L, d)
+        controller.record(self.name, step_index, query, key, spans, unmerge)
+        out = joint_attention_edit(query, key, value, spans, controller.layout, edit)  # (B, H, L, d)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, L, H * d)
         if encoder_hidden_states is None:
             return out if merge is identity else torch.cat([out[:, :num_text], unmerge(out[:, num_text:])], dim=1)
