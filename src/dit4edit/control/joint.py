@@ -105,6 +105,13 @@ class JointEdit:
 # --- the edit as a pure function of the heads ----------------------------------------------------------------------
 
 
+def _text_mass(query, key, text: slice):
+    """Each query's softmax mass on the keys in `text`, `(B, H, N, 1)`: SDPA with a one-channel value, 1 on them."""
+    indicator = torch.zeros(*key.shape[:-1], 1, dtype=key.dtype, device=key.device)  # (B, H, L, 1)
+    indicator[:, :, text] = 1.0
+    return sdpa(query, key, indicator)
+
+
 def _with_text_mass(query, key, value, text: slice):
     """`SDPA(Q, K, V)` and each query's softmax mass on the keys in `text`, from one call: `(B, H, N, d)`,
     `(B, H, N, 1)`."""
@@ -135,7 +142,7 @@ def joint_attention_edit(query, key, value, spans: Spans, layout: BatchLayout, e
         image_out, image_mass = _with_text_mass(query[s_rows][:, :, img], key[s_rows], value[s_rows], txt)
         image_part = image_out - image_mass * sdpa(query[s_rows][:, :, img], key[s_rows][:, :, txt],
                                                    value[s_rows][:, :, txt])
-        own_mass = _with_text_mass(q_ti, k_t, v_t, txt)[1]
+        own_mass = _text_mass(q_ti, k_t, txt)
     else:
         if edit.image == "mutual":
             k_t, v_t = k_t.clone(), v_t.clone()
@@ -156,7 +163,7 @@ def joint_attention_edit(query, key, value, spans: Spans, layout: BatchLayout, e
     if p2p_rows:
         source = cond[0]
         q_si = query[source : source + 1, :, img]  # (1, H, N, d)
-        source_mass = _with_text_mass(q_si, key[source : source + 1], value[source : source + 1], txt)[1]
+        source_mass = _text_mass(q_si, key[source : source + 1], txt)
         scaled = edit.text.source_coef.to(device, value.dtype)[:, None, :, None] * v_tt[p2p_rows]  # c_src * V_t
         mapped = torch.einsum("tij,thjd->thid", edit.text.mapper.to(device, value.dtype), scaled)  # M (c_src V_t)
         n = len(p2p_rows)
@@ -180,9 +187,7 @@ def text_attention_probs(query, key, spans: Spans, rows, columns=None) -> torch.
     (1 on text keys); no `N x N` map."""
     img, txt = spans.image, spans.text
     q, k = query[rows][:, :, img].float(), key[rows].float()  # (R, H, N, d), (R, H, L, d)
-    indicator = torch.zeros(*k.shape[:-1], 1, dtype=k.dtype, device=k.device)  # (R, H, L, 1)
-    indicator[:, :, txt] = 1.0
-    mass = sdpa(q, k, indicator)  # (R, H, N, 1)
+    mass = _text_mass(q, k, txt)  # (R, H, N, 1)
     probs = (q @ k[:, :, txt].transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) * mass  # (R, H, N, L_txt)
     if columns is not None:
         probs = probs[..., columns]
