@@ -246,3 +246,24 @@ def test_alignment_over_the_whole_text_sequence(pipes):
     assert edit.mapper.shape == (2, 333, 333)
     assert torch.equal(edit.source_coef[0], torch.ones(333)) and torch.equal(edit.own_coef[0], torch.zeros(333))
     assert torch.equal(edit.own_coef[1], 1 - refine.from_source)
+
+
+def test_pixart_backbone_is_the_current_pipelines_denoiser():
+    """On dit4edit's own PixArt pipeline the backbone's data prediction is the pipeline's (lower-case prompts, which
+    both encode alike), also in an edit batch with control's step index."""
+    from conftest import fresh_pipe
+
+    from dit4edit.backbones import backbone_for
+    from dit4edit.layout import BatchLayout
+
+    pipe = fresh_pipe()
+    backbone = backbone_for(pipe)
+    assert backbone.family == "pixart" and backbone.max_sequence_length == pipe.max_sequence_length
+    schedule = backbone.schedule(5, (8, 8))
+    prompts = ["a red circle on a white background", "a blue circle on a white background"]
+    layout = BatchLayout(1)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = backbone.denoiser(prompts, schedule, 4.5, layout)
+    theirs = pipe.make_denoiser(prompts, 4.5, schedule, (64, 64), layout=layout)
+    for i in (0, 3):
+        assert relative_error(ours(x, i), theirs(x, i)) < FLOAT_TOL

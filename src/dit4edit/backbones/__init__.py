@@ -28,11 +28,18 @@ def family_of(index: dict) -> str:
 
 
 def backbone_for(pipe, max_sequence_length: int | None = None) -> Backbone:
-    """The backbone of a loaded pipeline (its class name, or the `_class_name` it was saved as)."""
+    """The backbone of a loaded pipeline: by its class (a family's diffusers pipeline), else by its transformer's
+    class (any other pipeline around a family's components)."""
     name = type(pipe).__name__
-    if not any(name in b.folder.pipelines for b in BACKBONES.values()):
-        name = dict(getattr(pipe, "config", {})).get("_class_name", name)
-    return BACKBONES[family_of({"_class_name": name})](pipe, max_sequence_length)
+    for backbone in BACKBONES.values():
+        if name in backbone.folder.pipelines:
+            return backbone(pipe, max_sequence_length)
+    transformer = type(getattr(pipe, "transformer", None)).__name__
+    for backbone in BACKBONES.values():
+        if transformer in backbone.folder.components["transformer"]:
+            return backbone(pipe, max_sequence_length)
+    raise DiT4EditError(f"a {name} with a {transformer} cannot be edited: dit4edit runs "
+                        f"{', '.join(p for b in BACKBONES.values() for p in b.folder.pipelines)}")
 
 
 __all__ = ["BACKBONES", "ROLES", "AttentionLayer", "Backbone", "FolderSpec", "PromptTokens", "TextInputs",
