@@ -137,6 +137,12 @@ def joint_attention_edit(query, key, value, spans: Spans, layout: BatchLayout, e
     q_t, k_t, v_t = query[rows], key[rows], value[rows]  # (R, H, L, d)
     q_ti = q_t[:, :, img]  # (R, H, N, d) the target image queries
 
+    if edit.image == "mutual" and edit.text is None:  # one softmax over [K_s,img; K_t,txt]: plain SDPA
+        k_m, v_m = k_t.clone(), v_t.clone()
+        k_m[:, :, img], v_m[:, :, img] = key[s_rows][:, :, img], value[s_rows][:, :, img]
+        result = sdpa(q_ti, k_m, v_m)  # (R, H, N, d)
+        return _put_image_rows(out, rows, img, result)
+
     # The image part and the softmax the target's own text part lives in.
     if edit.image == "source":
         image_out, image_mass = _with_text_mass(query[s_rows][:, :, img], key[s_rows], value[s_rows], txt)
@@ -170,12 +176,14 @@ def joint_attention_edit(query, key, value, spans: Spans, layout: BatchLayout, e
         moved = source_mass * sdpa(q_si.expand(n, -1, -1, -1), key[source : source + 1, :, txt].expand(n, -1, -1, -1),
                                    mapped)
         result[p2p_rows] = result[p2p_rows] + moved
-    out[rows[:, None], :, _indices(img, out.shape[2], device)[None, :]] = result.transpose(1, 2).to(out.dtype)
+    return _put_image_rows(out, rows, img, result)
+
+
+def _put_image_rows(out, rows, img: slice, result):
+    """`out (B, H, L, d)` with the image positions of `rows` replaced by `result (R, H, N, d)`."""
+    positions = torch.arange(out.shape[2], device=out.device)[img]  # (N,)
+    out[rows[:, None], :, positions[None, :]] = result.transpose(1, 2).to(out.dtype)  # indexed as (R, N, H, d)
     return out
-
-
-def _indices(part: slice, length: int, device) -> torch.Tensor:
-    return torch.arange(length, device=device)[part]
 
 
 def text_attention_probs(query, key, spans: Spans, rows, columns=None) -> torch.Tensor:
