@@ -80,7 +80,7 @@ def test_spec_items_ids_paths_and_bad_lines(tmp_path):
     errors = [job.error for job in jobs[2:]]
     assert "duplicate item id 'cat'" in errors[0] and "must be 1-100 letters" in errors[1]
     assert "'source' is missing" in errors[2] and "'targets' must be" in errors[3]
-    assert "not a JSON object" in errors[4] and "not JSON" in errors[5]
+    assert "not a JSON object" in errors[4] and "not valid JSON" in errors[5]
     assert all("\n" not in error for error in errors)
 
 

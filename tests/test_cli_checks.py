@@ -128,7 +128,7 @@ def test_missing_input_is_reported_before_torch_is_imported(tmp_path):
 def test_odd_file_names_stay_on_one_line(files, capsys):
     code, err = run_main(["edit", files["dir"] / "new\nline.png", "-s", SOURCE, "-t", TARGET, "-o", files["out"]],
                          capsys)
-    assert code == 2 and err.count("\n") == 1 and "new\\nline.png" in err
+    assert code == 2 and err.count("\n") == 1 and "new\\x0aline.png" in err  # the newline shown escaped
 
 
 def test_make_tiny_model_on_a_file_and_bad_seed(files, capsys):

@@ -158,6 +158,10 @@ def edit_settings(sub: argparse.ArgumentParser) -> None:
                      help="add the pinned source branch's error of each step to the target too (PnP Inversion's "
                           "direct inversion): what the target prompt does not change follows the input even "
                           "after an inexact inversion")
+    sub.add_argument("--rows", type=int, default=None, choices=[3, 4],
+                     help="rows of the edit batch under guidance: 4 (default), or 3 to leave out the source's "
+                          "unconditional row (one forward row fewer; the target's unconditional row is then not "
+                          "controlled)")
     control_options(sub)
     common(sub)
 

@@ -121,13 +121,15 @@ class DiT4EditPipeline(DiffusionPipeline):
         model and which this model made (`inversion_file.check_model`)."""
         if not isinstance(inversion, Inversion):
             raise DiT4EditError(f"inversion must be an Inversion, got {type(inversion).__name__}")
+        if not isinstance(inversion.model, (dict, type(None))):
+            raise DiT4EditError(f"the inversion's model record must be an object, got {type(inversion.model).__name__}")
+        check_model(inversion.model, self.model_record())  # another model's inversion: say that first
         inversion.check()
         expected = (inversion.num_inference_steps + 1, self.transformer.config.in_channels,
                     *self.latent_size(inversion.original_size))
         if tuple(inversion.trajectory.shape) != expected:
             raise DiT4EditError(f"the inversion's trajectory is {tuple(inversion.trajectory.shape)}; its settings and "
                                 f"this model need {expected}")
-        check_model(inversion.model, self.model_record())
         return inversion
 
     # --- prompts, latents, images ----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ the keys of a batch spec line (`"self_replace_steps": 0.5`) and the web page's f
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -406,10 +405,12 @@ def _reweight(value, name: str) -> dict[str, float]:
         value = pairs
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise DiT4EditError(f"{name} takes {{word: factor}} or WORD=VALUE items")
+    from .control.config import MAX_REWEIGHT
+
     factors = {word: checks.number(factor, f"{name} of {word!r}") for word, factor in value.items()}
     for word, factor in factors.items():
-        if not 0.0 < factor <= 1e6 or not math.isfinite(factor):
-            raise DiT4EditError(f"{name} of {word!r} must be in (0, 1e6], got {factor:g}")
+        if not 0.0 < factor <= MAX_REWEIGHT:
+            raise DiT4EditError(f"{name} of {word!r} must be in (0, {MAX_REWEIGHT:g}], got {factor:g}")
     return factors
 
 
