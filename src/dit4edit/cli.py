@@ -21,13 +21,12 @@ from . import checks
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
+from .loading import OFFLOAD, check_offload, cpu_only, device_for, device_name, load_pipeline
 from .request import MAX_PIXELS, OPTIONS, EditRequest, Settings, parse_range, resolve
 
 EXIT_USAGE = 2
 #: `batch` and `pie-bench`: the run finished, but at least one item failed (each failure is in results.jsonl).
 EXIT_ITEMS_FAILED = 3
-#: --offload choices -> the diffusers pipeline method that installs the offload hooks.
-OFFLOAD = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -288,7 +287,7 @@ def _model(args) -> Model:
     from .model_folder import ModelDefaults, check_folder, default_model, local_folder
 
     if getattr(args, "offload", None):
-        _check_offload(args.offload, _device(args.device))
+        check_offload(args.offload, device_for(args.device))
     if getattr(args, "compile", False) and getattr(args, "merge_ff", None):
         raise DiT4EditError("--compile does not work with --merge-ff (merged feed-forward layers need eager blocks)")
     name = args.model or default_model()
@@ -460,7 +459,7 @@ def _run_batch(args, model: Model, jobs, out: Path, scorer=None, about=()) -> in
     """Edit `jobs` (resumable, this process's share of them), then report; exit 3 when any item failed."""
     from . import batch
 
-    processes = batch.Processes(cpu=_cpu_only(args.device))
+    processes = batch.Processes(cpu=cpu_only(args.device))
 
     def load():
         pipe = load_pipeline(args, processes.device, model)
@@ -503,9 +502,9 @@ def _pie_bench(args) -> int:
     jobs = piebench.read_benchmark(args.data, settings, types, args.limit, args.local_blend_from_bench)
     if not jobs:
         raise DiT4EditError(f"no PIE-Bench entries of types {args.types} in {args.data}")
-    device = _device(args.device)
+    device = device_for(args.device)
     say = lambda line: print(f"dit4edit: {line}", file=sys.stderr)  # noqa: E731
-    scorer = piebench.Scorer(args.data, out, names, args.clip_model, args.dino_model, device, _device_name(device),
+    scorer = piebench.Scorer(args.data, out, names, args.clip_model, args.dino_model, device, device_name(device),
                              say)
     return _run_batch(args, model, jobs, out, scorer, piebench.describe(model.name, resolved,
                                                                         args.local_blend_from_bench))
@@ -520,23 +519,11 @@ def _pie_types(text: str | None) -> list[str] | None:
     return types
 
 
-def _device_name(device) -> str:
-    import os
-    import platform
-
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def _serve(args) -> int:
-    try:
-        import gradio  # noqa: F401 - only to tell a missing extra apart before anything loads
-    except ImportError:
-        raise DiT4EditError("the web app needs gradio: pip install 'dit4edit[app]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # a missing extra, told before anything loads
+        raise DiT4EditError("the web app needs gradio: pip install 'dit4edit[app]'")
     from . import app as web
 
     model = _model(args)
@@ -591,77 +578,6 @@ def _output_folder(path, data=None) -> Path:
                             "would be replaced; choose another folder")
     checks.writable_folder(out, "output")
     return out
-
-
-def _cpu_only(name: str) -> bool:
-    """Whether the processes of a distributed run work on the CPU (gloo) rather than one accelerator each."""
-    import torch
-
-    return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
-
-
-def load_pipeline(args, device=None, model: Model | None = None):
-    """The pipeline on `device` (default: the one --device names), from `model` (default: --model, checked now)."""
-    import torch
-
-    from .pipeline import DiT4EditPipeline
-
-    model = model or _model(args)
-    if args.quiet:
-        _silence_loading_bars()
-    device = device or _device(args.device)
-    dtype = _dtype(args.dtype, torch.device(device).type)
-    _check_offload(args.offload, torch.device(device).type)
-    pipe = DiT4EditPipeline.from_pretrained(model.name, torch_dtype=dtype)
-    if args.offload:
-        getattr(pipe, OFFLOAD[args.offload])(device=device)
-    else:
-        pipe.to(device)
-    if args.compile:
-        pipe.compile_blocks()
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
-        pipe.vae.enable_slicing()
-    pipe.set_progress_bar_config(disable=args.quiet)
-    torch.manual_seed(DEFAULTS.seed if args.seed is None else args.seed)
-    return pipe
-
-
-def _silence_loading_bars() -> None:
-    """--quiet: the loaders' own progress bars too (the process is ours; the CLI may set library-wide options)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DiT4EditError("--device cuda asked for, but no CUDA GPU is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DiT4EditError("--device mps asked for, but MPS is not available")
-    return name
-
-
-def _check_offload(offload: str | None, device: str) -> None:
-    if offload and device == "cpu":
-        raise DiT4EditError(f"--offload {offload} needs a GPU (--device cuda or mps); on the CPU the models already "
-                            "sit in CPU memory")
-
-
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
-    return getattr(torch, name)
 
 
 def _say(args, message: str) -> None:
