@@ -352,31 +352,28 @@ def _choice(choices: Sequence[str]) -> Callable[[Any, str], str]:
     return parse
 
 
-def parse_range(value, name: str) -> tuple[int, int]:
-    """START:END as text, or a [start, end] pair."""
+def _integer_pair(value, name: str, separator: str, form: str) -> tuple[int, int]:
+    """Two integers as text joined by `separator` ("3:7", "3x3") or as a [a, b] pair; `form` names it in errors."""
     if isinstance(value, str):
-        parts = value.split(":")
+        parts = value.lower().split(separator)
         try:
             value = [int(part) for part in parts] if len(parts) == 2 else None
         except ValueError:
             value = None
     if not (isinstance(value, (list, tuple)) and len(value) == 2
             and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
-        raise DiT4EditError(f"{name} takes START:END (two integers)")
+        raise DiT4EditError(f"{name} takes {form} (two integers)")
     return int(value[0]), int(value[1])
+
+
+def parse_range(value, name: str) -> tuple[int, int]:
+    """A block or step range: START:END as text, or a [start, end] pair."""
+    return _integer_pair(value, name, ":", "START:END")
 
 
 def _stride(value, name: str) -> tuple[int, int]:
-    """ROWSxCOLS as text, or a [rows, cols] pair."""
-    if isinstance(value, str):
-        try:
-            value = [int(part) for part in value.lower().split("x")]
-        except ValueError:
-            value = None
-    if not (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
-        raise DiT4EditError(f"{name} takes ROWSxCOLS (two integers)")
-    return int(value[0]), int(value[1])
+    """A merge cell: ROWSxCOLS as text, or a [rows, cols] pair."""
+    return _integer_pair(value, name, "x", "ROWSxCOLS")
 
 
 def _words(value, name: str) -> tuple[str, ...]:
