@@ -148,7 +148,7 @@ def test_generation_equals_diffusers_pixart_pipeline_on_a_capitalised_prompt(tin
     ours, _ = tiny_pipe.generate(prompt, 64, 64, 4, 4.5, generator=torch.Generator().manual_seed(3))
     theirs = reference(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=4.5,
                        generator=torch.Generator().manual_seed(3), use_resolution_binning=False,
-                       clean_caption=False, max_sequence_length=tiny_pipe.max_sequence_length).images[0]
+                       clean_caption=True, max_sequence_length=tiny_pipe.max_sequence_length).images[0]
     other = tiny_pipe.generate("a red square on a white background", 64, 64, 4, 4.5,
                                generator=torch.Generator().manual_seed(3))[0]
     gap = np.abs(pixels(ours) - pixels(theirs)).max()

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import checks
+# Modules that import torch (the pipeline, pictures, PIE-Bench's metrics, the web app, loading) are imported inside
+# the commands that need them: every flag and file is checked before torch loads.
+from . import __version__, batch, checks
+from . import images as imgs
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
 from .loading import OFFLOAD, check_offload, cpu_only, device_for, device_name, load_pipeline
-from .request import MAX_PIXELS, OPTIONS, EditRequest, Settings, parse_range, resolve
+from .model_folder import ModelDefaults, check_folder, default_model, local_folder
+from .request import MAX_PIXELS, OPTIONS, EditRequest, Settings, parse_range, prepare, resolve, run
 
 EXIT_USAGE = 2
 #: `batch` and `pie-bench`: the run finished, but at least one item failed (each failure is in results.jsonl).
@@ -35,8 +42,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(prog="dit4edit", description="Training-free text-guided image editing with diffusion "
                      "transformers (DiT4Edit).")
     parser.add_argument("--version", action="version", version=f"dit4edit {__version__}",
@@ -284,8 +289,6 @@ class Model:
 
 def _model(args) -> Model:
     """The --model folder (configs and dit4edit.json only) and the flags that concern loading, checked."""
-    from .model_folder import ModelDefaults, check_folder, default_model, local_folder
-
     if getattr(args, "offload", None):
         check_offload(args.offload, device_for(args.device))
     if getattr(args, "compile", False) and getattr(args, "merge_ff", None):
@@ -304,8 +307,6 @@ def _resolved(args, model: Model, saved=None):
 def _edit_request(args, model: Model, target: str | None):
     """`edit` / `attention`: the request from INPUT, -s, -t and the flags, its files read and checked (input, saved
     inversion, mask), and its resolved settings."""
-    from .request import prepare
-
     is_inversion = str(args.input).endswith(".safetensors")
     checks.existing_file(args.input, "inversion file" if is_inversion else "input image")
     if args.mask is not None:
@@ -328,9 +329,6 @@ def _say_saved(args, request) -> None:
 
 
 def _edit(args) -> int:
-    from . import images as imgs
-    from .request import run
-
     model = _model(args)
     output = _check_output(args.output, args.input, args.mask)
     _check_inversion_path(args.save_inversion, args.input, args.output, args.mask)
@@ -346,8 +344,7 @@ def _edit(args) -> int:
 
 
 def _attention(args) -> int:
-    from . import pictures
-    from .request import run
+    from . import pictures  # imports torch
 
     model = _model(args)
     out = _output_folder(args.output)
@@ -374,8 +371,6 @@ def _window(text: str | None) -> tuple[int, int] | None:
 
 
 def _reconstruct(args) -> int:
-    from . import images as imgs
-
     model = _model(args)
     output = _check_output(args.output, args.input)
     checks.prompt(args.source, "source prompt")
@@ -390,8 +385,6 @@ def _reconstruct(args) -> int:
 
 
 def _generate(args) -> int:
-    from . import images as imgs
-
     model = _model(args)
     output = _check_output(args.output)
     _check_inversion_path(args.save_inversion, args.output)
@@ -417,9 +410,6 @@ def _generate(args) -> int:
 
 
 def _make_tiny_model(args) -> int:
-    import shutil
-    import tempfile
-
     folder = Path(args.output)
     checks.seed(args.seed, "--seed")
     if folder.exists() and not folder.is_dir():
@@ -444,8 +434,6 @@ def _make_tiny_model(args) -> int:
 
 
 def _batch(args) -> int:
-    from . import batch
-
     model = _model(args)
     checks.existing_file(args.spec, "batch spec")
     out = _output_folder(args.output)
@@ -457,8 +445,6 @@ def _batch(args) -> int:
 
 def _run_batch(args, model: Model, jobs, out: Path, scorer=None, about=()) -> int:
     """Edit `jobs` (resumable, this process's share of them), then report; exit 3 when any item failed."""
-    from . import batch
-
     processes = batch.Processes(cpu=cpu_only(args.device))
 
     def load():
@@ -520,8 +506,6 @@ def _pie_types(text: str | None) -> list[str] | None:
 
 
 def _serve(args) -> int:
-    import importlib.util
-
     if importlib.util.find_spec("gradio") is None:  # a missing extra, told before anything loads
         raise DiT4EditError("the web app needs gradio: pip install 'dit4edit[app]'")
     from . import app as web
@@ -548,8 +532,6 @@ COMMANDS = {"edit": _edit, "attention": _attention, "reconstruct": _reconstruct,
 
 
 def _check_output(output, *inputs) -> Path:
-    from . import images as imgs
-
     output = imgs.check_output_path(output, *[i for i in inputs if i is not None])
     checks.writable_file(output, "output")
     return output

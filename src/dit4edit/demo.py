@@ -5,15 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .cli import main as cli
+from .model_folder import EMBEDDED_MODEL, ModelDefaults
+
 EXAMPLE = Path(__file__).parent / "examples" / "red-circle.png"
 SOURCE = "a red circle on a white background"
 TARGET = "a blue circle on a white background"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli
-    from .model_folder import EMBEDDED_MODEL, ModelDefaults
-
     out = Path((argv or sys.argv[1:] or ["out"])[0])
     out.mkdir(parents=True, exist_ok=True)
     model_args: list[str] = []

@@ -1,7 +1,11 @@
 """Loading a pipeline for a command: the device and precision it asks for, CPU offloading, compiling, VAE tiling;
-and the facts a run reports about its device."""
+and the facts a run reports about its device. torch, diffusers and transformers are imported inside the functions:
+the command line imports this module before it has checked its flags, and loads them only to run."""
 
 from __future__ import annotations
+
+import os
+import platform
 
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
@@ -11,9 +15,6 @@ OFFLOAD = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential
 
 
 def device_name(device) -> str:
-    import os
-    import platform
-
     import torch
 
     device = torch.device(device)

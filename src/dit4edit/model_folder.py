@@ -143,7 +143,7 @@ class ModelDefaults:
     def attention_control(self, **changes):
         """The attention control this model edits with: `AttentionControl` with the model's `control` fields, then
         `changes` on top. A setting `AttentionControl` does not know, or a bad value, is a one-line error."""
-        from .control import AttentionControl
+        from .control import AttentionControl  # imports torch: deferred so folders are checked without it
 
         settings = {**(self.control or {}), **changes}
         known = {f.name for f in fields(AttentionControl)}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from . import images as imgs
+from .errors import DiT4EditError
 
 # A perceptually ordered dark-blue -> red -> yellow ramp (anchor colours, linearly interpolated).
 _RAMP = np.array([[0, 0, 80], [40, 0, 160], [170, 0, 140], [240, 60, 40], [255, 200, 0], [255, 255, 200]], float)
@@ -75,11 +79,6 @@ def write_attention(out, result, base: Image.Image, with_target: bool, steps=Non
     of them all; maps averaged over `steps` (default all). Pictures an earlier run left there under these names
     are removed first, so the folder shows this run only; a name that is one of the files in `protect` (the
     command's inputs) is refused before anything is written. Returns how many files were written."""
-    from pathlib import Path
-
-    from . import images as imgs
-    from .errors import DiT4EditError
-
     out = Path(out)
     pictures: list[tuple[str, Image.Image, str]] = []  # (file name, picture, overview label)
     branches = [("source", 0)] + ([("target", 1)] if with_target else [])

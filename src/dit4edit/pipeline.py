@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -141,9 +143,10 @@ class DiT4EditPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 embeddings and 0/1 masks as PixArt computes them: each prompt prepared as diffusers' PixArt
-        pipelines prepare it without caption cleaning (`prompts.preprocess_prompt`: lowercased and stripped), then
+        pipelines prepare it (`prompts.preprocess_prompt`: lowercased and stripped, cleaned where caption cleaning's
+        packages are installed), then
         `max_sequence_length` (L) tokens. Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`."""
-        prompts = [preprocess_prompt(prompt) for prompt in prompts]
+        prompts = [_prepared(prompt) for prompt in prompts]
         tokens = self.tokenizer(prompts, max_length=self.max_sequence_length, padding="max_length",
                                 truncation=True, add_special_tokens=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self._execution_device)
@@ -155,7 +158,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         tokens; a one-line warning for words outside the model's vocabulary (`defaults.vocabulary`). Both see the
         prompt as the text encoder does (`prompts.preprocess_prompt`)."""
         checks.prompt(prompt, what)
-        prompt = preprocess_prompt(prompt)
+        prompt = _prepared(prompt)
         count = len(self.tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
         if count > self.max_sequence_length:
             raise DiT4EditError(f"the {what} is {count} T5 tokens long; this model reads at most "
@@ -462,7 +465,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             control = AttentionControl(enabled=False)
         user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
         return AttentionController.for_edit(
-            control, self.tokenizer, preprocess_prompt(inversion.source_prompt), [preprocess_prompt(t) for t in targets],
+            control, self.tokenizer, _prepared(inversion.source_prompt), [_prepared(t) for t in targets],
             num_steps=inversion.num_inference_steps, num_blocks=self.num_blocks, grid=self._token_grid(latent_hw),
             patch_size=self.transformer.config.patch_size, user_mask=user_mask, record_words=record_words,
             layout=layout, max_length=self.max_sequence_length,
@@ -543,6 +546,17 @@ class DiT4EditPipeline(DiffusionPipeline):
         settings = (settings or Settings()).with_options(options, "option")
         request = EditRequest(targets=target_prompt, source=source_prompt, image=image, settings=settings)
         return run(self, request, disable_progress=disable_progress)[0]
+
+
+def _prepared(prompt: str) -> str:
+    """A prompt as the text encoder sees it: prepared as diffusers' PixArt pipelines prepare it by default
+    (`clean_caption=True`: cleaned where beautifulsoup4 and ftfy are installed, else lowercased and stripped)."""
+    return preprocess_prompt(prompt, clean_caption=_can_clean_captions())
+
+
+@functools.lru_cache(maxsize=1)
+def _can_clean_captions() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("bs4", "ftfy"))
 
 
 def _hub_prompt_length(name: str, kwargs: dict) -> int:

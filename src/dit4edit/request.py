@@ -20,9 +20,14 @@ from types import MappingProxyType
 from typing import Any
 
 from . import checks
+from . import images as imgs
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
+from .model_folder import ModelDefaults
+
+# Attention control, merging, inversion files and masks import torch: they are imported inside the functions that
+# need them, so the command line resolves and checks a request before torch loads.
 
 #: Layouts of an edit batch under guidance (`BatchLayout`): 4 rows (the source's unconditional row too) or 3.
 ROWS = (3, 4)
@@ -143,8 +148,6 @@ def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | Non
     library's) and, when editing a saved inversion `saved`, from the file (its steps and method are fixed: another
     value is an error; its guidance is the default). With `num_blocks` (the model's transformer blocks) the block
     ranges are checked too. Needs no model; every problem is a one-line `DiT4EditError`."""
-    from .model_folder import ModelDefaults  # nothing heavy: configs and JSON only
-
     if not isinstance(settings, Settings):
         raise DiT4EditError(f"settings must be Settings, got {type(settings).__name__}")
     defaults = defaults if defaults is not None else ModelDefaults()
@@ -261,8 +264,7 @@ def prepare(request: EditRequest, defaults=None, num_blocks: int | None = None,
     `defaults` (the model's `ModelDefaults`) and `num_blocks`, and the named words found in the prompts. Returns the
     request with its files read (`image` a PIL image, `inversion` an `Inversion`, the mask an "L" image) and the
     resolved settings. `allow_no_target`: a request that only records the source's attention."""
-    from . import images as imgs
-    from .inversion_file import Inversion
+    from .inversion_file import Inversion  # torch, deferred (see the imports above)
     from .masks import load_mask
 
     request.check(allow_no_target)

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import DiT4EditError
 from ..layout import SOURCE, BatchLayout
+from ..prompts import PIXART_ALPHA_TOKENS, align, reweight_vector, tokenize, word_token_indices
 from .blend import apply_local_blend, attention_blend_mask
 from .config import AttentionControl, block_range, steps_before
 
@@ -48,8 +49,6 @@ class TokenEdit:
         if config.cross_replace_changed is not None:
             cross_steps[list(alignment.changed_columns)] = steps_before(config.cross_replace_changed, num_steps)
         if config.cross_replace_words or config.reweight:
-            from ..prompts import reweight_vector, word_token_indices
-
             if tokenizer is None or target_prompt is None:
                 raise ValueError("cross_replace_words and reweight need the tokenizer and the target prompt")
             for word, fraction in config.cross_replace_words.items():
@@ -67,8 +66,6 @@ def _unique(words: Sequence[str]) -> tuple[str, ...]:
 def prompt_words(tokenizer, prompt: str, max_length: int | None = None) -> dict[str, list[int]]:
     """`{word: token indices}` for every word of `prompt` as T5 pieces it (a repeated word is named `word#i`, with
     `i` its position among the words)."""
-    from ..prompts import PIXART_ALPHA_TOKENS, tokenize
-
     tokens = tokenize(tokenizer, prompt, PIXART_ALPHA_TOKENS if max_length is None else max_length)
     words = {}
     for index, word in enumerate(tokens.words):
@@ -198,8 +195,6 @@ class AttentionController:
         in T5 tokens (default: PixArt-alpha's). Other keyword arguments go to the constructor (`user_mask`,
         `patch_size`, `record_layers`).
         """
-        from ..prompts import PIXART_ALPHA_TOKENS, align, word_token_indices
-
         layout = BatchLayout(len(target_prompts)) if layout is None else layout
         length = PIXART_ALPHA_TOKENS if max_length is None else max_length
         if alignments is None:
