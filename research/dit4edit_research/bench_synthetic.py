@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sections `args` asks for; every flag is checked before the model loads."""
-    from dit4edit.cli import load_pipeline
+    from dit4edit.loading import load_pipeline
 
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in sections if name not in SECTIONS]

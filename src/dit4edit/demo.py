@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import main as cli
+from . import cli
 from .model_folder import EMBEDDED_MODEL, ModelDefaults
 
 EXAMPLE = Path(__file__).parent / "examples" / "red-circle.png"
@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         print("dit4edit demo: this install has no embedded trained model yet, so the demo uses a tiny model with "
               "RANDOM weights: the pipeline runs end to end, but the picture is noise.")
         if not (tiny / "model_index.json").is_file():
-            code = cli(["make-tiny-model", str(tiny)])
+            code = cli.main(["make-tiny-model", str(tiny)])
             if code:
                 return code
         model_args, model = ["--model", str(tiny)], tiny
     output = out / "demo-edit.png"
     # The same settings as `dit4edit edit`: the model's own (its dit4edit.json), else the library's.
-    code = cli(["edit", str(EXAMPLE), "-s", SOURCE, "-t", TARGET, "-o", str(output), *model_args])
+    code = cli.main(["edit", str(EXAMPLE), "-s", SOURCE, "-t", TARGET, "-o", str(output), *model_args])
     if code == 0:
         defaults = ModelDefaults.from_folder(model)
         print(f"dit4edit demo: edited {EXAMPLE.name} ({SOURCE!r} -> {TARGET!r}) with {defaults.num_inference_steps} "

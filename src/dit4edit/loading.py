@@ -9,6 +9,7 @@ import platform
 
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
+from .model_folder import default_model
 
 #: --offload choices -> the diffusers pipeline method that installs the offload hooks.
 OFFLOAD = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}
@@ -31,20 +32,20 @@ def cpu_only(name: str) -> bool:
 
 
 def load_pipeline(args, device=None, model=None):
-    """The pipeline of `model` (the command's checked model folder or hub id: its `.name`) on `device` (default:
-    the one --device names), with the command's precision, offloading, compiling and tiling flags."""
+    """The pipeline of `model` (the command's model, its `.name` a folder or hub id; default: --model, else the
+    embedded model) on `device` (default: the one --device names), with the command's precision, offloading,
+    compiling and tiling flags. (`from_pretrained` checks the folder.)"""
     import torch
 
     from .pipeline import DiT4EditPipeline
 
-    if model is None:
-        raise ValueError("load_pipeline needs the command's model")
+    name = model.name if model is not None else (args.model or default_model())
     if args.quiet:
         silence_loading_bars()
     device = device or device_for(args.device)
     dtype = dtype_for(args.dtype, torch.device(device).type)
     check_offload(args.offload, torch.device(device).type)
-    pipe = DiT4EditPipeline.from_pretrained(model.name, torch_dtype=dtype)
+    pipe = DiT4EditPipeline.from_pretrained(name, torch_dtype=dtype)
     if args.offload:
         getattr(pipe, OFFLOAD[args.offload])(device=device)
     else:
