@@ -103,6 +103,7 @@ def test_settings_resolve_from_the_user_then_the_model_then_the_library():
     ({"self_layers": "2-4"}, "START:END"),
     ({"merge_stride": [3, 3.0]}, "ROWSxCOLS"),
     ({"max_pixels": 10**9}, "unknown option 'max_pixels'"),
+    ({"mask": 7}, "mask must be an image file's path"),
     ({"colour": "red"}, "unknown option 'colour'"),
 ])  # fmt: skip
 def test_options_by_name_are_strictly_typed(options, message):

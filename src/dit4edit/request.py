@@ -339,9 +339,12 @@ def _number(value, name: str) -> float:
     return checks.number(value, name)
 
 
-def _text(value, name: str) -> str:
-    if not isinstance(value, str):
-        raise DiT4EditError(f"{name} must be text, got {value!r}")
+def _mask(value, name: str):
+    """A mask: its file's path, or (from Python) a PIL image."""
+    from PIL import Image
+
+    if not isinstance(value, (str, os.PathLike, Image.Image)):
+        raise DiT4EditError(f"{name} must be an image file's path, got {checks.printable(repr(value))[:80]}")
     return value
 
 
@@ -443,7 +446,7 @@ SETTING_OPTIONS: dict[str, Callable] = {
     "inversion": _choice(tuple(INVERSION_METHODS)),
     "tol": checks.tolerance,
     "seed": checks.seed,
-    "mask": _text,
+    "mask": _mask,
     "direct_inversion": _flag,
     "rows": _integer,
 }
