@@ -39,11 +39,14 @@ import math
 import torch
 from tqdm.auto import tqdm, trange
 
-from .solvers import Denoiser, InversionResult, Schedule, dpm_step, step_coefficients
+from .schedule import Denoiser, InversionResult, Schedule, dpm_step, step_coefficients
 
 #: A first-order last step at a clean end (x_N = D(x_{N-1}), nearly singular on a trained model) stops once below
 #: this relative residual when its secant iteration slows down.
 LAST_STEP_TOL = 2.5e-3
+#: That step has no exact solution when the input latent lies off what the model can denoise to; its residual is
+#: then the input's own distance from there, and counts as converged up to this (above it, see `converged`).
+LAST_STEP_ACCEPT = 0.25
 #: The forward check's allowance over the last step's own residual, and how often the target may tighten by it.
 FORWARD_MARGIN = 3.0
 FORWARD_TIGHTENINGS = 3
@@ -88,6 +91,7 @@ class ExactInverter:
         self.gains: dict[int, float] = {}  # secant estimate of dD/dx per point
         self.fitted: dict[int, float] = {}  # the multisecant models' scalar gains (solve_coupled)
         self.nfe = 0
+        self.forward_passed: bool | None = None  # solve_coupled's last forward check, None if it ran none
 
     def residual(self, i: int) -> float:
         """Relative residual of step equation i with the current (cached) points."""
@@ -104,8 +108,7 @@ class ExactInverter:
                     changed = True
             if not changed:
                 break
-        residuals = [self.residual(i) for i in range(n)]
-        return InversionResult(trajectory=list(self.xs), residuals=residuals, nfe=self.nfe)
+        return self._result()
 
     def solve_coupled(self, max_sweeps: int, disable: bool) -> InversionResult:
         """All N step equations of a multistep schedule at once (see `invert_dpm_exact`). One progress bar: the
@@ -163,7 +166,8 @@ class ExactInverter:
         bar.set_description("exact inversion")
         for _ in range(max_sweeps):
             if best <= target:
-                if target <= self.tol * FORWARD_MARGIN**-FORWARD_TIGHTENINGS or self._forward_ok(*best_state):
+                self.forward_passed = self._forward_ok(*best_state)
+                if self.forward_passed or target <= self.tol * FORWARD_MARGIN**-FORWARD_TIGHTENINGS:
                     break
                 target /= FORWARD_MARGIN  # the sampler amplifies these residuals: solve further
             if len(history) > STALL_SWEEPS and history[-1] > STALL_GAIN * history[-1 - STALL_SWEEPS]:
@@ -205,7 +209,19 @@ class ExactInverter:
 
     def _result(self) -> InversionResult:
         residuals = [self.residual(i) for i in range(self.schedule.num_steps)]
-        return InversionResult(trajectory=list(self.xs), residuals=residuals, nfe=self.nfe)
+        return InversionResult(trajectory=list(self.xs), residuals=residuals, nfe=self.nfe,
+                               converged=self.converged(residuals))
+
+    def converged(self, residuals: list[float]) -> bool:
+        """Every step residual within the tolerance (a first-order last step at a clean end within
+        `LAST_STEP_ACCEPT`, see there), all finite, and no failed forward check."""
+        n, schedule = self.schedule.num_steps, self.schedule
+        clean_end = schedule.orders[n - 1] == 1 and schedule.sigmas[n].item() == 0.0
+        limits = [self.tol] * n
+        if clean_end:
+            limits[n - 1] = max(self.tol, LAST_STEP_ACCEPT)
+        within = all(math.isfinite(r) and r <= limit for r, limit in zip(residuals, limits))
+        return within and self.forward_passed is not False
 
     def _solve_point(self, secants: Secants, i: int, ratio: float, kappa: float, target: torch.Tensor, itol: float):
         """Solve ratio y + kappa D_i(y) = target from the current x_i by multisecant steps (at most max_iters NFE)."""
@@ -277,6 +293,7 @@ class ExactInverter:
         f = self._step(i, y, d) - target
         inner_tol, eta = self.tol * PER_STEP_TOL_SHARE, self.damping
         res, slow = (f.norm() / target.norm()).item(), False
+        best = (res, y, d)
         for _ in range(self.max_iters):
             if res <= inner_tol or (res <= floor and slow):
                 break
@@ -293,8 +310,10 @@ class ExactInverter:
                 eta *= POINT_REJECT_SHRINK  # damp when a step overshoots
             slow = res_new > SLOW_RATE * res
             y, d, f, res = y_new, d_new, f_new, res_new
+            if res < best[0]:  # (a NaN never is)
+                best = (res, y, d)
         self.gains[i] = gain
-        self.xs[i], self.ds[i] = y, d
+        self.xs[i], self.ds[i] = best[1], best[2]  # an overshooting last iterate does not stick
 
     def _clean_end_guess(self, i: int, target: torch.Tensor, d_guess: torch.Tensor) -> torch.Tensor:
         # At a clean end (s_N = 0) the step is x_N = D(x_{N-1}): guess x_{N-1} = a x_N + s eps(x_N).
