@@ -273,3 +273,20 @@ def test_dpm_exact_progress_bar_ends_full(capsys):
     final = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "warm start" not in final and final.startswith("exact inversion: 100%"), final
     assert err.count("exact inversion:") >= 1 and "warm start:" in err  # the same bar, renamed
+
+
+@pytest.mark.parametrize("name", list(INVERSIONS))
+def test_reported_nfe_counts_every_denoiser_call(name):
+    """On the Gaussian (converges) and under strong guidance at 6 big steps (the exact ones miss 1e-12 and pay
+    for the check against naive inversion): `nfe` is the number of calls the denoiser saw."""
+    for steps, make in ((10, lambda s: gaussian_denoiser(s, 0.5)), (6, lambda s: guided_denoiser(s, spread=0.3))):
+        schedule = Schedule.from_scheduler(pixart_scheduler(), steps)
+        denoise, calls = make(schedule), []
+
+        def counted(x, i):
+            calls.append(i)
+            return denoise(x, i)
+
+        x = 0.5 * torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        result = INVERSIONS[name](counted, x, schedule, tol=1e-12)
+        assert result.nfe == len(calls) >= steps
