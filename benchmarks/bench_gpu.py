@@ -10,7 +10,9 @@ VAE, and a T5-XXL-shaped text encoder (24 layers, 4096 wide). For each size it t
   Variants switch on one thing each: `merge` (patch merging, MergeConfig defaults), `plan<K>` (with `merge`: one
   merging plan per K blocks and step, `MergeConfig.plan_every=K`; `plan28` = one plan per step), `rows3` (the 3-row
   batch without the source's unconditional row), `compile` (regional torch.compile of the transformer blocks; the
-  compile time is the first edit's extra time, reported apart), `offload` (model CPU offload), and `+` combines them.
+  compile time is the first edit's extra time, reported apart), `offload` (model CPU offload), `definv` (the
+  inversion method and tolerance a user gets by default, `dit4edit.defaults.RunSettings`, in place of `--inversion`:
+  what users run), and `+` combines them. Every row reports the inversion's NFE.
 
 Each variant is measured `--rounds` times after one warm-up run (eager variants alternate within a round; compiled
 ones run after compiling once); medians are reported with the peak GPU memory (`torch.cuda.max_memory_allocated`).
@@ -44,14 +46,15 @@ from PIL import Image
 
 from bench_edit import SOURCE, TARGET, timed
 from dit4edit.compiling import compiled_blocks
+from dit4edit.defaults import DEFAULTS
 from dit4edit.merging import MergeConfig
 from dit4edit.pipeline import DiT4EditPipeline
 from dit4edit.tiny import pixart_scheduler, pixart_xl_components, pixart_xl_transformer, tiny_components
 from dit4edit_research.devices import cpu_name, synchronize
 from dit4edit_research.synthetic import generate_scene
 
-SWITCHES = ("merge", "rows3", "compile", "offload")
-DEFAULT_VARIANTS = "base,merge,merge+plan28,rows3,offload,compile,compile+merge+rows3"
+SWITCHES = ("merge", "rows3", "compile", "offload", "definv")
+DEFAULT_VARIANTS = "base,definv,merge,merge+plan28,rows3,offload,compile,compile+merge+rows3"
 TEXT_TOKENS = 120  # PixArt reads 120 T5 tokens
 GUIDANCE = 4.5
 
@@ -63,6 +66,7 @@ class Variant:
     rows3: bool = False
     compile: bool = False
     offload: bool = False
+    definv: bool = False  # the default inversion (method and tol) instead of --inversion
     plan_every: int = 1  # merging blocks per plan (MergeConfig.plan_every)
 
     @classmethod
@@ -158,13 +162,14 @@ class Runner:
 
     def whole_edit(self, image: Image.Image, variant: Variant) -> dict:
         pipe = self.pipe
-        inversion, t_inv = timed(lambda: pipe.invert(image, SOURCE, self.steps, GUIDANCE, method=self.inversion),
+        method, tol = (DEFAULTS.inversion, DEFAULTS.tol) if variant.definv else (self.inversion, DEFAULTS.tol)
+        inversion, t_inv = timed(lambda: pipe.invert(image, SOURCE, self.steps, GUIDANCE, method=method, tol=tol),
                                  self.device)
         merge = replace(self.merge, plan_every=variant.plan_every) if variant.merge else None
         result, t_edit = timed(lambda: pipe.edit(inversion, TARGET, merge=merge, rows=3 if variant.rows3 else 4),
                                self.device)
         assert result.images[0].size == image.size
-        return dict(inversion=t_inv, edit=t_edit)
+        return dict(inversion=t_inv, edit=t_edit, inversion_nfe=inversion.nfe, inversion_method=method)
 
     def edit_run(self, image, variant: Variant) -> dict:
         if not variant.offload:
@@ -244,6 +249,8 @@ def summarize(pipe, width, height, variants, runs, warm, generation, graphs) -> 
         whole = median(runs[v.name], "total")
         row = dict(name=v.name, whole_edit_s=whole, inversion_s=median(runs[v.name], "inversion"),
                    edit_s=median(runs[v.name], "edit"), times=[run["total"] for run in runs[v.name]],
+                   inversion_method=runs[v.name][0]["inversion_method"],
+                   inversion_nfe=median(runs[v.name], "inversion_nfe"),
                    sample_forwards=runs[v.name][0]["rows"], peak_gib=peak(runs[v.name]),
                    edit_over_generation=whole / generation_s,
                    first_edit_s=warm[v.name]["total"], compile_s=warm[v.name]["total"] - whole if v.compile else None)
@@ -358,12 +365,13 @@ def markdown_size(size: dict) -> str:
              f"{size['flops_per_forward'] / 1e12:.3f} TFLOP per sample-forward): diffusers generation "
              f"{size['generation_s']:.2f} s, peak {gib(size['generation_peak_gib'])} GiB; floor "
              f"{size['floor_s']:.3f} s",
-             "| variant | whole edit (s) | inversion (s) | edit (s) | / generation | / floor | sample-forwards "
-             "| peak GiB | compile (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | whole edit (s) | inversion (s) | inversion, NFE | edit (s) | / generation | / floor "
+             "| sample-forwards | peak GiB | compile (s) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for v in size["variants"]:
         compile_s = "" if v["compile_s"] is None else f"{v['compile_s']:.1f}"
-        lines.append(f"| {v['name']} | {v['whole_edit_s']:.2f} | {v['inversion_s']:.2f} | {v['edit_s']:.2f} | "
+        lines.append(f"| {v['name']} | {v['whole_edit_s']:.2f} | {v['inversion_s']:.2f} | "
+                     f"{v['inversion_method']}, {v['inversion_nfe']:g} | {v['edit_s']:.2f} | "
                      f"{v['edit_over_generation']:.2f} | {v['floor_ratio']:.1f} | {v['sample_forwards']} | "
                      f"{gib(v['peak_gib'])} | {compile_s} |")
     return "\n".join(lines)

@@ -44,6 +44,12 @@ def test_tiny_run_reports_every_field_from_its_measurements(bench_gpu, tmp_path,
     assert variants["rows3"]["sample_forwards"] == 2 * 2 + 2 * 3
     assert variants["merge"]["sample_forwards"] == variants["merge+plan28"]["sample_forwards"] == 2 * 2 + 2 * 4
     assert close(size["floor_flops"], variants["base"]["sample_forwards"] * size["flops_per_forward"])
+    # what users run: the default inversion, its NFE reported (naive inversion: one evaluation a step)
+    from dit4edit.defaults import DEFAULTS
+
+    assert variants["base"]["inversion_method"] == "dpm" and variants["base"]["inversion_nfe"] == 2
+    assert variants["definv"]["inversion_method"] == DEFAULTS.inversion and variants["definv"]["inversion_nfe"] >= 2
+    assert variants["definv"]["sample_forwards"] == 2 * variants["definv"]["inversion_nfe"] + 2 * 4
     for v in variants.values():
         assert v["whole_edit_s"] == statistics.median(v["times"]) and len(v["times"]) == results["rounds"]
         assert close(v["floor_ratio"], v["whole_edit_s"] / size["floor_s"])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 from dit4edit import solvers
-from dit4edit.solvers import INVERSIONS, Schedule, sampler_for
+from dit4edit.exact_inversion import ExactInverter
+from dit4edit.solvers import INVERSIONS, InversionResult, Schedule, sampler_for
 from dit4edit.tiny import gaussian_denoiser, pixart_scheduler
 
 
@@ -116,29 +118,83 @@ def guided_denoiser(schedule: Schedule, spread: float, guidance: float = 4.5, di
     return denoise
 
 
+def coupled(denoise, x, schedule, tol, max_sweeps):
+    """The 2M solver itself, without the fallback to naive inversion that `invert_dpm_exact` adds."""
+    return ExactInverter(denoise, x, schedule, tol, 30).solve_coupled(max_sweeps, disable=True)
+
+
 def test_dpm_exact_converges_under_strong_guidance():
     """The scalar-gain Newton this replaced ended here at residual 1e-2, its reconstruction off by 1e-2."""
     schedule = Schedule.from_scheduler(pixart_scheduler(), 20)
     denoise = guided_denoiser(schedule, spread=0.15)
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    warm = solvers.invert_dpm_exact(denoise, x, schedule, tol=1e-8, max_sweeps=0)
+    warm = coupled(denoise, x, schedule, 1e-8, max_sweeps=0)
     result = solvers.invert_dpm_exact(denoise, x, schedule, tol=1e-8)
     assert max(result.residuals) <= 1e-8 < 1e-3 < max(warm.residuals)
     assert rel(solvers.sample_dpmpp_2m(denoise, result.latent, schedule)[-1], x) < 1e-6
     assert result.nfe < 800
 
 
-def test_dpm_exact_is_never_worse_than_its_warm_start():
-    """Where no sweep budget reaches tol (10 big steps, wider spectrum), the safeguards keep the best trajectory."""
-    schedule = Schedule.from_scheduler(pixart_scheduler(), 10)
-    denoise = guided_denoiser(schedule, spread=0.25)
+@pytest.mark.parametrize("steps, spread, sweeps", [(10, 0.25, (1, 3, 40)), (20, 0.1, range(6))])
+def test_dpm_exact_returns_its_best_trajectory(steps, spread, sweeps):
+    """More sweeps never end with a larger largest residual, the warm start's included. Where no sweep budget
+    reaches tol (10 big steps, wide spectrum), and where a sweep is accepted for its smaller residual norm while its
+    largest residual grows (20 steps: after 2 sweeps; returning the last accepted trajectory fails here)."""
+    schedule = Schedule.from_scheduler(pixart_scheduler(), steps)
+    denoise = guided_denoiser(schedule, spread=spread)
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    warm = max(solvers.invert_dpm_exact(denoise, x, schedule, tol=1e-8, max_sweeps=0).residuals)
+    warm = max(coupled(denoise, x, schedule, 1e-8, max_sweeps=0).residuals)
     previous = warm
-    for sweeps in (1, 3, 40):
-        result = solvers.invert_dpm_exact(denoise, x, schedule, tol=1e-8, max_sweeps=sweeps)
-        assert math.isfinite(max(result.residuals)) and max(result.residuals) <= previous <= warm
-        previous = max(result.residuals)
+    for count in sweeps:
+        result = coupled(denoise, x, schedule, 1e-8, max_sweeps=count)
+        largest = max(result.residuals)
+        assert math.isfinite(largest) and largest <= previous * (1 + 1e-9) and previous <= warm * (1 + 1e-9)
+        previous = largest
+
+
+def round_trip(denoise, latent, schedule, x):
+    return rel(solvers.sample_dpmpp_2m(denoise, latent, schedule)[-1], x)
+
+
+@pytest.mark.parametrize("name", ["ddim-exact", "dpm-exact"])
+def test_exact_inversion_that_cannot_converge_warns_and_is_never_worse_than_naive(tiny_pipe, caplog, name):
+    """A tolerance below what a float32 model can resolve (~1e-7 relative) cannot be met. One warning line with
+    the residual, and a round trip no worse than naive inversion's (the NFE include the check)."""
+    from conftest import random_image
+
+    image = random_image(64, 64)
+    latent = tiny_pipe.encode_image(image).double()
+    schedule = Schedule.from_scheduler(tiny_pipe.scheduler, 5)
+    denoise = tiny_pipe.make_denoiser(["a red circle on a white background"], 4.5, schedule, image.size)
+    naive = INVERSIONS[name.removesuffix("-exact")](denoise, latent, schedule)
+    with caplog.at_level(logging.WARNING, logger="dit4edit.solvers"):
+        result = INVERSIONS[name](denoise, latent, schedule, tol=1e-11)
+    sampled_by = schedule if name == "dpm-exact" else schedule.first_order()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "residual" in warnings[0].getMessage() and name in warnings[0].getMessage()
+    assert result.converged is False and result.nfe >= 3 * schedule.num_steps
+    assert round_trip(denoise, result.latent, sampled_by, latent) <= round_trip(denoise, naive.latent, sampled_by,
+                                                                                latent)
+
+
+def test_an_unconverged_inversion_falls_back_to_naive_where_that_is_better(caplog):
+    """`checked_or_naive` keeps whichever trajectory samples back closer to the input: a spoiled one gives way to
+    naive inversion, an unconverged but good one stays; a converged one is returned untouched and unchecked."""
+    schedule = Schedule.from_scheduler(pixart_scheduler(), 10)
+    denoise = gaussian_denoiser(schedule, 0.5)
+    x = 0.5 * torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    exact = solvers.invert_dpm_exact(denoise, x, schedule, tol=1e-8)
+    naive = solvers.invert_dpm(denoise, x, schedule)
+    assert exact.converged and solvers.checked_or_naive(exact, denoise, x, schedule, 1e-8, "dpm-exact") is exact
+    spoiled = InversionResult([exact.latent + 0.5 * torch.ones_like(x)] + exact.trajectory[1:], [0.3] * 10, 100,
+                              converged=False)
+    with caplog.at_level(logging.WARNING, logger="dit4edit.solvers"):
+        kept = solvers.checked_or_naive(spoiled, denoise, x, schedule, 1e-8, "dpm-exact")
+        assert torch.equal(kept.latent, naive.latent) and kept.converged is False and kept.nfe == 100 + 3 * 10
+        unconverged = InversionResult(exact.trajectory, exact.residuals, 100, converged=False)
+        assert solvers.checked_or_naive(unconverged, denoise, x, schedule, 1e-8, "dpm-exact").latent is exact.latent
+    assert len(caplog.records) == 2 and all("using the" in r.getMessage() for r in caplog.records)
+    assert "naive one" in caplog.records[0].getMessage() and "exact one" in caplog.records[1].getMessage()
 
 
 def test_exact_inversion_on_tiny_pixart_with_guidance(tiny_pipe):
@@ -217,3 +273,20 @@ def test_dpm_exact_progress_bar_ends_full(capsys):
     final = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "warm start" not in final and final.startswith("exact inversion: 100%"), final
     assert err.count("exact inversion:") >= 1 and "warm start:" in err  # the same bar, renamed
+
+
+@pytest.mark.parametrize("name", list(INVERSIONS))
+def test_reported_nfe_counts_every_denoiser_call(name):
+    """On the Gaussian (converges) and under strong guidance at 6 big steps (the exact ones miss 1e-12 and pay
+    for the check against naive inversion): `nfe` is the number of calls the denoiser saw."""
+    for steps, make in ((10, lambda s: gaussian_denoiser(s, 0.5)), (6, lambda s: guided_denoiser(s, spread=0.3))):
+        schedule = Schedule.from_scheduler(pixart_scheduler(), steps)
+        denoise, calls = make(schedule), []
+
+        def counted(x, i):
+            calls.append(i)
+            return denoise(x, i)
+
+        x = 0.5 * torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        result = INVERSIONS[name](counted, x, schedule, tol=1e-12)
+        assert result.nfe == len(calls) >= steps

@@ -15,132 +15,26 @@ and the number of denoiser evaluations (NFE) they spent.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import trange
 
-from .errors import DiT4EditError
+from .exact_inversion import ExactInverter
 from .methods import INVERSION_METHODS
+from .schedule import (  # noqa: F401  (re-exported: the solvers' public names)
+    Denoiser,
+    InversionResult,
+    Schedule,
+    StepCallback,
+    check_scheduler,
+    dpm_step,
+    step_coefficients,
+)
 
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
-StepCallback = Callable[[int, torch.Tensor], torch.Tensor | None]
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The N steps of a sampler: model timesteps, the (a, s) of the N + 1 points, and each step's order."""
-
-    timesteps: torch.Tensor  # (N,) model timestep of points 0..N-1
-    alphas: torch.Tensor  # (N + 1,) float64
-    sigmas: torch.Tensor  # (N + 1,) float64
-    orders: tuple[int, ...]  # (N,) 1 or 2
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def lambdas(self) -> torch.Tensor:
-        return self.alphas.log() - self.sigmas.log()  # +inf at a clean end
-
-    def tail(self, start: int) -> Schedule:
-        """The steps from point `start` on (SDEdit starts mid-schedule); its first step is first order."""
-        if not 0 <= start < self.num_steps:
-            raise ValueError(f"start must be in [0, {self.num_steps}), got {start}")
-        orders = (1,) + self.orders[start + 1 :]
-        return Schedule(self.timesteps[start:], self.alphas[start:], self.sigmas[start:], orders)
-
-    def first_order(self) -> Schedule:
-        """The same points with every step first order: DPM-Solver++(1), which is DDIM."""
-        return replace(self, orders=(1,) * self.num_steps)
-
-    @classmethod
-    def from_scheduler(cls, scheduler, num_steps: int) -> Schedule:
-        """The schedule `scheduler`, a diffusers `DPMSolverMultistepScheduler` (DPM-Solver++(2M), as PixArt ships),
-        runs for `num_steps`: its timesteps and sigmas (spacing, Karras/exponential sigmas and the noise schedule
-        of its config all apply). The sampler and inverters here are written for exactly that solver, so any other
-        scheduler, algorithm, order or prediction type is refused with a `DiT4EditError`. Orders follow diffusers:
-        the first step is first order; the last one too when the final sigma is zero, when `euler_at_final` is set,
-        or when `lower_order_final` is set and there are fewer than 15 steps.
-        """
-        from diffusers import DPMSolverMultistepScheduler
-
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        check_scheduler(scheduler)
-        config = dict(scheduler.config)
-        config.pop("variance_type", None)  # PixArt's learned variance: the sampler reads only eps
-        dpm = DPMSolverMultistepScheduler.from_config(config)
-        dpm.set_timesteps(num_steps)
-        sigma = dpm.sigmas.to(torch.float64)  # diffusers' sigma = s / a, with the final one appended
-        alphas = 1.0 / torch.sqrt(sigma**2 + 1.0)
-        sigmas = sigma * alphas
-        cfg = dpm.config
-        last_first_order = (
-            sigmas[-1].item() == 0.0
-            or cfg.euler_at_final
-            or (cfg.lower_order_final and num_steps < 15)
-        )
-        orders = [1 if i == 0 or (i == num_steps - 1 and last_first_order) else 2 for i in range(num_steps)]
-        return cls(timesteps=dpm.timesteps.clone(), alphas=alphas, sigmas=sigmas, orders=tuple(orders))
-
-
-def check_scheduler(scheduler) -> None:
-    """A one-line `DiT4EditError` unless `scheduler` is a DPM-Solver++(2M) on an eps-predicting model: the only
-    scheduler whose steps `sample_dpmpp_2m` (and DDIM, its first-order case) reproduce."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    name = type(scheduler).__name__
-    if not isinstance(scheduler, DPMSolverMultistepScheduler):
-        raise DiT4EditError(f"pipe.scheduler is a {name}; dit4edit samples and inverts with DPM-Solver++(2M) "
-                            f"only: use DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)")
-    config = scheduler.config
-    wanted = {"algorithm_type": "dpmsolver++", "solver_order": 2, "prediction_type": "epsilon"}
-    wrong = {key: config.get(key) for key, value in wanted.items() if config.get(key) != value}
-    if wrong:
-        settings = ", ".join(f"{key}={value!r}" for key, value in wrong.items())
-        raise DiT4EditError(f"pipe.scheduler has {settings}; dit4edit runs DPM-Solver++(2M) on eps predictions "
-                            f"only ({', '.join(f'{k}={v!r}' for k, v in wanted.items())})")
-
-
-@dataclass
-class InversionResult:
-    trajectory: list[torch.Tensor]  # [x_0 (noisiest), ..., x_N (the input)]
-    residuals: list[float] | None  # per step ||x_{i+1} - step_i(x_i)|| / ||x_{i+1}||; None where not measured
-    nfe: int  # denoiser evaluations spent
-
-    @property
-    def latent(self) -> torch.Tensor:
-        """The inverted (noisiest) latent."""
-        return self.trajectory[0]
-
-
-# --- one step --------------------------------------------------------------------------------------------------
-
-
-def step_coefficients(schedule: Schedule, i: int) -> tuple[float, float, float]:
-    """(x coefficient, D coefficient, history weight c) of step i: x_{i+1} = ratio x_i + beta ((1+c) D_i - c D_{i-1})."""
-    a, s, lam = schedule.alphas, schedule.sigmas, schedule.lambdas
-    h = (lam[i + 1] - lam[i]).item()
-    ratio = (s[i + 1] / s[i]).item()
-    beta = a[i + 1].item() * -math.expm1(-h)  # a_t (1 - e^{-h}); equals a_t at a clean end (h = inf)
-    c = 0.0
-    if schedule.orders[i] == 2:
-        h_prev = (lam[i] - lam[i - 1]).item()
-        c = h / (2.0 * h_prev)  # 1 / (2 r), r = h_prev / h
-    return ratio, beta, c
-
-
-def dpm_step(schedule: Schedule, i: int, x: torch.Tensor, denoised: torch.Tensor, denoised_prev=None) -> torch.Tensor:
-    """DPM-Solver++(2M) step i (Lu et al. 2022, Alg. 2; order 1 is DDIM), from point i to point i + 1."""
-    ratio, beta, c = step_coefficients(schedule, i)
-    if c:
-        denoised = (1.0 + c) * denoised - c * denoised_prev
-    return ratio * x + beta * denoised
-
+logger = logging.getLogger(__name__)
 
 # --- sampling --------------------------------------------------------------------------------------------------
 
@@ -182,8 +76,15 @@ def invert_ddim(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, disable:
 
 
 def invert_dpm(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, disable: bool = True, **_) -> InversionResult:
-    """Naive DPM-Solver++(2M) inversion: 2M run in reverse time, model at the known latent (diffusers'
-    `DPMSolverMultistepInverseScheduler` does the same). It drifts, worst at few steps."""
+    """Naive DPM-Solver++(2M) inversion: the sampler's grid walked backwards from the clean end, each step's model
+    output taken at the known, cleaner latent. It drifts, worst at few steps.
+
+    The update is the one diffusers' `DPMSolverMultistepInverseScheduler` makes (data-prediction 2M with the
+    history term of the previous, cleaner point). What differs: that scheduler runs a grid of its own, from timestep
+    0 up to the noisiest one, while this walks the sampler's own points in reverse, starting at the clean end
+    (sigma 0, first order with eps read off the known latent), so that the sampler regenerates the trajectory; and
+    this takes the noisiest step first order, as the sampler's first step is, where that scheduler takes it second
+    order (from 15 steps on)."""
     return _invert_naive(denoise, x, schedule, disable)
 
 
@@ -215,21 +116,45 @@ def _invert_naive(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, disabl
 def invert_ddim_exact(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, tol: float = 1e-6, max_iters: int = 30,
                       damping: float = 1.0, disable: bool = True, **_) -> InversionResult:
     """Exact DDIM inversion: each step's equation solved for the noisier point by a secant iteration (Hong et al.,
-    "On Exact Inversion of DPM-Solvers", CVPR 2024, first-order case; see `dit4edit.exact_inversion`)."""
-    from .exact_inversion import ExactInverter
-
-    inverter = ExactInverter(denoise, x, schedule.first_order(), tol, max_iters, damping)
-    return inverter.run(max_sweeps=1, disable=disable)
+    "On Exact Inversion of DPM-Solvers", CVPR 2024, first-order case; see `dit4edit.exact_inversion`). Short of its
+    tolerance it warns and returns the naive inversion where that reconstructs better (`checked_or_naive`)."""
+    first = schedule.first_order()
+    result = ExactInverter(denoise, x, first, tol, max_iters, damping).run(max_sweeps=1, disable=disable)
+    return checked_or_naive(result, denoise, x, first, tol, "ddim-exact")
 
 
 def invert_dpm_exact(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, tol: float = 1e-6, max_iters: int = 30,
                      damping: float = 1.0, max_sweeps: int = 40, disable: bool = True, **_) -> InversionResult:
     """Exact DPM-Solver++(2M) inversion: the sampler's N coupled step equations solved together to `tol` by
-    multisecant quasi-Newton sweeps with GMRES (see `dit4edit.exact_inversion` for the design and what was dropped)."""
-    from .exact_inversion import ExactInverter
+    multisecant quasi-Newton sweeps with GMRES (see `dit4edit.exact_inversion` for the design and what was dropped).
+    Short of its tolerance it warns and returns the naive inversion where that reconstructs better."""
+    result = ExactInverter(denoise, x, schedule, tol, max_iters, damping).solve_coupled(max_sweeps, disable)
+    return checked_or_naive(result, denoise, x, schedule, tol, "dpm-exact")
 
-    inverter = ExactInverter(denoise, x, schedule, tol, max_iters, damping)
-    return inverter.solve_coupled(max_sweeps, disable)
+
+def checked_or_naive(result: InversionResult, denoise: Denoiser, x: torch.Tensor, schedule: Schedule, tol: float,
+                     name: str) -> InversionResult:
+    """`result` if it converged; else one warning line (its largest step residual) and whichever of `result` and
+    the naive inversion of the same sampler lands closer to `x` when sampled: never worse than naive. The check
+    costs the naive inversion and one sampling run of each (3N NFE, counted in the returned `nfe`)."""
+    if result.converged:
+        return result
+    naive = _invert_naive(denoise, x, schedule, disable=True)
+    exact_error = _round_trip_error(denoise, result.latent, schedule, x)
+    naive_error = _round_trip_error(denoise, naive.latent, schedule, x)
+    keep = result if exact_error <= naive_error else naive
+    worst = max(result.residuals) if result.residuals else float("nan")
+    logger.warning("%s inversion did not reach tol %g (largest step residual %.3g); round trip off by %.3g "
+                   "against %.3g for naive inversion: using the %s one", name, tol, worst, exact_error,
+                   naive_error, "exact" if keep is result else "naive")
+    return InversionResult(trajectory=keep.trajectory, residuals=keep.residuals,
+                           nfe=result.nfe + naive.nfe + 2 * schedule.num_steps, converged=False)
+
+
+def _round_trip_error(denoise: Denoiser, latent: torch.Tensor, schedule: Schedule, x: torch.Tensor) -> float:
+    """||sample(latent) - x|| / ||x|| with the sampler that `schedule`'s orders define (N NFE); inf if not finite."""
+    error = ((sample_dpmpp_2m(denoise, latent, schedule)[-1] - x).norm() / x.norm()).item()
+    return error if math.isfinite(error) else math.inf
 
 
 def step_residuals(denoise: Denoiser, trajectory: list[torch.Tensor], schedule: Schedule) -> list[float]:
