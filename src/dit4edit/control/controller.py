@@ -5,16 +5,21 @@ index and the `step_index` the loop passes, what to do.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
+from .. import checks
 from ..errors import DiT4EditError
 from ..layout import SOURCE, BatchLayout
 from ..prompts import PIXART_ALPHA_TOKENS, align, reweight_vector, tokenize, word_token_indices
 from .blend import apply_local_blend, attention_blend_mask
 from .config import AttentionControl, block_range, steps_before
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, eq=False)
 class TokenEdit:
@@ -56,7 +61,19 @@ class TokenEdit:
                 cross_steps[columns] = steps_before(fraction, num_steps)
             if config.reweight:
                 weights = reweight_vector(tokenizer, target_prompt, dict(config.reweight), length).float()
+                _warn_reweights_outside_their_window(config, tokenizer, target_prompt, cross_steps, length)
         return cls(mapper, alignment.from_source.float(), cross_steps, weights)
+
+
+def _warn_reweights_outside_their_window(config, tokenizer, target_prompt: str, cross_steps, length: int) -> None:
+    """A reweight acts only inside its word's cross-attention window: a word whose window is 0 steps (a changed word
+    under `cross_replace_changed=0`, or a word given a 0 window) would be reweighted nowhere; say so in one line."""
+    for word in config.reweight:
+        columns = word_token_indices(tokenizer, target_prompt, word, length)
+        if columns and int(cross_steps[columns].max()) == 0:
+            logger.warning("the reweight of %r does nothing: its cross-attention window is 0 steps (the words that "
+                           "change attend with their own maps under this model's settings); give it a window with "
+                           "--cross-replace-changed or leave the reweight out", checks.printable(word))
 
 
 def _unique(words: Sequence[str]) -> tuple[str, ...]:
