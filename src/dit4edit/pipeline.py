@@ -225,7 +225,13 @@ class DiT4EditPipeline(DiffusionPipeline):
         stand_in = Inversion(trajectory=torch.zeros(1, self.transformer.config.in_channels, *self.latent_size(size)),
                              source_prompt=source, num_inference_steps=settings.steps, guidance_scale=1.0,
                              method="stand-in", original_size=tuple(size))
-        self.make_controller(settings.control, stand_in, list(targets), mask, record_words=True)
+        control_log = logging.getLogger("dit4edit.control")
+        level = control_log.level
+        control_log.setLevel(logging.ERROR)  # the edit itself warns about the control, once
+        try:
+            self.make_controller(settings.control, stand_in, list(targets), mask, record_words=True)
+        finally:
+            control_log.setLevel(level)
 
     # --- the denoiser ----------------------------------------------------------------------------------------
 
