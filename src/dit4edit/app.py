@@ -27,7 +27,7 @@ from . import checks
 from . import images as imgs
 from . import pictures
 from .errors import DiT4EditError
-from .methods import EDIT_METHODS, EDIT_MODES, INVERSION_METHODS
+from .methods import EDIT_MODES, INVERSION_METHODS
 from .pipeline import DiT4EditPipeline, EditResult, Inversion
 from .request import EditRequest, Resolved, Settings, invert, inversion_key, prepare, resolve, run
 
@@ -117,14 +117,11 @@ class Editor:
         with self._lock:
             key = (_digest(request.image), inversion_key(request, resolved))
             cached, reused = self._cache.get(key), key in self._cache
-            if not EDIT_METHODS[resolved.method].inverts:  # SDEdit: nothing to invert or keep
-                cached, reused = _CachedInversion(None, 0.0), False
-            elif cached is None:
+            if cached is None:
                 start = time.perf_counter()
                 inversion = invert(self.pipe, request, resolved, disable_progress=False)
                 cached = self._keep(key, _CachedInversion(inversion, time.perf_counter() - start))
-            if key in self._cache:
-                self._cache.move_to_end(key)
+            self._cache.move_to_end(key)
             start = time.perf_counter()
             result, inversion = run(self.pipe, request, cached.inversion, record_words=True, disable_progress=False)
             edit_seconds = time.perf_counter() - start
@@ -133,7 +130,7 @@ class Editor:
             edited=result.images[0], reconstruction=result.reconstruction,
             blend_mask=_blend_picture(result, request.image), word_maps=_word_pictures(result, request.image),
             download=download, reused=reused, inversion_seconds=cached.seconds, edit_seconds=edit_seconds,
-            nfe=inversion.nfe if inversion is not None else 0,
+            nfe=inversion.nfe,
         )  # fmt: skip
 
     def _keep(self, key, cached: _CachedInversion) -> _CachedInversion:
@@ -175,10 +172,8 @@ def _digest(image: Image.Image) -> str:
 
 def _word_pictures(result: EditResult, image: Image.Image) -> list[tuple[Image.Image, str]]:
     """Each word's cross-attention, as `dit4edit attention` draws it: source words over the input, target words
-    over the edit (none for a method without attention maps)."""
+    over the edit."""
     tiles = []
-    if result.controller is None:
-        return tiles
     for name, branch, base in (("source", 0, image), ("target", 1, result.images[0])):
         tiles += [(picture, f"{name}: {word}")
                   for word, picture in pictures.word_pictures(result.controller, branch, base)]
@@ -187,8 +182,6 @@ def _word_pictures(result: EditResult, image: Image.Image) -> list[tuple[Image.I
 
 def _blend_picture(result: EditResult, image: Image.Image) -> Image.Image | None:
     """The editable region of the last step over the input, or None when neither a mask nor local blend applied."""
-    if result.controller is None:
-        return None
     mask = result.controller.blend_mask(result.controller.num_steps - 1)
     return None if mask is None else pictures.mask_picture(mask, image)
 
@@ -219,8 +212,7 @@ MODEL_QUEUE = "model"
 #: The page's settings, in the order the API takes them (its inputs 4 to 16): each is the edit option of the
 #: same name (`request.OPTIONS`), except "merging", the opposite of `no_merge`.
 PAGE_OPTIONS = ("steps", "guidance", "inversion", "tol", "self_replace_steps", "self_layers", "cross_replace_steps",
-                "edit_mode", "reweight", "local_blend", "local_blend_changed", "merging", "direct_inversion",
-                "method")
+                "edit_mode", "reweight", "local_blend", "local_blend_changed", "merging", "direct_inversion")
 
 
 def page_values(settings: Resolved) -> dict:
@@ -235,8 +227,7 @@ def page_values(settings: Resolved) -> dict:
                 reweight=", ".join(f"{w}={f:g}" for w, f in (control.reweight if control else {}).items()),
                 local_blend=" ".join(control.local_blend_words) if control else "",
                 local_blend_changed=bool(control and control.local_blend_changed),
-                merging=settings.merge is not None, direct_inversion=settings.direct_inversion,
-                method=settings.method)
+                merging=settings.merge is not None, direct_inversion=settings.direct_inversion)
 
 
 def page_options(values: dict) -> dict:
@@ -318,8 +309,6 @@ def _settings_fields(gr, defaults: dict) -> list:
             "direct_inversion": gr.Checkbox(value=defaults["direct_inversion"],
                                             label="direct inversion: the edit also takes the source's error of "
                                                   "each step"),
-            "method": gr.Dropdown(list(EDIT_METHODS), value=defaults["method"],
-                                  label="method (the paper's baselines on the same model)"),
         }
     return [fields[name] for name in PAGE_OPTIONS]
 
@@ -377,7 +366,7 @@ def _mask_background(path):
 def _edit_handler(editor: Editor, gr):
     def edit(image, source, target, steps, guidance, inversion, tol, self_replace_steps, self_layers,
              cross_replace_steps, edit_mode, reweight, local_blend, local_blend_changed, merging, direct_inversion,
-             method, mask=None, progress=gr.Progress(track_tqdm=True)):  # the settings by name, in PAGE_OPTIONS order
+             mask=None, progress=gr.Progress(track_tqdm=True)):  # the settings by name, in PAGE_OPTIONS order
         given = locals()
         try:
             options = page_options({name: given[name] for name in PAGE_OPTIONS if given[name] is not None})

@@ -26,7 +26,7 @@ from . import __version__, batch, checks
 from . import images as imgs
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
-from .methods import EDIT_METHODS, EDIT_MODES, INVERSION_METHODS
+from .methods import EDIT_MODES, INVERSION_METHODS
 from .loading import OFFLOAD, check_offload, cpu_only, device_for, device_name, load_pipeline
 from .model_folder import ModelDefaults, check_folder, default_model, local_folder
 from .request import MAX_PIXELS, OPTIONS, EditRequest, Settings, parse_range, prepare, resolve, run
@@ -162,11 +162,6 @@ def edit_settings(sub: argparse.ArgumentParser) -> None:
                      help="add the pinned source branch's error of each step to the target too (PnP Inversion's "
                           "direct inversion): what the target prompt does not change follows the input even "
                           "after an inexact inversion")
-    sub.add_argument("--method", default=None, choices=list(EDIT_METHODS),
-                     help="editing method on the same model and inversion (default dit4edit): " + "; ".join(
-                         f"{name}: {method.summary}" for name, method in EDIT_METHODS.items()))
-    sub.add_argument("--strength", type=float, default=None,
-                     help="sdedit's noise level, a fraction of the schedule in (0, 1] (default 0.6)")
     sub.add_argument("--rows", type=int, default=None, choices=[3, 4],
                      help="rows of the edit batch under guidance: 4 (default), or 3 to leave out the source's "
                           "unconditional row (one forward row fewer; the target's unconditional row is then not "

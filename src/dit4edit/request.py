@@ -23,7 +23,7 @@ from . import checks
 from . import images as imgs
 from .defaults import DEFAULTS
 from .errors import DiT4EditError
-from .methods import EDIT_METHODS, EDIT_MODES, INVERSION_METHODS
+from .methods import EDIT_MODES, INVERSION_METHODS
 from .model_folder import ModelDefaults
 
 # Attention control, merging, inversion files and masks import torch: they are imported inside the functions that
@@ -54,9 +54,6 @@ class Settings:
     pin_source: the source branch follows the inversion's trajectory (else it runs free).
     direct_inversion: every target also takes the pinned source's error of each step (PnP Inversion).
     rows: 4 or 3 rows per edit batch under guidance (3 leaves out the source's unconditional row).
-    method: the editing method (`methods.EDIT_METHODS`: dit4edit, p2p, masactrl, pnp-inversion, sdedit); its
-        attention-control settings go on top of the model's, the user's changes on top of those.
-    strength: SDEdit's noise level, a fraction of the schedule in (0, 1].
     max_pixels: the largest input accepted, in pixels (the operator's limit: a batch line cannot raise it).
     """
 
@@ -71,8 +68,6 @@ class Settings:
     pin_source: bool = True
     direct_inversion: bool = False
     rows: int = 4
-    method: str = "dit4edit"
-    strength: float = 0.6
     max_pixels: int | None = None
 
     def __post_init__(self):
@@ -130,16 +125,6 @@ def _changed(config, name: str, value, key: str):
         raise DiT4EditError(f"{key}: {error}") from None
 
 
-@dataclass
-class EditResult:
-    """What an edit returns."""
-
-    images: list  # PIL images, one per target prompt, at the input's original size
-    reconstruction: Any  # the source branch decoded (what the edit keeps); SDEdit: the input
-    latents: Any  # (1 + targets, C, h, w) final latents, source first (a torch tensor; empty for SDEdit)
-    controller: Any = None  # the AttentionController holding the recorded attention maps, when any
-
-
 @dataclass(frozen=True)
 class Resolved:
     """Settings with nothing left open, validated: what an edit runs with."""
@@ -155,8 +140,6 @@ class Resolved:
     pin_source: bool
     direct_inversion: bool
     rows: int
-    method: str
-    strength: float
     max_pixels: int
 
 
@@ -181,14 +164,7 @@ def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | Non
     rows = checks.integer(settings.rows, "rows", 3, 4)
     if rows == 3 and not settings.pin_source:
         raise DiT4EditError("the 3-row layout has no unconditional source row: it needs the pinned source branch")
-    edit_method = EDIT_METHODS[_choice(tuple(EDIT_METHODS))(settings.method, "method")]
-    if edit_method.direct_inversion and not settings.pin_source:
-        raise DiT4EditError(f"{settings.method} corrects the targets by the pinned source's error: it cannot run "
-                            "with a free source branch (--free-source)")
-    control = settings.control
-    if isinstance(control, Mapping):  # the method's control on top of the model's, the user's changes on top
-        control = {**dict(edit_method.control), **control}
-    control, merge = _control(control, defaults) if edit_method.inverts else None, _merge(settings.merge)
+    control, merge = _control(settings.control, defaults), _merge(settings.merge)
     if num_blocks is not None:
         if control is not None:
             control.self_blocks(num_blocks)
@@ -200,9 +176,7 @@ def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | Non
         tol=checks.tolerance(DEFAULTS.tol if settings.tol is None else settings.tol),
         seed=checks.seed(DEFAULTS.seed if settings.seed is None else settings.seed),
         control=control, merge=merge, mask=settings.mask, pin_source=_flag(settings.pin_source, "pin_source"),
-        direct_inversion=_flag(settings.direct_inversion, "direct_inversion") or edit_method.direct_inversion,
-        rows=rows, method=settings.method, strength=checks.number(settings.strength, "strength", 0.0, 1.0,
-                                                                  low_open=True),
+        direct_inversion=_flag(settings.direct_inversion, "direct_inversion"), rows=rows,
         max_pixels=checks.integer(MAX_PIXELS if settings.max_pixels is None else settings.max_pixels,
                                   "max_pixels", 1),
     )  # fmt: skip
@@ -328,35 +302,12 @@ def run(pipe, request: EditRequest, inversion=None, targets: Sequence[int] | Non
     chosen = list(request.targets)
     size = saved.original_size if saved is not None else request.image.size
     pipe.check_edit(request.source, chosen, resolved, size, resolved.mask)
-    if not EDIT_METHODS[resolved.method].inverts:
-        return _noise_and_denoise(pipe, request, resolved, chosen, disable_progress), None
     inversion = saved or inversion or invert(pipe, request, resolved, disable_progress)
     result = pipe.edit(inversion, chosen, guidance_scale=resolved.guidance, pin_source=resolved.pin_source,
                        control=resolved.control, mask=resolved.mask, merge=resolved.merge,
                        record_words=record_words, disable_progress=disable_progress, rows=resolved.rows,
                        source_image=request.image, direct_inversion=resolved.direct_inversion)
     return result, inversion
-
-
-def _noise_and_denoise(pipe, request: EditRequest, resolved: Resolved, targets: list[str], disable_progress):
-    """SDEdit: each target from the input noised to `resolved.strength` (seeded by `resolved.seed`); a mask keeps
-    the input outside it. Needs an input image (a saved inversion holds no pixels to noise)."""
-    import torch
-
-    from .masks import paste_outside, pixel_mask
-
-    if request.image is None:
-        raise DiT4EditError(f"{resolved.method} noises the input image: give the image, not a saved inversion")
-    images = []
-    for target in targets:
-        edited = pipe.sdedit(request.image, target, resolved.strength, resolved.steps, resolved.guidance,
-                             generator=torch.Generator().manual_seed(resolved.seed),
-                             max_pixels=resolved.max_pixels, disable_progress=disable_progress)
-        if resolved.mask is not None:
-            edited = paste_outside(edited, request.image, pixel_mask(resolved.mask, request.image.size),
-                                   radius=pipe.vae_scale_factor)
-        images.append(edited)
-    return EditResult(images=images, reconstruction=request.image, latents=torch.empty(0))
 
 
 def invert(pipe, request: EditRequest, resolved: Resolved, disable_progress: bool | None = None):
@@ -498,8 +449,6 @@ SETTING_OPTIONS: dict[str, Callable] = {
     "mask": _mask,
     "direct_inversion": _flag,
     "rows": _integer,
-    "method": _choice(tuple(EDIT_METHODS)),
-    "strength": _number,
 }
 #: Every option name, in the order `--help` and error messages list them.
 OPTIONS = (*SETTING_OPTIONS, *SWITCHES, *CONTROL_OPTIONS, *MERGE_OPTIONS)
