@@ -137,6 +137,10 @@ def read_spec(path: str | os.PathLike, settings: Settings = Settings(), out: str
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DiT4EditError(f"cannot read batch spec {path}: {type(error).__name__}") from None
+    if out is not None and (path.resolve() == (Path(out) / RESULTS).resolve()
+                            or path.resolve().parent == (Path(out) / SHARDS).resolve()):
+        raise DiT4EditError(f"the batch spec {checks.printable(str(path))} is where this batch records its results: "
+                            "copy it elsewhere or choose another output folder")
     protect = [path, *((Path(out) / RESULTS,) if out is not None else ())]
     jobs, seen = [], set()
     for number, text in enumerate(lines, start=1):
