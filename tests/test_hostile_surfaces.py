@@ -65,6 +65,16 @@ def test_reweight_outside_its_cross_attention_window_says_so(small, tmp_path, ti
     assert code == 0 and not [r for r in caplog.records if "does nothing" in r.getMessage()]
 
 
+def test_warnings_escape_control_characters_of_prompts(small, tmp_path, tiny_model_dir, caplog):
+    target = "a blue\x1b]0;owned\x07 circle on a white background"
+    code = main(["edit", str(small), "-s", SOURCE, "-t", target, "-o", str(tmp_path / "o.png"), *FAST,
+                 *model_args(tiny_model_dir), "--cross-replace-changed", "0", "--reweight", "blue\x1b]0;owned\x07=2"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert code == 0 and any("does nothing" in w for w in warnings)
+    assert all(no_control_chars(w) for w in warnings)
+    assert any("\\x1b]0;owned\\x07" in w for w in warnings)
+
+
 def test_edit_output_never_replaces_its_own_mask(small, tmp_path, tiny_model_dir, capsys):
     mask = tmp_path / "m.png"
     Image.new("L", (32, 32), 255).save(mask)

@@ -91,7 +91,7 @@ def _warn_idle_reweight(config: AttentionControl, tokenizer, target_prompt: str,
         columns = word_token_indices(tokenizer, target_prompt, word, length)
         if columns and not bool((cross_steps[columns] > 0).any()):
             logging.getLogger(__name__).warning(
-                "reweight of %r does nothing: its cross-attention window is 0 steps (cross_replace_changed or "
+                "reweight of '%s' does nothing: its cross-attention window is 0 steps (cross_replace_changed or "
                 "cross_replace_words); widen the window to let it act", printable(word))
 
 
