@@ -208,7 +208,7 @@ def test_write_error_is_one_line(tmp_path, monkeypatch, capsys, tiny_model_dir):
                  *model_args(tiny_model_dir)])
     err = capsys.readouterr().err
     assert code != 0 and code != 1 and len(err.strip().splitlines()) == 1 and "internal" not in err
-    assert not out.exists()
+    assert not out.exists() and not out.parent.exists()  # nor the folder made for it
 
 
 # --- batch specs ---------------------------------------------------------------------------------------------------
@@ -347,6 +347,24 @@ def test_each_finished_target_is_recorded_at_once(tmp_path, monkeypatch):
         batch.run_jobs(jobs, out, lambda: object(), batch.Processes(cpu=True), disable_progress=True)
     rows = batch.read_rows(out / batch.SHARDS / "results-00000.jsonl")
     assert [(row["target"], row["status"]) for row in rows] == [(0, "ok")]
+
+
+def test_a_failed_output_leaves_no_image(tmp_path, monkeypatch):
+    random_image(32, 32).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    jobs = batch.read_spec(spec_file(tmp_path, [item()]), out=out)
+
+    class Result:
+        images = [random_image(32, 32)]
+
+    monkeypatch.setattr(batch, "run_request", lambda *args, **kwargs: (Result(), "inversion"))
+
+    def scorer(job, k, image):
+        raise ValueError("the benchmark's mask does not fit")
+
+    rows = list(batch.run_job(object(), jobs[0], out, scorer=scorer))
+    assert rows[0]["status"] == "failed" and "mask" in rows[0]["error"]
+    assert not (out / jobs[0].outputs[0]).exists()
 
 
 def test_missing_batch_mask_is_named_as_a_mask(tmp_path, tiny_pipe):

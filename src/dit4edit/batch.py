@@ -366,12 +366,15 @@ def run_job(pipe, job: Job, out: Path, todo: Sequence[int] | None = None, scorer
             yield _row(job, k, run, error=job.error)
             continue
         start = time.perf_counter()
+        saved = None
         try:
             result, inversion = run_request(pipe, job.request, inversion=inversion, targets=[k], disable_progress=True)
-            imgs.save_image(result.images[0], out / job.outputs[k])
+            saved = imgs.save_image(result.images[0], out / job.outputs[k])
             seconds = time.perf_counter() - start
             scores = scorer(job, k, result.images[0]) if scorer else {}
         except Exception as error:  # noqa: BLE001 - any failure of one output is recorded and the batch goes on
+            if saved is not None:  # a failed row leaves no image that looks like a result
+                Path(saved).unlink(missing_ok=True)
             yield _row(job, k, run, error=_reason(error, job))
             continue
         yield _row(job, k, run, seconds=seconds, **scores)
