@@ -320,6 +320,32 @@ def test_the_api_edits_with_three_inputs_and_answers_bad_requests_with_errors(se
     assert region.shape == (48, 64) and region[:, :32].mean() > 1.5 * region[:, 40:].mean()
 
 
+def test_the_api_refuses_hostile_requests_in_one_line_before_inverting(server, client, picture, tmp_path,
+                                                                       monkeypatch):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    app, editor = server
+    inverts = Counting(editor.pipe, "invert", monkeypatch)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 300_000), "white").save(thin)  # 300k pixels, but 16x that to work on
+    junk = tmp_path / "layer.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    brush = {"background": handle_file(str(picture)), "layers": [handle_file(str(junk))], "composite": None}
+    cases = [((handle_file(str(thin)), SOURCE, TARGET), {}, "over the limit"),
+             ((handle_file(str(picture)), SOURCE, TARGET), {"steps": 2.7}, "steps"),
+             ((handle_file(str(picture)), SOURCE, TARGET), {"local_blend_changed": "no"}, "true or false"),
+             ((handle_file(str(picture)), SOURCE, "\u200b\u2060"), {}, "empty"),
+             ((handle_file(str(picture)), SOURCE, TARGET), {"mask": brush}, "mask")]
+    for inputs, options, message in cases:
+        with pytest.raises(AppError) as error:
+            client.predict(*inputs, **options, api_name="/edit")
+        text = str(error.value)
+        assert message in text, (options, text)
+        assert "\n" not in text.strip() and "/tmp" not in text and str(tmp_path) not in text
+    assert inverts.calls == 0
+
+
 def test_concurrent_requests_are_queued_on_the_model(server, picture, monkeypatch):
     from gradio_client import Client, handle_file
 

@@ -266,8 +266,10 @@ def build_app(editor: Editor):
                 settings = _settings_fields(gr, defaults)
                 with gr.Accordion("brush mask: paint where the edit may change the image (optional; painted = "
                                   "editable, as the opaque part of a mask file)", open=False):
-                    mask = gr.ImageEditor(label="mask", type="pil", sources=[], layers=False, transforms=[],
-                                          brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
+                    mask = _readable(gr, gr.ImageEditor(label="mask", type="pil", sources=[], layers=False,
+                                                        transforms=[],
+                                                        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed")),
+                                     "the brushed mask")
                 gr.Examples([[str(EXAMPLE), EXAMPLE_SOURCE, EXAMPLE_TARGET]], inputs=[image, source, target])
             with gr.Column():
                 with gr.Row():
@@ -314,22 +316,27 @@ def _settings_fields(gr, defaults: dict) -> list:
 
 
 def _checked_image(gr, **kwargs):
-    """A `gr.Image` whose unreadable uploads are a one-line message in the page (and an error for an API client)
-    instead of a failed event with a traceback in the server's log. (A wrapper on this one component's
-    `preprocess`: a subclass would make Gradio write a type-stub file next to this module.)"""
-    image = gr.Image(**kwargs)
-    read = image.preprocess
+    """A `gr.Image` whose unreadable uploads are a one-line message (see `_readable`)."""
+    return _readable(gr, gr.Image(**kwargs))
+
+
+def _readable(gr, component, what: str | None = None):
+    """`component` (an image or image-editor input) with unreadable uploads as a one-line message in the page (and
+    an error for an API client, naming `what` or the upload's own name, never a server path) instead of a failed
+    event with a traceback in the server's log. (A wrapper on this one component's `preprocess`: a subclass would
+    make Gradio write a type-stub file next to this module.)"""
+    read = component.preprocess
 
     def preprocess(payload):
         try:
             return read(payload)
         except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for a file it cannot read
-            name = getattr(payload, "orig_name", None) or "the upload"
+            name = what or checks.printable(getattr(payload, "orig_name", None) or "the upload")
             raise gr.Error(f"cannot read {name}: not an image or corrupt ({type(error).__name__})",
                            print_exception=False) from None
 
-    image.preprocess = preprocess
-    return image
+    component.preprocess = preprocess
+    return component
 
 
 def check_port(host: str, port: int) -> None:

@@ -137,6 +137,10 @@ def read_spec(path: str | os.PathLike, settings: Settings = Settings(), out: str
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DiT4EditError(f"cannot read batch spec {path}: {type(error).__name__}") from None
+    if out is not None and (path.resolve() == (Path(out) / RESULTS).resolve()
+                            or path.resolve().parent == (Path(out) / SHARDS).resolve()):
+        raise DiT4EditError(f"the batch spec {checks.printable(str(path))} is where this batch records its results: "
+                            "copy it elsewhere or choose another output folder")
     protect = [path, *((Path(out) / RESULTS,) if out is not None else ())]
     jobs, seen = [], set()
     for number, text in enumerate(lines, start=1):
@@ -362,12 +366,15 @@ def run_job(pipe, job: Job, out: Path, todo: Sequence[int] | None = None, scorer
             yield _row(job, k, run, error=job.error)
             continue
         start = time.perf_counter()
+        saved = None
         try:
             result, inversion = run_request(pipe, job.request, inversion=inversion, targets=[k], disable_progress=True)
-            imgs.save_image(result.images[0], out / job.outputs[k])
+            saved = imgs.save_image(result.images[0], out / job.outputs[k])
             seconds = time.perf_counter() - start
             scores = scorer(job, k, result.images[0]) if scorer else {}
         except Exception as error:  # noqa: BLE001 - any failure of one output is recorded and the batch goes on
+            if saved is not None:  # a failed row leaves no image that looks like a result
+                Path(saved).unlink(missing_ok=True)
             yield _row(job, k, run, error=_reason(error, job))
             continue
         yield _row(job, k, run, seconds=seconds, **scores)

@@ -19,6 +19,7 @@ from . import checks
 from . import images as imgs
 from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
+from .control.controller import quiet_dry_run
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
 from .inversion_file import GENERATED, Inversion, check_model, model_record
@@ -225,13 +226,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         stand_in = Inversion(trajectory=torch.zeros(1, self.transformer.config.in_channels, *self.latent_size(size)),
                              source_prompt=source, num_inference_steps=settings.steps, guidance_scale=1.0,
                              method="stand-in", original_size=tuple(size))
-        control_log = logging.getLogger("dit4edit.control")
-        level = control_log.level
-        control_log.setLevel(logging.ERROR)  # the edit itself warns about the control, once
-        try:
+        with quiet_dry_run():  # the edit builds its own controller and says what it warns about once
             self.make_controller(settings.control, stand_in, list(targets), mask, record_words=True)
-        finally:
-            control_log.setLevel(level)
 
     # --- the denoiser ----------------------------------------------------------------------------------------
 

@@ -281,6 +281,8 @@ def prepare(request: EditRequest, defaults=None, num_blocks: int | None = None,
     image = request.image
     if isinstance(image, (str, os.PathLike)):
         image = imgs.load_image(image, limit)
+    elif image is not None and hasattr(image, "size"):  # an image in memory: the same limit, on its work size
+        imgs.check_size(image.size, limit)
     resolved = resolve(settings, defaults, saved, num_blocks)
     replace(request, targets=request.targets or (source,)).check_words(resolved.control, source)
     size = saved.original_size if saved is not None else image.size

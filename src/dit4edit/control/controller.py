@@ -5,13 +5,14 @@ index and the `step_index` the loop passes, what to do.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-from .. import checks
 from ..errors import DiT4EditError
 from ..layout import SOURCE, BatchLayout
 from ..prompts import PIXART_ALPHA_TOKENS, align, reweight_vector, tokenize, word_token_indices
@@ -61,19 +62,39 @@ class TokenEdit:
                 cross_steps[columns] = steps_before(fraction, num_steps)
             if config.reweight:
                 weights = reweight_vector(tokenizer, target_prompt, dict(config.reweight), length).float()
-                _warn_reweights_outside_their_window(config, tokenizer, target_prompt, cross_steps, length)
+                _warn_idle_reweight(config, tokenizer, target_prompt, cross_steps, length)
         return cls(mapper, alignment.from_source.float(), cross_steps, weights)
 
 
-def _warn_reweights_outside_their_window(config, tokenizer, target_prompt: str, cross_steps, length: int) -> None:
-    """A reweight acts only inside its word's cross-attention window: a word whose window is 0 steps (a changed word
-    under `cross_replace_changed=0`, or a word given a 0 window) would be reweighted nowhere; say so in one line."""
+#: False while a controller is built only to check an edit (`quiet_dry_run`): its warnings come from the real run.
+_WARN = contextvars.ContextVar("dit4edit_controller_warn", default=True)
+
+
+@contextlib.contextmanager
+def quiet_dry_run():
+    """Build controllers without their warnings (a check before the edit, which builds its own and warns)."""
+    token = _WARN.set(False)
+    try:
+        yield
+    finally:
+        _WARN.reset(token)
+
+
+def _warn_idle_reweight(config: AttentionControl, tokenizer, target_prompt: str, cross_steps: torch.Tensor,
+                        length: int) -> None:
+    """One warning line per reweighted word whose cross-attention window is 0 steps: the weights act only inside
+    the window, so such a reweight cannot change the edit (e.g. the changed word under `cross_replace_changed: 0`)."""
+    from ..checks import printable
+    from ..prompts import word_token_indices
+
+    if not _WARN.get():
+        return
     for word in config.reweight:
         columns = word_token_indices(tokenizer, target_prompt, word, length)
-        if columns and int(cross_steps[columns].max()) == 0:
-            logger.warning("the reweight of %r does nothing: its cross-attention window is 0 steps (the words that "
-                           "change attend with their own maps under this model's settings); give it a window with "
-                           "--cross-replace-changed or leave the reweight out", checks.printable(word))
+        if columns and not bool((cross_steps[columns] > 0).any()):
+            logging.getLogger(__name__).warning(
+                "reweight of '%s' does nothing: its cross-attention window is 0 steps (cross_replace_changed or "
+                "cross_replace_words); widen the window to let it act", printable(word))
 
 
 def _unique(words: Sequence[str]) -> tuple[str, ...]:
