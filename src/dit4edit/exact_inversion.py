@@ -48,6 +48,8 @@ from .schedule import Denoiser, InversionResult, Schedule, dpm_step, step_coeffi
 #: A first-order last step at a clean end (x_N = D(x_{N-1}), nearly singular on a trained model) stops once below
 #: this relative residual when its secant iteration slows down.
 LAST_STEP_TOL = 2.5e-3
+#: ddim-exact stops there at most this many times its tolerance (a tighter tol asks for a tighter clean end).
+LAST_STEP_TOL_SCALE = 25.0
 #: That step has no exact solution when the input latent lies off what the model can denoise to; its residual is
 #: then the input's own distance from there, and counts as converged up to this (above it, see `converged`).
 LAST_STEP_ACCEPT = 0.25
@@ -238,10 +240,11 @@ class ExactInverter:
     def _solve_step(self, secants: Secants, i: int) -> None:
         """One first-order step equation, ratio x_i + beta D(x_i) = x_{i+1}, for x_i (ddim-exact): from the naive
         guess by multisecant steps whose model starts with the cleaner point's last `CARRY_PAIRS` secant pairs (dD/dx
-        changes slowly along the schedule). A step at a clean end (ratio 0) goes to `_solve`."""
+        changes slowly along the schedule). A step at a clean end (ratio 0) goes to `_solve`, whose slow-convergence floor
+        (`LAST_STEP_TOL`) scales down with the tolerance."""
         ratio, beta, _ = step_coefficients(self.schedule, i)
         if ratio == 0 or self.xs[i] is not None:
-            self._solve(i, floor=LAST_STEP_TOL if ratio == 0 else 0.0)
+            self._solve(i, floor=min(LAST_STEP_TOL, LAST_STEP_TOL_SCALE * self.tol) if ratio == 0 else 0.0)
             return
         target = self.xs[i + 1]
         d_guess = self.ds[i + 1] if i + 1 < len(self.ds) else self._eval(target, i)
