@@ -14,6 +14,10 @@
    method at each tolerance and guidance: NFE, latent NMSE of the round trip, and reconstruction PSNR minus the VAE
    round trip's. Rows go to DIR/curve.jsonl as they are made (a rerun resumes); the table to stdout.
 
+4. `--bdia`: BDIA-DDIM (an exactly invertible sampler, tried and kept out of the package) on the embedded model:
+   round trips from the stored pair (x_0, x_1) and from x_0 alone, and the size of the inverted x_0;
+   `--bdia-edits DIR`: the editing benchmark's 48 pairs with BDIA as inversion and edit sampler.
+
 Run: .venv/bin/python benchmarks/bench_inversion.py [--tol 1e-5] > benchmarks/results/inversion.md
      .venv/bin/python benchmarks/bench_inversion.py --curve benchmarks/results/inversion-curve [--points ...]
 """

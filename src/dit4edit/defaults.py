@@ -22,8 +22,8 @@ class RunSettings:
 
     steps: int = 30
     guidance: float = 4.5
-    inversion: str = "dpm-exact"
-    tol: float = 1e-5
+    inversion: str = "dpm"
+    tol: float = 1e-4
     seed: int = 0
 
 

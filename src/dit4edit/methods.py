@@ -19,10 +19,12 @@ class InversionMethod:
 
 #: Inversion methods by name; `dit4edit.solvers.INVERSIONS` maps each to its function.
 INVERSION_METHODS = {
-    "dpm-exact": InversionMethod("dpm", True, "exact DPM-Solver++(2M) inversion (default)"),
-    "dpm": InversionMethod("dpm", False, "naive DPM-Solver++(2M) inversion"),
-    "ddim-exact": InversionMethod("ddim", True, "exact DDIM inversion"),
-    "ddim": InversionMethod("ddim", False, "naive DDIM inversion"),
+    "dpm-exact": InversionMethod("dpm", True, "exact DPM-Solver++(2M) inversion; ~10x the NFE of naive inversion at "
+                                 "guidance 1.5, ~30x at 4.5, and often short of its tolerance there"),
+    "dpm": InversionMethod("dpm", False, "naive DPM-Solver++(2M) inversion, one NFE a step (default)"),
+    "ddim-exact": InversionMethod("ddim", True, "exact DDIM inversion; ~3x the NFE of naive inversion at guidance "
+                                  "1.5, ~6x at 4.5"),
+    "ddim": InversionMethod("ddim", False, "naive DDIM inversion, one NFE a step"),
 }
 
 #: How target tokens are aligned with source tokens (`dit4edit.prompts.align`): "replace" (same word count, each
