@@ -14,6 +14,7 @@ from PIL import Image
 
 from dit4edit import batch
 from dit4edit.cli import EXIT_ITEMS_FAILED, build_parser, main, settings_from_args
+from dit4edit.defaults import DEFAULTS
 from dit4edit.errors import DiT4EditError
 from dit4edit.request import EditRequest, Settings
 from dit4edit.request import resolve as resolve_settings
@@ -38,7 +39,7 @@ def resolver(*extra):
 def test_item_settings_use_the_edit_options():
     resolve = resolver("--steps", "7", "--reweight", "blue=2")
     base = resolve({})
-    assert (base.steps, base.guidance, base.inversion, base.pin_source) == (7, 4.5, "dpm-exact", True)
+    assert (base.steps, base.guidance, base.inversion, base.pin_source) == (7, 4.5, DEFAULTS.inversion, True)
     assert base.control is not None and base.merge is not None
     item = resolve({"steps": 3, "self-replace-steps": 0.5, "no_merge": True, "free_source": True,
                     "local_blend": "blue circle", "reweight": {"circle": 1.5}, "inversion": "ddim"})
