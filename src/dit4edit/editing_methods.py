@@ -1,0 +1,179 @@
+"""Editing methods by name: what each installs on the same pipeline and attention layer, and how it steps.
+
+A method is data (`EditMethod`: the attention-control changes it implies on top of the model's, whether it
+inverts, whether the targets take the source's error) plus, only where the shared edit loop does not fit, a small
+function. `request.run` dispatches on the name; nothing here copies the edit loop. The published defaults, given
+for Stable Diffusion 1.x UNets (16 attention layers, 50 DDIM steps), are translated to the transformer: step
+fractions stay fractions of the schedule, "the decoder's later layers" become the deeper transformer blocks.
+
+Importable without torch (the command line checks `--method` before loading a model).
+
+InstructPix2Pix, the paper's sixth baseline, needs an instruction-trained model; no transformer checkpoint here has
+one, so it is not run. Its published PIE-Bench numbers (Stable Diffusion 1.5 backbone, *another backbone*, from the
+PnP Inversion benchmark, Ju et al. 2024): structure distance 57.91e-3, PSNR 20.82, LPIPS 158.63e-3, MSE 227.78e-4,
+SSIM 76.26e-2, CLIP similarity 23.61 (whole) / 21.64 (edited).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import DiT4EditError
+
+#: SDEdit's default strength (the fraction of the schedule it noises to), as in `pipe.sdedit`.
+SDEDIT_STRENGTH = 0.6
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """One editing method as data.
+
+    control: `AttentionControl` field changes on top of the model's control (the user's changes apply on top of
+        these); None = the method installs no attention control.
+    direct_inversion: every target also takes the pinned source branch's error of each step (PnP Inversion).
+    inverts: the method needs an inversion of the input (False: it never calls `pipe.invert`).
+    run: `run(pipe, request, resolved, targets, record_words, disable_progress) -> (EditResult, Inversion or None)`
+        for a method that leaves the shared invert-then-edit path; None = the shared path.
+    """
+
+    summary: str
+    control: Mapping[str, Any] | None = field(default_factory=lambda: MappingProxyType({}))
+    direct_inversion: bool = False
+    inverts: bool = True
+    run: Callable | None = None
+
+
+# --- the methods that step differently -------------------------------------------------------------------------
+
+
+def virtual_inversion(pipe, image, source: str, steps: int, guidance: float, seed: int, max_pixels: int):
+    """InfEdit's virtual inversion (Xu et al. 2024, "Inversion-Free Image Editing with Natural Language"): no model
+    call, the known clean latent x0 of the input and one seeded noise e give every point of the schedule,
+    `x_i = a_i x0 + s_i e` (so `trajectory[-1]` is x0 itself, the schedule ending at s_N = 0). Returned as an
+    `Inversion` marked "generated": a trajectory the sampler did not invert."""
+    import torch
+
+    from .inversion_file import GENERATED, Inversion
+
+    work, original_size = pipe.prepare_image(image, max_pixels)
+    schedule = pipe._schedule(steps)
+    x0 = pipe.encode_image(work).to(pipe._solver_dtype())[0]  # (C, h, w)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(x0)
+    a, s = schedule.alphas.to(x0)[:, None, None, None], schedule.sigmas.to(x0)[:, None, None, None]
+    trajectory = a * x0 + s * noise  # (N + 1, C, h, w)
+    return Inversion(trajectory=trajectory.cpu(), source_prompt=source, num_inference_steps=steps,
+                     guidance_scale=guidance, method=GENERATED, original_size=original_size, nfe=0,
+                     model=pipe.model_record())
+
+
+def sample_ddcm(denoise, x, schedule, callback=None, disable: bool = True, *, layout, trajectory):
+    """Denoising diffusion consistent sampling with virtual inversion (InfEdit, Xu et al. 2024, Alg. 1), for any
+    data-prediction denoiser and VP schedule.
+
+    The source branch never drifts: at point i it is `a_i x0 + s_i e_i` with the clean source latent x0 known
+    (`trajectory[-1]`), e_0 the virtual inversion's noise and e_{i+1} the noise the source's prediction implies,
+    `(x_src - a_i D_src) / s_i`. Each target's prediction is corrected by the source's error, `D_tgt + (x0 - D_src)`
+    (consistency: where the prompts agree the target's prediction is x0), and steps with the source's noise:
+    `x_tgt' = a_{i+1} (D_tgt + x0 - D_src) + s_{i+1} e_{i+1}`. An identity edit thus ends exactly at x0. The
+    callback (local blend) sees each new batch, as with the other samplers."""
+    from tqdm.auto import trange
+
+    x0 = trajectory[-1:]  # (1, C, h, w)
+    xs = [x]
+    for i in trange(schedule.num_steps, disable=disable):
+        denoised = denoise(x, i)  # (branches, C, h, w)
+        a, s = schedule.alphas[i].item(), schedule.sigmas[i].item()
+        a_next, s_next = schedule.alphas[i + 1].item(), schedule.sigmas[i + 1].item()
+        source, d_source = layout.source(x)[None], layout.source(denoised)[None]  # (1, C, h, w)
+        noise = (source - a * d_source) / s  # the source's implied noise e_{i+1}
+        corrected = denoised + (x0 - d_source)  # (branches, C, h, w); the source row becomes x0
+        x = a_next * corrected + s_next * noise
+        if callback is not None:
+            changed = callback(i, x)
+            x = x if changed is None else changed
+        xs.append(x)
+    return xs
+
+
+def _run_infedit(pipe, request, resolved, targets, record_words, disable_progress):
+    from functools import partial
+
+    inversion = virtual_inversion(pipe, request.image, request.source, resolved.steps, resolved.guidance,
+                                  resolved.seed, resolved.max_pixels)
+    result = pipe.edit(inversion, targets, guidance_scale=resolved.guidance, pin_source=False,
+                       control=resolved.control, mask=resolved.mask, merge=resolved.merge, record_words=record_words,
+                       disable_progress=disable_progress, rows=resolved.rows, source_image=request.image,
+                       sampler=partial(sample_ddcm))
+    return result, inversion
+
+
+def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress):
+    import torch
+
+    from .pipeline import EditResult
+
+    if record_words:
+        raise DiT4EditError("sdedit installs no attention control: it has no attention maps to record")
+    images, latents = [], []
+    for target in targets:  # the same seed for every target: the prompts alone differ
+        generator = torch.Generator().manual_seed(resolved.seed)
+        image, latent = pipe.sdedit(request.image, target, resolved.strength, resolved.steps, resolved.guidance,
+                                    generator, resolved.max_pixels, disable_progress, return_latent=True)
+        images.append(image)
+        latents.append(latent)
+    work, size = pipe.prepare_image(request.image, resolved.max_pixels)
+    reconstruction = pipe.decode_latents(pipe.encode_image(work), size)[0]  # what SDEdit keeps at best: the VAE's
+    return EditResult(images=images, reconstruction=reconstruction, latents=torch.cat(latents).cpu()), None
+
+
+# --- the table -------------------------------------------------------------------------------------------------
+
+#: Every method by name; `--method` picks one (default "dit4edit").
+EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
+    # What ships: Prompt-to-Prompt cross-attention control plus the source's self-attention output before S and
+    # mutual self-attention from S on, in the deeper half of the blocks (DiT4Edit, arXiv 2411.03286, Sec. 3.2);
+    # the model's settings as they are.
+    "dit4edit": EditMethod("DiT4Edit: Prompt-to-Prompt cross-attention control + source/mutual self-attention"),
+    # Prompt-to-Prompt (Hertz et al. 2023) as its cross-attention control alone: the target takes the source's
+    # word maps in the first 80% of the steps (P2P's default cross_replace_steps 0.8); self-attention untouched.
+    "p2p": EditMethod("Prompt-to-Prompt: cross-attention control only, self-attention untouched",
+                      MappingProxyType({"self_mode_early": "target", "mutual": "none", "cross_replace_steps": 0.8})),
+    # MasaCtrl (Cao et al. 2023): mutual self-attention alone, the target's queries on the source's keys and values
+    # from step S (its step 4 of 50: S = 0.08) in the deeper layers (its layers 10-16 of the UNet's 16, the decoder's
+    # later ones: here the model's controlled blocks, by default the deeper half); no cross-attention control.
+    # Its mask-guided variant: `--local-blend WORD` restricts the edit to where the named object attends.
+    "masactrl": EditMethod("MasaCtrl: mutual self-attention from step S in the deeper blocks, no cross control",
+                           MappingProxyType({"self_mode_early": "target", "mutual": "source",
+                                             "self_replace_steps": 0.08, "cross_replace_steps": 0.0,
+                                             "cross_replace_changed": 0.0, "cross_replace_words": {}})),
+    # PnP Inversion (Ju et al. 2024) on Prompt-to-Prompt, its benchmark's settings: direct inversion (every target
+    # takes the pinned source's error of each step), cross-attention replaced in the first 40% of the steps and the
+    # source's self-attention maps in the first 60% (P2P's self-attention replacement), in the controlled blocks.
+    "pnp-inversion": EditMethod("PnP Inversion: Prompt-to-Prompt with direct inversion",
+                                MappingProxyType({"self_mode_early": "p2p", "mutual": "none",
+                                                  "self_replace_steps": 0.6, "cross_replace_steps": 0.4}),
+                                direct_inversion=True),
+    # InfEdit (Xu et al. 2024): virtual inversion and denoising diffusion consistent sampling (`sample_ddcm`), no
+    # inversion call, with its unified attention control (Prompt-to-Prompt cross-attention + mutual
+    # self-attention; InfEdit's demo windows, 0.7 of the schedule for both: the source's self-attention maps before
+    # 0.7, mutual self-attention after). On an ordinary checkpoint it runs the model's steps on its DPM-Solver++
+    # schedule (the points only: each step is the consistent step above, first order).
+    "infedit": EditMethod("InfEdit: virtual inversion, consistent sampling, unified attention control",
+                          MappingProxyType({"self_mode_early": "p2p", "mutual": "source",
+                                            "self_replace_steps": 0.7, "cross_replace_steps": 0.7}),
+                          inverts=False, run=_run_infedit),
+    # SDEdit (Meng et al. 2022): noise the input to `strength` of the schedule (default 0.6), denoise under the
+    # target prompt. No inversion, no attention control.
+    "sdedit": EditMethod("SDEdit: noise to a strength, denoise under the target", None, inverts=False,
+                         run=_run_sdedit),
+})
+
+
+def method(name) -> EditMethod:
+    """The method called `name`, or a one-line `DiT4EditError` listing the known ones."""
+    if not isinstance(name, str) or name not in EDIT_METHODS:
+        raise DiT4EditError(f"method must be one of {', '.join(EDIT_METHODS)}, got {name!r}")
+    return EDIT_METHODS[name]
