@@ -115,8 +115,6 @@ def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress
 
     from .pipeline import EditResult
 
-    if record_words:
-        raise DiT4EditError("sdedit installs no attention control: it has no attention maps to record")
     images, latents = [], []
     for target in targets:  # the same seed for every target: the prompts alone differ
         generator = torch.Generator().manual_seed(resolved.seed)
@@ -126,6 +124,7 @@ def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress
         latents.append(latent)
     work, size = pipe.prepare_image(request.image, resolved.max_pixels)
     reconstruction = pipe.decode_latents(pipe.encode_image(work), size)[0]  # what SDEdit keeps at best: the VAE's
+    # No attention control, so no attention maps to record (`record_words` asks for none here).
     return EditResult(images=images, reconstruction=reconstruction, latents=torch.cat(latents).cpu()), None
 
 
