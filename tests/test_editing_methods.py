@@ -137,3 +137,19 @@ def test_methods_that_do_not_invert_refuse_a_saved_inversion(tiny_pipe):
             run(tiny_pipe, EditRequest(targets=(TARGET,), inversion=inversion,
                                        settings=Settings(method=method)))
     assert torch.isfinite(inversion.trajectory).all()
+
+
+def test_pix2pix_zero_guidance_lowers_the_cross_attention_map_difference_it_targets(tiny_pipe):
+    from dit4edit.editing_methods import CrossAttentionGuidance
+
+    inversion = tiny_pipe.invert(random_image(32, 32, seed=2), SOURCE, 4, method="ddim")
+    schedule = tiny_pipe._schedule(4)
+    guide = CrossAttentionGuidance(tiny_pipe, [SOURCE, TARGET], schedule, (32, 32), weight=1.0)
+    x = inversion.trajectory[1:2].double().expand(2, -1, -1, -1).clone()  # source and target at point 1
+    before, grad = guide.loss(x, 1)
+    assert before > 0 and grad[0].abs().max() == 0 and grad[1].abs().max() > 0
+    step = 1e-2 * before / float(grad.norm() ** 2)  # a small step along the gradient
+    after, _ = guide.loss(x - step * grad, 1)
+    assert after < before
+    assert (guide.loss(x, 1)[0] == before)  # the processors came back: the same pass gives the same loss
+    assert all(type(p).__name__ != "_CrossMaps" for p in tiny_pipe.transformer.attn_processors.values())

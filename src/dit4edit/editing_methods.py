@@ -35,8 +35,9 @@ class EditMethod:
         these); None = the method installs no attention control.
     direct_inversion: every target also takes the pinned source branch's error of each step (PnP Inversion).
     inverts: the method needs an inversion of the input (False: it never calls `pipe.invert`).
-    run: `run(pipe, request, resolved, targets, record_words, disable_progress) -> (EditResult, Inversion or None)`
-        for a method that leaves the shared invert-then-edit path; None = the shared path.
+    run: `run(pipe, request, resolved, targets, record_words, disable_progress, inversion) -> (EditResult,
+        Inversion or None)` for a method that leaves the shared invert-then-edit path (`inversion`: a saved or kept
+        one to use, else None); None = the shared path.
     """
 
     summary: str
@@ -98,7 +99,7 @@ def sample_ddcm(denoise, x, schedule, callback=None, disable: bool = True, *, la
     return xs
 
 
-def _run_infedit(pipe, request, resolved, targets, record_words, disable_progress):
+def _run_infedit(pipe, request, resolved, targets, record_words, disable_progress, inversion=None):
     from functools import partial
 
     inversion = virtual_inversion(pipe, request.image, request.source, resolved.steps, resolved.guidance,
@@ -110,7 +111,7 @@ def _run_infedit(pipe, request, resolved, targets, record_words, disable_progres
     return result, inversion
 
 
-def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress):
+def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress, inversion=None):
     import torch
 
     from .pipeline import EditResult
@@ -126,6 +127,106 @@ def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress
     reconstruction = pipe.decode_latents(pipe.encode_image(work), size)[0]  # what SDEdit keeps at best: the VAE's
     # No attention control, so no attention maps to record (`record_words` asks for none here).
     return EditResult(images=images, reconstruction=reconstruction, latents=torch.cat(latents).cpu()), None
+
+
+class CrossAttentionGuidance:
+    """Pix2Pix-Zero's cross-attention guidance (Parmar et al. 2023, Sec. 3.2) on the transformer: one gradient step
+    per denoising step moves each target latent so that its cross-attention maps approach the reconstruction's
+    (the pinned source branch's maps at the same point), `x_tgt <- x_tgt - weight * d/dx_tgt sum_blocks
+    ||M_tgt - M_src||^2`, with M the head-averaged word maps `(N, L)` of every block's cross-attention over the
+    tokens both prompts have (compared position by position, as Pix2Pix-Zero compares the maps of one prompt with
+    and without its edit direction). Pix2Pix-Zero's weight was 0.1 (`xa_guidance`).
+
+    Cost: one extra forward and backward pass of the conditional rows per step, with explicit attention maps in
+    the cross-attention layers (`rows x heads x N x L` floats each, kept for the backward pass): about 3x the
+    time of a guided step's forward and the activation memory of one training step of the transformer at that
+    batch."""
+
+    def __init__(self, pipe, prompts, schedule, size, weight: float = 0.1):
+        self.pipe, self.schedule, self.weight = pipe, schedule, weight
+        self.embeds, self.mask = pipe.encode_prompt(prompts)  # (branches, L, D), (branches, L)
+        self.columns = self.mask.bool().all(0)  # (L,) tokens every prompt has
+        self.added = pipe._micro_conditions(size, len(prompts))
+
+    def loss(self, x, i: int):
+        """`(loss, d loss / d x)` at point i for `(branches, C, h, w)` latents, the source first; the gradient is
+        zero on the source row (its maps are the reference)."""
+        import torch
+
+        transformer = self.pipe.transformer
+        maps: list = []
+        saved = dict(transformer.attn_processors)
+        with torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)
+            try:
+                transformer.set_attn_processor({name: _CrossMaps(maps) if name.endswith("attn2.processor") else p
+                                                for name, p in saved.items()})
+                device, dtype = self.pipe._execution_device, self.pipe._dtype
+                timestep = self.schedule.timesteps[i].to(device).expand(len(x))
+                transformer(x.to(device, dtype), encoder_hidden_states=self.embeds,
+                            encoder_attention_mask=self.mask, timestep=timestep, added_cond_kwargs=self.added,
+                            return_dict=False)
+            finally:
+                transformer.set_attn_processor(saved)
+            loss = sum(((m[1:] - m[:1].detach()) ** 2)[..., self.columns].sum() for m in maps)  # (B, N, L) each
+            (grad,) = torch.autograd.grad(loss, x)
+        grad[0] = 0  # the source row is the reference
+        return float(loss), grad
+
+    def __call__(self, x, i: int):
+        return x - self.weight * self.loss(x, i)[1]
+
+
+class _CrossMaps:
+    """diffusers' classic attention processor for a cross-attention layer, its head-averaged maps kept in `store`
+    (differentiable)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        import torch
+
+        batch, tokens, _ = hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B * H, N, d)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B * H, L, d)
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * H, N, L)
+        self.store.append(probs.view(batch, attn.heads, tokens, -1).mean(1))  # (B, N, L)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (B, N, H * d)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def sample_xa_guided(denoise, x, schedule, callback=None, disable: bool = True, *, layout, trajectory, sampler: str,
+                     guide):
+    """The inversion's `sampler` with `guide(x, i)` (`CrossAttentionGuidance`) applied to the latents at every
+    point before its step is taken."""
+    from .solvers import SAMPLERS
+
+    def on_step(i, x_next):
+        if callback is not None:
+            changed = callback(i, x_next)
+            x_next = x_next if changed is None else changed
+        return guide(x_next, i + 1) if i + 1 < schedule.num_steps else x_next
+
+    return SAMPLERS[sampler](denoise, guide(x, 0), schedule, callback=on_step, disable=disable)
+
+
+def _run_pix2pix_zero(pipe, request, resolved, targets, record_words, disable_progress, inversion=None):
+    from functools import partial
+
+    from .request import invert
+
+    inversion = inversion or invert(pipe, request, resolved, disable_progress)
+    latent_hw = tuple(inversion.trajectory.shape[-2:])
+    size = (latent_hw[1] * pipe.vae_scale_factor, latent_hw[0] * pipe.vae_scale_factor)
+    guide = CrossAttentionGuidance(pipe, [inversion.source_prompt, *targets], pipe._schedule(resolved.steps), size)
+    result = pipe.edit(inversion, targets, guidance_scale=resolved.guidance, pin_source=True, control=resolved.control,
+                       mask=resolved.mask, merge=resolved.merge, record_words=record_words,
+                       disable_progress=disable_progress, rows=resolved.rows, source_image=request.image,
+                       sampler=partial(sample_xa_guided, sampler=inversion.sampler, guide=guide))
+    return result, inversion
 
 
 # --- the table -------------------------------------------------------------------------------------------------
@@ -164,6 +265,12 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
                           MappingProxyType({"self_mode_early": "p2p", "mutual": "source",
                                             "self_replace_steps": 0.7, "cross_replace_steps": 0.7}),
                           inverts=False, run=_run_infedit),
+    # Pix2Pix-Zero (Parmar et al. 2023): the target branch denoises under the source embedding plus the edit
+    # direction, target minus source (with one prompt pair that is the target prompt's embedding, token by token),
+    # from the source's inversion, with cross-attention guidance toward the reconstruction's maps
+    # (`CrossAttentionGuidance`, weight 0.1); no attention control of its own. Pinned source = the reconstruction.
+    "pix2pix-zero": EditMethod("Pix2Pix-Zero: text-embedding edit direction + cross-attention guidance",
+                               None, run=_run_pix2pix_zero),
     # SDEdit (Meng et al. 2022): noise the input to `strength` of the schedule (default 0.6), denoise under the
     # target prompt. No inversion, no attention control.
     "sdedit": EditMethod("SDEdit: noise to a strength, denoise under the target", None, inverts=False,
