@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sections `args` asks for; every flag is checked before the model loads."""
-    from dit4edit.cli import load_pipeline
+    from dit4edit.cli import _model, load_pipeline
 
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in sections if name not in SECTIONS]
@@ -599,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
     check_known(methods, RECONSTRUCTION_METHODS, "inversion method")
     if args.methods:
         check_known(args.methods.split(","), default_methods(), "method")
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, model=_model(args))  # the --model folder, checked, as every command loads it
     # --steps / --guidance default to the model's settings (its dit4edit.json), else the library's
     steps = args.steps or pipe.defaults.num_inference_steps
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
