@@ -9,9 +9,7 @@ fractions stay fractions of the schedule, "the decoder's later layers" become th
 Importable without torch (the command line checks `--method` before loading a model).
 
 InstructPix2Pix, the paper's sixth baseline, needs an instruction-trained model; no transformer checkpoint here has
-one, so it is not run. Its published PIE-Bench numbers (Stable Diffusion 1.5 backbone, *another backbone*, from the
-PnP Inversion benchmark, Ju et al. 2024): structure distance 57.91e-3, PSNR 20.82, LPIPS 158.63e-3, MSE 227.78e-4,
-SSIM 76.26e-2, CLIP similarity 23.61 (whole) / 21.64 (edited).
+one, so it is not run (its published PIE-Bench numbers, on another backbone, are in the benchmark notes).
 """
 
 from __future__ import annotations
