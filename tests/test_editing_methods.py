@@ -153,3 +153,17 @@ def test_pix2pix_zero_guidance_lowers_the_cross_attention_map_difference_it_targ
     assert after < before
     assert (guide.loss(x, 1)[0] == before)  # the processors came back: the same pass gives the same loss
     assert all(type(p).__name__ != "_CrossMaps" for p in tiny_pipe.transformer.attn_processors.values())
+
+
+def test_the_page_runs_a_method_that_does_not_invert_without_inverting_or_keeping_an_inversion(tiny_pipe,
+                                                                                                monkeypatch):
+    from dit4edit.app import Editor, page_options, page_values
+
+    editor = Editor(tiny_pipe, settings=Settings(steps=2, merge=None))
+    assert page_values(editor.resolved())["method"] == "dit4edit"
+    monkeypatch.setattr(tiny_pipe, "invert", lambda *a, **k: (_ for _ in ()).throw(AssertionError("inverted")))
+    for method in ("infedit", "sdedit"):
+        settings = editor.settings.with_options(page_options({"method": method}))
+        outcome = editor.edit(random_image(32, 32), SOURCE, TARGET, settings)
+        assert outcome.nfe == 0 and not outcome.reused and outcome.edited.size == (32, 32)
+    assert not editor._cache

@@ -176,8 +176,10 @@ def _digest(image: Image.Image) -> str:
 
 def _word_pictures(result: EditResult, image: Image.Image) -> list[tuple[Image.Image, str]]:
     """Each word's cross-attention, as `dit4edit attention` draws it: source words over the input, target words
-    over the edit."""
+    over the edit (none for a method without attention control: SDEdit)."""
     tiles = []
+    if result.controller is None:
+        return tiles
     for name, branch, base in (("source", 0, image), ("target", 1, result.images[0])):
         tiles += [(picture, f"{name}: {word}")
                   for word, picture in pictures.word_pictures(result.controller, branch, base)]
@@ -186,6 +188,8 @@ def _word_pictures(result: EditResult, image: Image.Image) -> list[tuple[Image.I
 
 def _blend_picture(result: EditResult, image: Image.Image) -> Image.Image | None:
     """The editable region of the last step over the input, or None when neither a mask nor local blend applied."""
+    if result.controller is None:  # a method without attention control (SDEdit)
+        return None
     mask = result.controller.blend_mask(result.controller.num_steps - 1)
     return None if mask is None else pictures.mask_picture(mask, image)
 
