@@ -254,9 +254,14 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
             wanted = [n for n in names if (k, n) not in log.done]
             if not wanted:
                 continue
-            inversions = {}
+            inversions, inversion_seconds = {}, {}
             for name in wanted:
                 method = available[name]
+                if _inverts(method) and method.inversion not in inversions:  # shared by the pair's methods: timed
+                    start = time.perf_counter()  # apart, so no method's seconds carry it
+                    inversions[method.inversion] = pipe.invert(pair.source.pil(), pair.source_caption, steps,
+                                                               guidance, method.inversion, disable_progress=True)
+                    inversion_seconds[method.inversion] = time.perf_counter() - start
                 start = time.perf_counter()
                 if method.edit_method is not None:
                     output, nfe = _run_method(pipe, method, pair, k, steps, guidance, inversions)
@@ -266,10 +271,6 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                                          guidance, generator=torch.Generator().manual_seed(k),
                                          disable_progress=True)
                 else:
-                    if method.inversion not in inversions:
-                        inversions[method.inversion] = pipe.invert(pair.source.pil(), pair.source_caption, steps,
-                                                                   guidance, method.inversion,
-                                                                   disable_progress=True)
                     output = pipe.edit(inversions[method.inversion], pair.target_caption, guidance,
                                        control=method.control, merge=method.merge, rows=method.rows,
                                        direct_inversion=method.direct_inversion, disable_progress=True).images[0]
@@ -279,7 +280,8 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
                     output.save(out / "images" / f"{k:04d}-{name}.png")
                 log.write(dict(pair=k, method=name, kind=pair.edit.kind, size=_size(pair.source),
                                source=pair.source_caption, target=pair.target_caption,
-                               nfe=nfe, **score(output, pair, seconds)))
+                               nfe=nfe, inversion_seconds=inversion_seconds.get(method.inversion)
+                               if _inverts(method) else None, **score(output, pair, seconds)))
                 bar.update()
         bar.close()
     if keep_earlier:
@@ -290,6 +292,15 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
     write_summary(out)
     make_grid(pairs[:grid_pairs], names, out)
     return summary
+
+
+def _inverts(method: Method) -> bool:
+    """Whether `method` edits from an inversion of the input (SDEdit and InfEdit do not)."""
+    if method.edit_method is not None:
+        from dit4edit.editing_methods import EDIT_METHODS
+
+        return EDIT_METHODS[method.edit_method].inverts
+    return method.sdedit_strength is None
 
 
 def _run_method(pipe, method: Method, pair, k: int, steps: int, guidance: float, inversions: dict):
@@ -415,7 +426,8 @@ def summarise(rows: list[dict], names: Sequence[str]) -> dict:
         summary.setdefault(method, {})[kind] = dict(
             n=len(group), **{key: _mean(r[key] for r in group)
                              for key in ("psnr", "ssim", "background_psnr", "success", "seconds")},
-            nfe=_mean(r["nfe"] for r in group if r.get("nfe") is not None))
+            nfe=_mean(r["nfe"] for r in group if r.get("nfe") is not None),
+            inversion_seconds=_mean(r["inversion_seconds"] for r in group if r.get("inversion_seconds") is not None))
     return {name: summary[name] for name in names if name in summary}
 
 
