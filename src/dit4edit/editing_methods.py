@@ -229,6 +229,11 @@ def _run_pix2pix_zero(pipe, request, resolved, targets, record_words, disable_pr
 
 # --- the table -------------------------------------------------------------------------------------------------
 
+#: What a baseline sets back to its paper's default where a model's settings (its `dit4edit.json`) tune DiT4Edit:
+#: changed words take the source word's map for the whole cross-attention window, and no local blend unless the
+#: user names words (`--local-blend`). Block ranges and thresholds stay the model's.
+_AS_PUBLISHED = {"cross_replace_changed": None, "local_blend_changed": False}
+
 #: Every method by name; `--method` picks one (default "dit4edit").
 EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     # What ships: Prompt-to-Prompt cross-attention control plus the source's self-attention output before S and
@@ -238,7 +243,8 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     # Prompt-to-Prompt (Hertz et al. 2023) as its cross-attention control alone: the target takes the source's
     # word maps in the first 80% of the steps (P2P's default cross_replace_steps 0.8); self-attention untouched.
     "p2p": EditMethod("Prompt-to-Prompt: cross-attention control only, self-attention untouched",
-                      MappingProxyType({"self_mode_early": "target", "mutual": "none", "cross_replace_steps": 0.8})),
+                      MappingProxyType({"self_mode_early": "target", "mutual": "none", "cross_replace_steps": 0.8,
+                                        **_AS_PUBLISHED})),
     # MasaCtrl (Cao et al. 2023): mutual self-attention alone, the target's queries on the source's keys and values
     # from step S (its step 4 of 50: S = 0.08) in the deeper layers (its layers 10-16 of the UNet's 16, the decoder's
     # later ones: here the model's controlled blocks, by default the deeper half); no cross-attention control.
@@ -246,19 +252,22 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     "masactrl": EditMethod("MasaCtrl: mutual self-attention from step S in the deeper blocks, no cross control",
                            MappingProxyType({"self_mode_early": "target", "mutual": "source",
                                              "self_replace_steps": 0.08, "cross_replace_steps": 0.0,
-                                             "cross_replace_changed": 0.0, "cross_replace_words": {}})),
+                                             "cross_replace_changed": 0.0, "cross_replace_words": {},
+                                             "local_blend_changed": False})),
     # PnP Inversion (Ju et al. 2024) on Prompt-to-Prompt, its benchmark's settings: direct inversion (every target
     # takes the pinned source's error of each step), cross-attention replaced in the first 40% of the steps and the
     # source's self-attention maps in the first 60% (P2P's self-attention replacement), in the controlled blocks.
     "pnp-inversion": EditMethod("PnP Inversion: Prompt-to-Prompt with direct inversion",
                                 MappingProxyType({"self_mode_early": "p2p", "mutual": "none",
-                                                  "self_replace_steps": 0.6, "cross_replace_steps": 0.4}),
+                                                  "self_replace_steps": 0.6, "cross_replace_steps": 0.4,
+                                                  **_AS_PUBLISHED}),
                                 direct_inversion=True),
     # InfEdit (Xu et al. 2024): virtual inversion and denoising diffusion consistent sampling (`sample_ddcm`), no
     # inversion call, with its unified attention control (Prompt-to-Prompt cross-attention + mutual
     # self-attention; InfEdit's demo windows, 0.7 of the schedule for both: the source's self-attention maps before
     # 0.7, mutual self-attention after). On an ordinary checkpoint it runs the model's steps on its DPM-Solver++
-    # schedule (the points only: each step is the consistent step above, first order).
+    # schedule (the points only: each step is the consistent step above, first order). The model's local-blend and
+    # word-window settings stay as they are (InfEdit's control has a local blend of its own).
     "infedit": EditMethod("InfEdit: virtual inversion, consistent sampling, unified attention control",
                           MappingProxyType({"self_mode_early": "p2p", "mutual": "source",
                                             "self_replace_steps": 0.7, "cross_replace_steps": 0.7}),
