@@ -99,6 +99,10 @@ def test_sdedit_strength_sets_how_far_the_input_is_noised(tiny_pipe):
     assert relative_error(near.latents, x0) < relative_error(far.latents, x0)
     with pytest.raises(DiT4EditError, match="strength is an option of the sdedit method"):
         resolve(Settings(method="p2p", strength=0.5))
+    with pytest.raises(DiT4EditError, match="does not invert"):
+        resolve(Settings(method="infedit", direct_inversion=True))
+    with pytest.raises(DiT4EditError, match="takes no mask"):
+        resolve(Settings(method="sdedit", mask="m.png"))
     with pytest.raises(DiT4EditError, match="method must be one of"):
         Settings().with_options({"method": "instructpix2pix"})
 

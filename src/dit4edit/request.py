@@ -175,6 +175,11 @@ def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | Non
     chosen = edit_method(name)
     if saved is not None and not chosen.inverts:
         raise DiT4EditError(f"the {name} method does not invert: it edits an input image, not a saved inversion")
+    if not chosen.inverts and settings.direct_inversion:
+        raise DiT4EditError(f"direct inversion corrects the targets by an inversion's error: the {name} method does "
+                            "not invert")
+    if name == "sdedit" and settings.mask is not None:
+        raise DiT4EditError("the sdedit method takes no mask (it has no source branch to keep outside it)")
     if settings.strength is not None and name != "sdedit":
         raise DiT4EditError(f"strength is an option of the sdedit method, not of {name}")
     strength = None if name != "sdedit" else checks.number(
