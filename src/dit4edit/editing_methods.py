@@ -136,9 +136,9 @@ class CrossAttentionGuidance:
     and without its edit direction). Pix2Pix-Zero's weight was 0.1 (`xa_guidance`).
 
     Cost: one extra forward and backward pass of the conditional rows per step, with explicit attention maps in
-    the cross-attention layers (`rows x heads x N x L` floats each, kept for the backward pass): about 3x the
-    time of a guided step's forward and the activation memory of one training step of the transformer at that
-    batch."""
+    the cross-attention layers (`rows x heads x N x L` floats each, kept for the backward pass), so the activation
+    memory of one training step of the transformer at that batch. Measured on the embedded model (30 steps, 128 px,
+    shared CPU): 5.1 s an edit against Prompt-to-Prompt's 2.5 s, the inversion aside."""
 
     def __init__(self, pipe, prompts, schedule, size, weight: float = 0.1):
         self.pipe, self.schedule, self.weight = pipe, schedule, weight
