@@ -376,9 +376,10 @@ def _mask_background(path):
 
 
 def _edit_handler(editor: Editor, gr):
+    # the settings by name, in PAGE_OPTIONS order
     def edit(image, source, target, steps, guidance, inversion, tol, self_replace_steps, self_layers,
              cross_replace_steps, edit_mode, reweight, local_blend, local_blend_changed, merging, direct_inversion,
-             method=None, mask=None, progress=gr.Progress(track_tqdm=True)):  # the settings by name, in PAGE_OPTIONS order
+             method=None, mask=None, progress=gr.Progress(track_tqdm=True)):
         given = locals()
         try:
             options = page_options({name: given[name] for name in PAGE_OPTIONS if given[name] is not None})
