@@ -203,3 +203,12 @@ def test_rows_are_keyed_by_their_settings(tiny_pipe, tmp_path, monkeypatch):
     bench.run_generation(pipe, tmp_path, count=2, steps=5, disable_progress=True)
     summary = bench.run_generation(pipe, tmp_path, count=2, steps=6, disable_progress=True)
     assert len(pipe.prompts) == 4 and summary["n"] == 2 and summary["steps"] == 6
+
+
+def test_the_paper_methods_run_on_the_same_pairs_and_report_their_model_evaluations(tiny_pipe, tmp_path):
+    summary = bench.run_editing(tiny_pipe, tmp_path, count=1, methods=list(bench.PAPER_METHODS), steps=2,
+                                grid_pairs=0, disable_progress=True, inversion="ddim")
+    assert list(summary) == list(bench.PAPER_METHODS)
+    nfe = {name: summary[name]["all"]["nfe"] for name in summary}
+    assert nfe["infedit"] == 2 and nfe["sdedit"] == 1  # no inversion; SDEdit's 0.6 of 2 steps
+    assert nfe["p2p"] == nfe["dit4edit"] == 4 and nfe["pix2pix-zero"] == 6  # naive DDIM inversion: 2 + 2

@@ -454,3 +454,17 @@ def test_pie_bench_under_accelerate_launch_with_two_processes(pie_data, tiny_mod
     assert len(rows) == 10 and {row["id"] for row in rows} == shards[0] | shards[1]
     assert len(list((out / "annotation_images").rglob("*.jpg"))) == 10
     assert "processes: 2" in (out / "summary.md").read_text() and done.stdout.count("# PIE-Bench results") == 1
+
+
+def test_pie_bench_runs_each_method_by_name(pie_data, metric_models, tiny_model_dir, tmp_path):
+    outputs = {}
+    for method in ("infedit", "sdedit", "masactrl"):
+        out = tmp_path / method
+        assert main(["pie-bench", "--data", str(pie_data), "-o", str(out), "--model", str(tiny_model_dir), "--steps",
+                     "2", "--quiet", "--clip-model", str(metric_models / "clip"), "--dino-model",
+                     str(metric_models / "vit"), "--method", method]) == 0
+        rows = batch.read_rows(out / "results.jsonl")
+        assert len(rows) == 10 and all(row["status"] == "ok" for row in rows)
+        outputs[method] = np.asarray(Image.open(out / rows[0]["output"]), dtype=float)
+    assert np.abs(outputs["infedit"] - outputs["sdedit"]).max() > 1  # the method was the one asked for
+    assert np.abs(outputs["infedit"] - outputs["masactrl"]).max() > 1

@@ -47,6 +47,8 @@ from dit4edit.request import UNCHANGED
 from . import synthetic as world
 
 HELD_OUT_SEED = 10**9
+#: The editing methods the paper compares, as `--method` names them (`dit4edit.editing_methods.EDIT_METHODS`).
+PAPER_METHODS = ("dit4edit", "p2p", "masactrl", "pnp-inversion", "infedit", "pix2pix-zero", "sdedit")
 SIZES = ((128, 128), (256, 128))  # (width, height): the square base and the 2:1 multi-aspect bucket
 SECTIONS = ("editing", "generation", "reconstruction")
 GENERATION_STEPS = 20
@@ -71,6 +73,9 @@ class Method:
     merge: MergeConfig | None = field(default_factory=MergeConfig)
     rows: int = 4  # the edit's batch layout under guidance: 3 leaves out the source's unconditional row
     direct_inversion: bool = False  # the target branches take the pinned source branch's error of each step
+    # an editing method by name (`dit4edit.editing_methods`), run through `request.run` with this inversion; the
+    # fields above other than `inversion` are then the method's
+    edit_method: str | None = None
 
 
 def default_methods() -> dict[str, Method]:
@@ -86,6 +91,9 @@ def default_methods() -> dict[str, Method]:
         Method("dit4edit-merged", merge=MergeConfig(min_tokens=0)),
         Method("dit4edit-3rows", rows=3),
     ]
+    # The paper's baselines on the same model, inversion and pairs, each as `--method` runs it ("dit4edit" above
+    # is the first of them).
+    methods += [Method(name, edit_method=name) for name in PAPER_METHODS if name != "dit4edit"]
     return {m.name: m for m in methods}
 
 
@@ -246,28 +254,34 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
             wanted = [n for n in names if (k, n) not in log.done]
             if not wanted:
                 continue
-            inversions = {}
+            inversions, inversion_seconds = {}, {}
             for name in wanted:
                 method = available[name]
+                if _inverts(method) and method.inversion not in inversions:  # shared by the pair's methods: timed
+                    start = time.perf_counter()  # apart, so no method's seconds carry it
+                    inversions[method.inversion] = pipe.invert(pair.source.pil(), pair.source_caption, steps,
+                                                               guidance, method.inversion, disable_progress=True)
+                    inversion_seconds[method.inversion] = time.perf_counter() - start
                 start = time.perf_counter()
-                if method.sdedit_strength is not None:
+                if method.edit_method is not None:
+                    output, nfe = _run_method(pipe, method, pair, k, steps, guidance, inversions)
+                elif method.sdedit_strength is not None:
+                    nfe = steps - min(steps - 1, round(steps * (1.0 - method.sdedit_strength)))
                     output = pipe.sdedit(pair.source.pil(), pair.target_caption, method.sdedit_strength, steps,
                                          guidance, generator=torch.Generator().manual_seed(k),
                                          disable_progress=True)
                 else:
-                    if method.inversion not in inversions:
-                        inversions[method.inversion] = pipe.invert(pair.source.pil(), pair.source_caption, steps,
-                                                                   guidance, method.inversion,
-                                                                   disable_progress=True)
                     output = pipe.edit(inversions[method.inversion], pair.target_caption, guidance,
                                        control=method.control, merge=method.merge, rows=method.rows,
                                        direct_inversion=method.direct_inversion, disable_progress=True).images[0]
+                    nfe = inversions[method.inversion].nfe + steps
                 seconds = time.perf_counter() - start
                 if k < grid_pairs:
                     output.save(out / "images" / f"{k:04d}-{name}.png")
                 log.write(dict(pair=k, method=name, kind=pair.edit.kind, size=_size(pair.source),
                                source=pair.source_caption, target=pair.target_caption,
-                               **score(output, pair, seconds)))
+                               nfe=nfe, inversion_seconds=inversion_seconds.get(method.inversion)
+                               if _inverts(method) else None, **score(output, pair, seconds)))
                 bar.update()
         bar.close()
     if keep_earlier:
@@ -278,6 +292,40 @@ def run_editing(pipe, out_dir: str | os.PathLike, count: int = 200, methods: Seq
     write_summary(out)
     make_grid(pairs[:grid_pairs], names, out)
     return summary
+
+
+def _inverts(method: Method) -> bool:
+    """Whether `method` edits from an inversion of the input (SDEdit and InfEdit do not)."""
+    if method.edit_method is not None:
+        from dit4edit.editing_methods import EDIT_METHODS
+
+        return EDIT_METHODS[method.edit_method].inverts
+    return method.sdedit_strength is None
+
+
+def _run_method(pipe, method: Method, pair, k: int, steps: int, guidance: float, inversions: dict):
+    """One pair edited by a named editing method through `request.run`, the inversion shared with the other methods
+    of the pair; returns (output, NFE: denoiser evaluations of the inversion, if any, and of the edit, a guidance
+    gradient step counted as one more)."""
+    from dit4edit.editing_methods import EDIT_METHODS
+    from dit4edit.request import EditRequest, Settings, run
+
+    chosen = EDIT_METHODS[method.edit_method]
+    settings = Settings(steps=steps, guidance=guidance, inversion=method.inversion, seed=k, method=method.edit_method)
+    request = EditRequest(targets=(pair.target_caption,), source=pair.source_caption, image=pair.source.pil(),
+                          settings=settings)
+    result, inversion = run(pipe, request, inversions.get(method.inversion) if chosen.inverts else None,
+                            disable_progress=True)
+    if chosen.inverts:
+        inversions[method.inversion] = inversion
+        nfe = inversion.nfe + steps * (2 if method.edit_method == "pix2pix-zero" else 1)
+    elif method.edit_method == "sdedit":
+        from dit4edit.editing_methods import SDEDIT_STRENGTH
+
+        nfe = steps - min(steps - 1, round(steps * (1.0 - SDEDIT_STRENGTH)))
+    else:
+        nfe = steps
+    return result.images[0], nfe
 
 
 def run_generation(pipe, out_dir: str | os.PathLike, count: int = 200, steps: int = GENERATION_STEPS,
@@ -377,7 +425,9 @@ def summarise(rows: list[dict], names: Sequence[str]) -> dict:
     for (method, kind), group in groups.items():
         summary.setdefault(method, {})[kind] = dict(
             n=len(group), **{key: _mean(r[key] for r in group)
-                             for key in ("psnr", "ssim", "background_psnr", "success", "seconds")})
+                             for key in ("psnr", "ssim", "background_psnr", "success", "seconds")},
+            nfe=_mean(r["nfe"] for r in group if r.get("nfe") is not None),
+            inversion_seconds=_mean(r["inversion_seconds"] for r in group if r.get("inversion_seconds") is not None))
     return {name: summary[name] for name in names if name in summary}
 
 
@@ -546,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sections `args` asks for; every flag is checked before the model loads."""
+    from dit4edit.cli import _model
     from dit4edit.loading import load_pipeline
 
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
@@ -561,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
     check_known(methods, RECONSTRUCTION_METHODS, "inversion method")
     if args.methods:
         check_known(args.methods.split(","), default_methods(), "method")
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, model=_model(args))  # the --model folder, checked, as every command loads it
     # --steps / --guidance default to the model's settings (its dit4edit.json), else the library's
     steps = args.steps or pipe.defaults.num_inference_steps
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance

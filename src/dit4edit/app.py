@@ -26,6 +26,7 @@ from PIL import Image
 from . import checks
 from . import images as imgs
 from . import pictures
+from .editing_methods import EDIT_METHODS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
 from .pipeline import DiT4EditPipeline, EditResult, Inversion
@@ -117,11 +118,14 @@ class Editor:
         with self._lock:
             key = (_digest(request.image), inversion_key(request, resolved))
             cached, reused = self._cache.get(key), key in self._cache
-            if cached is None:
+            if not EDIT_METHODS[resolved.method].inverts:  # its own source path: nothing to invert or keep
+                cached, reused = _CachedInversion(None, 0.0), False
+            elif cached is None:
                 start = time.perf_counter()
                 inversion = invert(self.pipe, request, resolved, disable_progress=False)
                 cached = self._keep(key, _CachedInversion(inversion, time.perf_counter() - start))
-            self._cache.move_to_end(key)
+            if key in self._cache:
+                self._cache.move_to_end(key)
             start = time.perf_counter()
             result, inversion = run(self.pipe, request, cached.inversion, record_words=True, disable_progress=False)
             edit_seconds = time.perf_counter() - start
@@ -130,7 +134,7 @@ class Editor:
             edited=result.images[0], reconstruction=result.reconstruction,
             blend_mask=_blend_picture(result, request.image), word_maps=_word_pictures(result, request.image),
             download=download, reused=reused, inversion_seconds=cached.seconds, edit_seconds=edit_seconds,
-            nfe=inversion.nfe,
+            nfe=inversion.nfe if inversion is not None else 0,
         )  # fmt: skip
 
     def _keep(self, key, cached: _CachedInversion) -> _CachedInversion:
@@ -172,8 +176,10 @@ def _digest(image: Image.Image) -> str:
 
 def _word_pictures(result: EditResult, image: Image.Image) -> list[tuple[Image.Image, str]]:
     """Each word's cross-attention, as `dit4edit attention` draws it: source words over the input, target words
-    over the edit."""
+    over the edit (none for a method without attention control: SDEdit)."""
     tiles = []
+    if result.controller is None:
+        return tiles
     for name, branch, base in (("source", 0, image), ("target", 1, result.images[0])):
         tiles += [(picture, f"{name}: {word}")
                   for word, picture in pictures.word_pictures(result.controller, branch, base)]
@@ -182,6 +188,8 @@ def _word_pictures(result: EditResult, image: Image.Image) -> list[tuple[Image.I
 
 def _blend_picture(result: EditResult, image: Image.Image) -> Image.Image | None:
     """The editable region of the last step over the input, or None when neither a mask nor local blend applied."""
+    if result.controller is None:  # a method without attention control (SDEdit)
+        return None
     mask = result.controller.blend_mask(result.controller.num_steps - 1)
     return None if mask is None else pictures.mask_picture(mask, image)
 
@@ -209,10 +217,11 @@ def editor_mask(value) -> Image.Image | None:
 TITLE = "dit4edit: text-guided image editing with diffusion transformers"
 #: Events that run the model share this concurrency group: one at a time, the others wait in the queue.
 MODEL_QUEUE = "model"
-#: The page's settings, in the order the API takes them (its inputs 4 to 16): each is the edit option of the
+#: The page's settings, in the order the API takes them (its inputs 4 to 17): each is the edit option of the
 #: same name (`request.OPTIONS`), except "merging", the opposite of `no_merge`.
 PAGE_OPTIONS = ("steps", "guidance", "inversion", "tol", "self_replace_steps", "self_layers", "cross_replace_steps",
-                "edit_mode", "reweight", "local_blend", "local_blend_changed", "merging", "direct_inversion")
+                "edit_mode", "reweight", "local_blend", "local_blend_changed", "merging", "direct_inversion",
+                "method")
 
 
 def page_values(settings: Resolved) -> dict:
@@ -227,7 +236,8 @@ def page_values(settings: Resolved) -> dict:
                 reweight=", ".join(f"{w}={f:g}" for w, f in (control.reweight if control else {}).items()),
                 local_blend=" ".join(control.local_blend_words) if control else "",
                 local_blend_changed=bool(control and control.local_blend_changed),
-                merging=settings.merge is not None, direct_inversion=settings.direct_inversion)
+                merging=settings.merge is not None, direct_inversion=settings.direct_inversion,
+                method=settings.method)
 
 
 def page_options(values: dict) -> dict:
@@ -311,6 +321,8 @@ def _settings_fields(gr, defaults: dict) -> list:
             "direct_inversion": gr.Checkbox(value=defaults["direct_inversion"],
                                             label="direct inversion: the edit also takes the source's error of "
                                                   "each step"),
+            "method": gr.Dropdown(list(EDIT_METHODS), value=defaults["method"],
+                                  label="editing method (the paper's baselines on this model)"),
         }
     return [fields[name] for name in PAGE_OPTIONS]
 
@@ -371,9 +383,10 @@ def _mask_background(path):
 
 
 def _edit_handler(editor: Editor, gr):
+    # the settings by name, in PAGE_OPTIONS order
     def edit(image, source, target, steps, guidance, inversion, tol, self_replace_steps, self_layers,
              cross_replace_steps, edit_mode, reweight, local_blend, local_blend_changed, merging, direct_inversion,
-             mask=None, progress=gr.Progress(track_tqdm=True)):  # the settings by name, in PAGE_OPTIONS order
+             method=None, mask=None, progress=gr.Progress(track_tqdm=True)):
         given = locals()
         try:
             options = page_options({name: given[name] for name in PAGE_OPTIONS if given[name] is not None})

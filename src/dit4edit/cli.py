@@ -25,6 +25,7 @@ from pathlib import Path
 from . import __version__, batch, checks
 from . import images as imgs
 from .defaults import DEFAULTS
+from .editing_methods import EDIT_METHODS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
 from .loading import OFFLOAD, check_offload, cpu_only, device_for, device_name, load_pipeline
@@ -156,6 +157,11 @@ def common(sub: argparse.ArgumentParser, *, image: bool = True) -> None:
 def edit_settings(sub: argparse.ArgumentParser) -> None:
     """The options of `dit4edit edit` that say how an edit runs (shared by `batch`, `pie-bench` and, by name, the
     settings of a batch spec line)."""
+    sub.add_argument("--method", default=None, choices=tuple(EDIT_METHODS),
+                     help="editing method: " + "; ".join(f"{name}: {m.summary}" for name, m in EDIT_METHODS.items())
+                          + " (default: dit4edit)")
+    sub.add_argument("--strength", type=float, default=None, metavar="F",
+                     help="sdedit: how far to noise the input, a fraction of the schedule in (0, 1] (default 0.6)")
     sub.add_argument("--free-source", action="store_true", default=None,
                      help="let the source branch run free instead of pinning it to the inversion trajectory")
     sub.add_argument("--direct-inversion", action="store_true", default=None,
@@ -332,7 +338,9 @@ def _edit(args) -> int:
     model = _model(args)
     output = _check_output(args.output, args.input, args.mask)
     _check_inversion_path(args.save_inversion, args.input, args.output, args.mask)
-    request, _ = _edit_request(args, model, args.target)
+    request, resolved = _edit_request(args, model, args.target)
+    if args.save_inversion and not EDIT_METHODS[resolved.method].inverts:
+        raise DiT4EditError(f"--save-inversion: the {resolved.method} method does not invert the image")
     _say_saved(args, request)
     pipe = load_pipeline(args, model=model)
     result, inversion = run(pipe, request)

@@ -359,7 +359,7 @@ class DiT4EditPipeline(DiffusionPipeline):
     def edit(self, inversion: Inversion, target_prompt: str | Sequence[str], guidance_scale: float | None = None,
              pin_source: bool = True, control=UNCHANGED, mask=None, merge=UNCHANGED, record_words: bool = False,
              disable_progress: bool | None = None, rows: int = 4, source_image: Image.Image | None = None,
-             direct_inversion: bool = False) -> EditResult:
+             direct_inversion: bool = False, sampler=None) -> EditResult:
         """Denoise the source branch and one branch per target prompt in one batch from the inverted latent.
 
         The settings mean what `request.Settings` says (`control`: changes to the model's attention control, an
@@ -367,7 +367,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         a PIL image of the input's size or an (h, w) latent tensor; `guidance_scale`: default the inversion's).
         `source_image` (the input at its original size) is what a mask keeps outside it, pixel for pixel (default:
         the decoded source branch). `record_words` keeps every word's cross-attention maps in `result.controller`.
-        To edit from an image and prompts, build an `EditRequest` and `request.run` it (or call the pipeline)."""
+        To edit from an image and prompts, build an `EditRequest` and `request.run` it (or call the pipeline).
+        `sampler`: a method's own step (`editing_methods`), called as `sampler(denoise, x, schedule, callback,
+        disable, layout=, trajectory=)` in place of the inversion's sampler; None = the inversion's."""
         if not isinstance(target_prompt, (str, list, tuple)) or (not isinstance(target_prompt, str) and not target_prompt):
             raise DiT4EditError("target_prompt must be a prompt or a non-empty list of prompts")
         targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
@@ -384,7 +386,8 @@ class DiT4EditPipeline(DiffusionPipeline):
                 raise DiT4EditError(f"source_image is {source_image.size[0]}x{source_image.size[1]}, the "
                                     f"inversion's image is {inversion.original_size[0]}x{inversion.original_size[1]}")
         mask = None if mask is None else self.prepare_mask(mask, inversion.original_size)
-        final, controller = self._denoise_edit(inversion, targets, settings, mask, record_words, disable_progress)
+        final, controller = self._denoise_edit(inversion, targets, settings, mask, record_words, disable_progress,
+                                               sampler)
         decoded = self.decode_latents(final, inversion.original_size)
         images = decoded[SOURCE + 1 :]
         if mask is not None:
@@ -397,7 +400,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         return EditResult(images=images, reconstruction=decoded[SOURCE], latents=final.cpu(), controller=controller)
 
     def _denoise_edit(self, inversion: Inversion, targets: list[str], settings: Resolved, mask, record_words: bool,
-                      disable_progress: bool | None) -> tuple[torch.Tensor, AttentionController | None]:
+                      disable_progress: bool | None, sampler=None) -> tuple[torch.Tensor, AttentionController | None]:
         """The edit's denoising loop: the source and target branches in one batch (`BatchLayout`), attention
         control and patch merging installed around it; returns the final latents (source first)."""
         layout = BatchLayout.for_scale(len(targets), settings.guidance, settings.rows)
@@ -428,8 +431,12 @@ class DiT4EditPipeline(DiffusionPipeline):
         merging = (token_merging(self.transformer, merge, grid, plan_row=layout.row(SOURCE, cond=True))
                    if merges else contextlib.nullcontext())  # one plan from the source's conditional row
         with installed, merging:
-            final = SAMPLERS[inversion.sampler](denoise, x, schedule, callback=on_step,
-                                                disable=self._progress(disable_progress))[-1]
+            if sampler is None:
+                final = SAMPLERS[inversion.sampler](denoise, x, schedule, callback=on_step,
+                                                    disable=self._progress(disable_progress))[-1]
+            else:  # a method's own step (`editing_methods`)
+                final = sampler(denoise, x, schedule, callback=on_step, disable=self._progress(disable_progress),
+                                layout=layout, trajectory=trajectory)[-1]
         checks.finite(final, "the edit's latents")
         return final, controller
 
@@ -480,9 +487,11 @@ class DiT4EditPipeline(DiffusionPipeline):
     @torch.no_grad()
     def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
-               max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None) -> Image.Image:
+               max_pixels: int = imgs.MAX_PIXELS, disable_progress: bool | None = None,
+               return_latent: bool = False) -> Image.Image:
         """SDEdit (Meng et al. 2022), the baseline: noise the input latent to `strength` of the schedule and
-        denoise it with the target prompt (2M). No inversion, no attention control."""
+        denoise it with the target prompt (2M). No inversion, no attention control. `return_latent`: return
+        `(image, final latent (1, C, h, w))`."""
         settings = self._settings(num_inference_steps, guidance_scale, max_pixels=max_pixels)
         checks.number(strength, "strength", 0.0, 1.0, low_open=True)
         self.check_prompt(target_prompt, "target prompt")
@@ -497,7 +506,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         final = SAMPLERS["dpm"](denoise, x, tail, disable=self._progress(disable_progress))[-1]
         image = self.decode_latents(final, original_size)[0]
         self.maybe_free_model_hooks()
-        return image
+        return (image, final) if return_latent else image
 
     @torch.no_grad()
     def reconstruct(self, image, source_prompt: str, num_inference_steps: int | None = None,

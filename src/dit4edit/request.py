@@ -22,6 +22,7 @@ from typing import Any
 from . import checks
 from . import images as imgs
 from .defaults import DEFAULTS
+from .editing_methods import EDIT_METHODS
 from .errors import DiT4EditError
 from .methods import EDIT_MODES, INVERSION_METHODS
 from .model_folder import ModelDefaults
@@ -55,6 +56,9 @@ class Settings:
     direct_inversion: every target also takes the pinned source's error of each step (PnP Inversion).
     rows: 4 or 3 rows per edit batch under guidance (3 leaves out the source's unconditional row).
     max_pixels: the largest input accepted, in pixels (the operator's limit: a batch line cannot raise it).
+    method: the editing method (`editing_methods.EDIT_METHODS`; None = "dit4edit"): its attention control, on top
+        of the model's and under the user's changes, its inversion or none, its step.
+    strength: how far SDEdit noises the input, a fraction of the schedule in (0, 1] (sdedit only; default 0.6).
     """
 
     steps: int | None = None
@@ -69,6 +73,8 @@ class Settings:
     direct_inversion: bool = False
     rows: int = 4
     max_pixels: int | None = None
+    method: str | None = None
+    strength: float | None = None
 
     def __post_init__(self):
         for name in ("control", "merge"):
@@ -141,6 +147,8 @@ class Resolved:
     direct_inversion: bool
     rows: int
     max_pixels: int
+    method: str = "dit4edit"
+    strength: float | None = None  # sdedit's, else None
 
 
 def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | None = None) -> Resolved:
@@ -164,7 +172,28 @@ def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | Non
     rows = checks.integer(settings.rows, "rows", 3, 4)
     if rows == 3 and not settings.pin_source:
         raise DiT4EditError("the 3-row layout has no unconditional source row: it needs the pinned source branch")
-    control, merge = _control(settings.control, defaults), _merge(settings.merge)
+    from .editing_methods import SDEDIT_STRENGTH, method as edit_method
+
+    name = "dit4edit" if settings.method is None else settings.method
+    chosen = edit_method(name)
+    if saved is not None and not chosen.inverts:
+        raise DiT4EditError(f"the {name} method does not invert: it edits an input image, not a saved inversion")
+    if not chosen.inverts and settings.direct_inversion:
+        raise DiT4EditError(f"direct inversion corrects the targets by an inversion's error: the {name} method does "
+                            "not invert")
+    if name == "sdedit" and settings.mask is not None:
+        raise DiT4EditError("the sdedit method takes no mask (it has no source branch to keep outside it)")
+    if settings.strength is not None and name != "sdedit":
+        raise DiT4EditError(f"strength is an option of the sdedit method, not of {name}")
+    strength = None if name != "sdedit" else checks.number(
+        SDEDIT_STRENGTH if settings.strength is None else settings.strength, "strength", 0.0, 1.0, low_open=True)
+    if chosen.control is None:  # the method installs no attention control
+        control = None
+    elif isinstance(settings.control, Mapping):  # the method's changes, then the user's
+        control = _control({**chosen.control, **settings.control}, defaults)
+    else:
+        control = _control(settings.control, defaults)
+    merge = _merge(settings.merge)
     if num_blocks is not None:
         if control is not None:
             control.self_blocks(num_blocks)
@@ -176,9 +205,10 @@ def resolve(settings: Settings, defaults=None, saved=None, num_blocks: int | Non
         tol=checks.tolerance(DEFAULTS.tol if settings.tol is None else settings.tol),
         seed=checks.seed(DEFAULTS.seed if settings.seed is None else settings.seed),
         control=control, merge=merge, mask=settings.mask, pin_source=_flag(settings.pin_source, "pin_source"),
-        direct_inversion=_flag(settings.direct_inversion, "direct_inversion"), rows=rows,
+        direct_inversion=_flag(settings.direct_inversion, "direct_inversion") or chosen.direct_inversion, rows=rows,
         max_pixels=checks.integer(MAX_PIXELS if settings.max_pixels is None else settings.max_pixels,
                                   "max_pixels", 1),
+        method=name, strength=strength,
     )  # fmt: skip
 
 
@@ -304,6 +334,9 @@ def run(pipe, request: EditRequest, inversion=None, targets: Sequence[int] | Non
     chosen = list(request.targets)
     size = saved.original_size if saved is not None else request.image.size
     pipe.check_edit(request.source, chosen, resolved, size, resolved.mask)
+    method = EDIT_METHODS[resolved.method]
+    if method.run is not None:  # a method off the shared invert-then-edit path (its inversion, if any, comes back)
+        return method.run(pipe, request, resolved, chosen, record_words, disable_progress, saved or inversion)
     inversion = saved or inversion or invert(pipe, request, resolved, disable_progress)
     result = pipe.edit(inversion, chosen, guidance_scale=resolved.guidance, pin_source=resolved.pin_source,
                        control=resolved.control, mask=resolved.mask, merge=resolved.merge,
@@ -451,6 +484,8 @@ SETTING_OPTIONS: dict[str, Callable] = {
     "mask": _mask,
     "direct_inversion": _flag,
     "rows": _integer,
+    "method": _choice(tuple(EDIT_METHODS)),
+    "strength": _number,
 }
 #: Every option name, in the order `--help` and error messages list them.
 OPTIONS = (*SETTING_OPTIONS, *SWITCHES, *CONTROL_OPTIONS, *MERGE_OPTIONS)
