@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import DiT4EditError
+from .result import EditResult
 
 #: SDEdit's default strength (the fraction of the schedule it noises to), as in `pipe.sdedit`.
 SDEDIT_STRENGTH = 0.6
@@ -112,7 +113,6 @@ def _run_infedit(pipe, request, resolved, targets, record_words, disable_progres
 def _run_sdedit(pipe, request, resolved, targets, record_words, disable_progress, inversion=None):
     import torch
 
-    from .pipeline import EditResult
 
     images, latents = [], []
     for target in targets:  # the same seed for every target: the prompts alone differ
@@ -214,9 +214,6 @@ def sample_xa_guided(denoise, x, schedule, callback=None, disable: bool = True, 
 def _run_pix2pix_zero(pipe, request, resolved, targets, record_words, disable_progress, inversion=None):
     from functools import partial
 
-    from .request import invert
-
-    inversion = inversion or invert(pipe, request, resolved, disable_progress)
     latent_hw = tuple(inversion.trajectory.shape[-2:])
     size = (latent_hw[1] * pipe.vae_scale_factor, latent_hw[0] * pipe.vae_scale_factor)
     guide = CrossAttentionGuidance(pipe, [inversion.source_prompt, *targets], pipe._schedule(resolved.steps), size)

@@ -8,7 +8,6 @@ import importlib.util
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
@@ -28,20 +27,13 @@ from .masks import latent_mask, load_mask, paste_outside, pixel_mask
 from .model_folder import (DEFAULT_PROMPT_LENGTH, EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
                            check_folder, default_model, local_folder, prompt_length)
 from .prompts import PIXART_ALPHA_TOKENS, preprocess_prompt
+from .result import EditResult
 from .request import UNCHANGED, EditRequest, Resolved, Settings, resolve, run
 from .solvers import INVERSIONS, SAMPLERS, Schedule
 
 __all__ = ["DiT4EditPipeline", "EditResult", "Inversion", "EMBEDDED_MODEL", "default_model"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EditResult:
-    images: list[Image.Image]  # one per target prompt, at the input's original size
-    reconstruction: Image.Image  # the source branch decoded: what the edit keeps
-    latents: torch.Tensor  # (1 + targets, C, h, w) final latents, source first
-    controller: AttentionController | None = None  # holds the recorded attention maps, when any
 
 
 #: A local-blend mask covering at least this fraction of the image blends (almost) nothing: the user is told.

@@ -336,6 +336,8 @@ def run(pipe, request: EditRequest, inversion=None, targets: Sequence[int] | Non
     pipe.check_edit(request.source, chosen, resolved, size, resolved.mask)
     method = EDIT_METHODS[resolved.method]
     if method.run is not None:  # a method off the shared invert-then-edit path (its inversion, if any, comes back)
+        if method.inverts:
+            inversion = saved or inversion or invert(pipe, request, resolved, disable_progress)
         return method.run(pipe, request, resolved, chosen, record_words, disable_progress, saved or inversion)
     inversion = saved or inversion or invert(pipe, request, resolved, disable_progress)
     result = pipe.edit(inversion, chosen, guidance_scale=resolved.guidance, pin_source=resolved.pin_source,
