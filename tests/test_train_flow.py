@@ -111,3 +111,22 @@ def test_logit_normal_timesteps_shift_towards_noise():
     shifted = train_flow.sample_sigmas(np.random.default_rng(0), 20000, "logit-normal", 0.0, 1.0, 3.0)
     assert 0 < plain.min() and plain.max() < 1
     assert abs(np.median(plain) - 0.5) < 0.02 and np.median(shifted) == pytest.approx(0.75, abs=0.02)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src/dit4edit/models/shapes-flow"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="no shipped flow model")
+def test_the_shipped_flow_model_is_small_and_stable_diffusion_3_pipeline_generates_from_it():
+    from diffusers import StableDiffusion3Pipeline
+
+    assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) <= 12_000_000
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(SHIPPED))
+    pipe.set_progress_bar_config(disable=True)
+    settings = json.loads((SHIPPED / "dit4edit.json").read_text())
+    assert set(settings) == {"guidance_scale", "num_inference_steps"}
+    image = pipe("a red circle on a white background", num_inference_steps=4, guidance_scale=5.0,
+                 max_sequence_length=24, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (128, 128, 3)
+    corner = image[:16, :16].reshape(-1, 3).mean(0)
+    assert (corner > 0.8).all()  # even at 4 steps the white background is drawn

@@ -20,15 +20,36 @@ $PY training/train_flow.py --out "$RUNS/flow-main" $MODEL
 
 # The pilot beside it, on the other core: the same with T5 frozen (the embedded model's T5 as it is), stopped at
 # step 300 and compared with the long run at the same step (same batches and noise: losses are paired).
-ln -sf "$RUNS/flow-main/latents_8000.pt" "$RUNS/flow-main/covers_8000.pt" "$RUNS/flow-frozen/" 2>/dev/null || true
+mkdir -p "$RUNS/flow-frozen" && ln -sf "$RUNS/flow-main/latents_8000.pt" "$RUNS/flow-main/covers_8000.pt" "$RUNS/flow-frozen/"
 $PY training/train_flow.py --out "$RUNS/flow-frozen" $MODEL --freeze-t5 --stop-at 300
 
-# Checks: export a checkpoint's EMA weights (float16) as a StableDiffusion3Pipeline folder, then generation on held-out
-# captions through StableDiffusion3Pipeline (FlowMatchEuler) read by the oracle. The settings sweep uses held-out
-# captions 100-159, the reported numbers captions 0-99.
-check() {  # check RUN NAME [SNAPSHOT]
-  local E="$1/eval-$2"
-  $PY training/train_flow.py --out "$1" --export-only "$E/model" --fp16 ${3:+--snapshot "$3"}
-  $PY training/eval_flow_generation.py --model "$E/model" --n 100 --steps 20 --guidance 3 \
-    --json "$E/generation.json" --grid "$E/grid.png"
-}
+# The pilot's comparison point on the T5-trained side: the long run replayed to step 300 in its own folder (the
+# replay is bit-exact: same losses step for step), since the long run's step-300 checkpoint was overwritten.
+mkdir -p "$RUNS/flow-replay300" && ln -sf "$RUNS/flow-main/latents_8000.pt" "$RUNS/flow-main/covers_8000.pt" "$RUNS/flow-replay300/"
+$PY training/train_flow.py --out "$RUNS/flow-replay300" $MODEL --stop-at 300
+
+# Checks (benchmarks/results/flow-v1-2700/): export a run's EMA weights (float16) as a StableDiffusion3Pipeline folder,
+# then generation on held-out captions through StableDiffusion3Pipeline (FlowMatchEuler) read by the oracle.
+export_ema() { $PY training/train_flow.py --out "$1" --export-only "$2" --fp16; }  # export_ema RUN FOLDER
+for r in flow-replay300 flow-frozen; do  # the pilot pair at step 300
+  export_ema "$RUNS/$r" "$RUNS/$r/eval-300/model"
+  $PY training/eval_flow_generation.py --model "$RUNS/$r/eval-300/model" --n 100 --steps 20 --guidance 3 \
+    --json "$RUNS/$r/eval-300/generation.json"
+done
+# Settings sweep on held-out captions 100-159 (the long run at step 2,400) and 200-299 (step 2,700), never 0-99.
+E="$RUNS/flow-main/eval-latest"; export_ema "$RUNS/flow-main" "$E/model"   # step 2,400 when run
+$PY training/eval_flow_generation.py --model "$E/model" --offset 100 --n 60 --steps 20 --guidance 1.5,3,5 \
+  --json "$E/sweep-guidance.json"
+$PY training/eval_flow_generation.py --model "$E/model" --offset 100 --n 60 --steps 10,28 --guidance 3 --shift 1,3 \
+  --json "$E/sweep-steps-shift.json"
+E="$RUNS/flow-main/eval-final"; export_ema "$RUNS/flow-main" "$E/model"    # step 2,700 when run: the shipped weights
+$PY training/eval_flow_generation.py --model "$E/model" --offset 200 --n 100 --steps 20 --guidance 3,5 \
+  --json "$E/sweep-200-299.json"
+# The reported numbers: held-out captions 0-99 (the chosen guidance 5 and, for reference, 3 and 1.5), and the
+# pipeline's default T5 length (256) instead of the trained 24.
+$PY training/eval_flow_generation.py --model "$E/model" --n 100 --steps 20 --guidance 5,3,1.5 \
+  --json "$E/generation.json" --grid "$E/grid.png"
+$PY training/eval_flow_generation.py --model "$E/model" --n 100 --steps 20 --guidance 5 --max-sequence-length 256 \
+  --json "$E/generation-t5-256.json"
+# Ship: the exported folder, with its README.md and dit4edit.json (guidance 5, 20 steps) kept.
+cp -r "$E/model/." src/dit4edit/models/shapes-flow/
