@@ -1,4 +1,6 @@
-"""DiT4EditPipeline: encode -> invert -> edit -> decode on PixArt-alpha, written out step by step."""
+"""DiT4EditPipeline: encode -> invert -> edit -> decode, written out step by step, on any model family behind the
+backbone seam (`dit4edit.backbones`): prompts, the denoiser, the schedule, the token grid, latent scaling and noise
+come from `pipe.backbone`."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
+from diffusers import DiffusionPipeline
 from PIL import Image
-from transformers import T5EncoderModel
 
 from . import checks
+from .backbones import Backbone, backbone_for
 from . import images as imgs
 from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
@@ -58,16 +60,35 @@ class DiT4EditPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    #: The text encoders of the joint-attention families (SD3: two CLIPs and T5; FLUX: CLIP and T5).
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
     #: Settings used where a caller passes None: the model folder's `dit4edit.json`, else the library's.
     defaults: ModelDefaults = ModelDefaults()
 
-    def __init__(self, tokenizer, text_encoder: T5EncoderModel, vae: AutoencoderKL,
-                 transformer: PixArtTransformer2DModel, scheduler, max_sequence_length: int = PIXART_ALPHA_TOKENS):
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler,
+                 max_sequence_length: int = PIXART_ALPHA_TOKENS, text_encoder_2=None, tokenizer_2=None,
+                 text_encoder_3=None, tokenizer_3=None):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
+        extra = dict(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                     tokenizer_3=tokenizer_3)
+        self.register_modules(**extra)  # None in a PixArt folder (diffusers saves no None optional component)
+        if text_encoder_2 is not None:
+            self.model_cpu_offload_seq = "->".join(
+                ["text_encoder", "text_encoder_2", *(["text_encoder_3"] if text_encoder_3 is not None else []),
+                 "transformer", "vae"])
         self._vocabulary_warned: set[str] = set()  # prompts already warned about (see `check_prompt`)
         self.register_to_config(max_sequence_length=int(max_sequence_length))
+
+    @property
+    def backbone(self) -> Backbone:
+        """The model family's backbone (`dit4edit.backbones.backbone_for`), rebuilt when the transformer changes."""
+        backbone = self.__dict__.get("_backbone")
+        if backbone is None or backbone.transformer is not self.transformer:
+            backbone = backbone_for(self, self.max_sequence_length)
+            self.__dict__["_backbone"] = backbone
+        return backbone
 
     @property
     def max_sequence_length(self) -> int:
@@ -95,7 +116,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         defaults = info.defaults if info is not None else ModelDefaults()
         try:
             with _quiet_loaders():
-                if "max_sequence_length" not in kwargs:  # the model's prompt length (PixArt-Sigma: 300 T5 tokens)
+                if "max_sequence_length" not in kwargs:  # the model's prompt length (Sigma: 300 T5 tokens)
                     kwargs["max_sequence_length"] = (info.max_sequence_length if info is not None
                                                      else _hub_prompt_length(name, kwargs))
                 pipe = super().from_pretrained(str(folder) if folder is not None else name, **kwargs)
@@ -103,10 +124,10 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise
         except Exception as error:
             raise DiT4EditError(f"cannot load model {name}: {_one_line(error)}") from error  # --debug shows it
-        if not isinstance(pipe.transformer, PixArtTransformer2DModel):
-            raise DiT4EditError(f"{name} is not a PixArt model: its transformer is {type(pipe.transformer).__name__}")
-        check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
-                               pipe.text_encoder.config.to_dict(), name)
+        family = pipe.backbone.family  # a one-line error for a transformer no backbone runs
+        if family == "pixart":
+            check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
+                                   pipe.text_encoder.config.to_dict(), name)
         pipe.defaults = defaults
         return pipe
 
@@ -125,7 +146,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise DiT4EditError(f"the inversion's model record must be an object, got {type(inversion.model).__name__}")
         check_model(inversion.model, self.model_record())  # another model's inversion: say that first
         inversion.check()
-        expected = (inversion.num_inference_steps + 1, self.transformer.config.in_channels,
+        expected = (inversion.num_inference_steps + 1, self.backbone.latent_channels,
                     *self.latent_size(inversion.original_size))
         if tuple(inversion.trajectory.shape) != expected:
             raise DiT4EditError(f"the inversion's trajectory is {tuple(inversion.trajectory.shape)}; its settings and "
@@ -167,15 +188,15 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """(1, C, h, w) latent of an RGB image whose sides are multiples of 16 (posterior mean, scaled)."""
+        """(1, C, h, w) latent of an RGB image whose sides are multiples of 16 (posterior mean, shifted and scaled
+        as the family does)."""
         pixels = imgs.to_tensor(image).to(self._execution_device, self.vae.dtype)
-        latent = self.vae.encode(pixels).latent_dist.mean
-        return latent * self.vae.config.scaling_factor
+        return self.backbone.to_latent(self.vae.encode(pixels).latent_dist.mean)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """Decode (B, C, h, w) latents; resize to `size` (width, height) when given."""
-        latents = latents.to(self._execution_device, self.vae.dtype) / self.vae.config.scaling_factor
+        latents = self.backbone.from_latent(latents.to(self._execution_device, self.vae.dtype))
         decoded = self.vae.decode(latents).sample
         return [imgs.resize(imgs.to_image(x), size) if size else imgs.to_image(x) for x in decoded]
 
@@ -209,7 +230,8 @@ class DiT4EditPipeline(DiffusionPipeline):
     @property
     def num_blocks(self) -> int:
         """Transformer blocks (the block ranges of attention control and merging index them)."""
-        return len(self.transformer.transformer_blocks)
+        return (len(self.transformer.transformer_blocks)  # FLUX: double-stream blocks, then single-stream ones
+                + len(getattr(self.transformer, "single_transformer_blocks", ())))
 
     def check_edit(self, source: str, targets: Sequence[str], settings: Resolved, size: tuple[int, int],
                    mask=None) -> None:
@@ -219,7 +241,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         self.check_prompt(source, "source prompt")
         for k, target in enumerate(targets):
             self.check_prompt(target, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-        stand_in = Inversion(trajectory=torch.zeros(1, self.transformer.config.in_channels, *self.latent_size(size)),
+        stand_in = Inversion(trajectory=torch.zeros(1, self.backbone.latent_channels, *self.latent_size(size)),
                              source_prompt=source, num_inference_steps=settings.steps, guidance_scale=1.0,
                              method="stand-in", original_size=tuple(size))
         self.make_controller(settings.control, stand_in, list(targets), mask, record_words=True)
@@ -227,59 +249,39 @@ class DiT4EditPipeline(DiffusionPipeline):
     # --- the denoiser ----------------------------------------------------------------------------------------
 
     def make_denoiser(self, prompts: Sequence[str], guidance_scale: float, schedule: Schedule,
-                      size: tuple[int, int], step_kwargs: bool = False, layout: BatchLayout | None = None):
-        """`denoise(x, i) -> D`: PixArt's data prediction at point i for the latents x (one row per prompt, the
-        source first), classifier-free guidance applied. The transformer sees the rows of `layout` (default: the
-        prompts as branches, with unconditional rows when `guidance_scale > 1`, as diffusers decides; at 1 or below
-        the conditional prediction alone). With `step_kwargs` the step index reaches the attention processors
-        through `cross_attention_kwargs={"step_index": i}`."""
-        if layout is None:
-            layout = BatchLayout.for_scale(len(prompts) - 1, guidance_scale)
-        if layout.branches != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts for a layout of {layout.branches} branches")
-        cond, cond_mask = self.encode_prompt(prompts)
-        uncond, uncond_mask = self.encode_prompt([""]) if layout.guidance else (cond, cond_mask)
-        embeds = layout.join_guidance(uncond, cond)  # (rows, L, D)
-        mask = layout.join_guidance(uncond_mask, cond_mask)  # (rows, L)
-        added = self._micro_conditions(size, layout.rows)
-        in_channels = self.transformer.config.in_channels
-        device, dtype = self._execution_device, self._dtype
-
-        @torch.no_grad()
-        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
-            model_in = layout.join_guidance(x, x)  # (branches, C, h, w) -> (rows, C, h, w)
-            timestep = schedule.timesteps[i].to(device).expand(layout.rows)
-            kwargs = {"cross_attention_kwargs": {"step_index": i}} if step_kwargs else {}
-            out = self.transformer(model_in.to(device, dtype), encoder_hidden_states=embeds,
-                                   encoder_attention_mask=mask, timestep=timestep, added_cond_kwargs=added,
-                                   return_dict=False, **kwargs)[0]
-            eps = out[:, :in_channels].to(x.dtype)  # PixArt predicts [eps, learned sigma]: keep eps
-            eps = layout.guide(eps, guidance_scale)  # (rows, ...) -> (branches, ...)
-            a, s = schedule.alphas[i].item(), schedule.sigmas[i].item()
-            return (x - s * eps.to(x.device)) / a
-
-        return denoise
+                      size: tuple[int, int] | None = None, step_kwargs: bool = False,
+                      layout: BatchLayout | None = None):
+        """`denoise(x, i) -> D`: the model's data prediction at point i for the latents x (one row per prompt, the
+        source first), guidance applied as the family guides (`Backbone.denoiser`). The transformer sees the rows of
+        `layout` (default `Backbone.layout`: the prompts as branches, with unconditional rows when the family uses
+        classifier-free guidance and `guidance_scale > 1`). With `step_kwargs` the step index reaches the attention
+        processors as `step_index=i`. `size` is unused (the backbone reads it from the latents); kept for callers."""
+        layout = layout or self.backbone.layout(len(prompts) - 1, guidance_scale)
+        return self.backbone.denoiser(prompts, schedule, guidance_scale, layout, step_kwargs=step_kwargs)
 
     def _micro_conditions(self, size: tuple[int, int], rows: int) -> dict:
-        """Resolution and aspect-ratio conditions, used by the 1024 model (`use_additional_conditions`)."""
-        if not getattr(self.transformer, "use_additional_conditions", False):
-            return {"resolution": None, "aspect_ratio": None}
-        width, height = size
-        device, dtype = self._execution_device, self._dtype
-        resolution = torch.tensor([[height, width]], device=device, dtype=dtype).expand(rows, -1)
-        aspect = torch.tensor([[height / width]], device=device, dtype=dtype).expand(rows, -1)
-        return {"resolution": resolution, "aspect_ratio": aspect}
+        """The size conditions of a model that takes them (the PixArt 1024 models): `Backbone.micro_conditions`
+        for an image of `size` (width, height); {} for a family without them."""
+        conditions = getattr(self.backbone, "micro_conditions", None)
+        latent_hw = (size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor)
+        return {} if conditions is None else conditions(latent_hw, rows)
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.backbone.vae_scale_factor
 
     def default_size(self) -> int:
         """The side in pixels the transformer was built for (512 or 1024 for PixArt-alpha)."""
-        return self.transformer.config.sample_size * self.vae_scale_factor
+        sample_size = self.transformer.config.get("sample_size") or 128  # FLUX has none: FluxPipeline's 128
+        return sample_size * self.vae_scale_factor
 
-    def _schedule(self, num_inference_steps: int) -> Schedule:
-        return Schedule.from_scheduler(self.scheduler, checks.steps(num_inference_steps))
+    def _schedule(self, num_inference_steps: int, latent_hw: tuple[int, int]) -> Schedule:
+        """The family's schedule (`Backbone.schedule`); a flow schedule starts just short of pure noise
+        (`flow.INVERTIBLE_SIGMA_MAX`), where DPM-Solver++ and the exact inversions are defined."""
+        from .backbones.flow import INVERTIBLE_SIGMA_MAX  # deferred: only the flow families need it
+
+        sigma_max = INVERTIBLE_SIGMA_MAX if self.backbone.prediction == "flow" else 1.0
+        return self.backbone.schedule(checks.steps(num_inference_steps), tuple(latent_hw), sigma_max)
 
     def _settings(self, num_inference_steps: int | None, guidance_scale: float | None,
                   method: str | None = None, tol: float | None = None, max_pixels: int | None = None) -> Resolved:
@@ -307,7 +309,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         settings = self._settings(num_inference_steps, guidance_scale, method, tol, max_pixels)
         self.check_prompt(source_prompt, "source prompt")
         work, original_size = self.prepare_image(image, settings.max_pixels)
-        schedule = self._schedule(settings.steps)
+        schedule = self._schedule(settings.steps, self.latent_size(work.size))
         latent = self.encode_image(work).to(self._solver_dtype())
         denoise = self.make_denoiser([source_prompt], settings.guidance, schedule, work.size)
         result = INVERSIONS[settings.inversion](denoise, latent, schedule, tol=settings.tol,
@@ -337,9 +339,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         self.check_prompt(prompt)
         imgs.check_size((width, height), settings.max_pixels)
         size = imgs.work_size((width, height))
-        schedule = self._schedule(settings.steps)
-        shape = (1, self.transformer.config.in_channels, *self.latent_size((width, height)))
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latent_hw = self.latent_size((width, height))
+        schedule = self._schedule(settings.steps, latent_hw)
+        noise = self.backbone.noise(1, latent_hw, generator)  # (1, C, h, w) float32, drawn as the family does
         x = noise.to(self._execution_device, self._solver_dtype())
         denoise = self.make_denoiser([prompt], settings.guidance, schedule, size)
         trajectory = SAMPLERS["dpm"](denoise, x, schedule, disable=self._progress(disable_progress))
@@ -395,10 +397,10 @@ class DiT4EditPipeline(DiffusionPipeline):
                       disable_progress: bool | None) -> tuple[torch.Tensor, AttentionController | None]:
         """The edit's denoising loop: the source and target branches in one batch (`BatchLayout`), attention
         control and patch merging installed around it; returns the final latents (source first)."""
-        layout = BatchLayout.for_scale(len(targets), settings.guidance, settings.rows)
-        schedule = self._schedule(inversion.num_inference_steps)
+        layout = self.backbone.layout(len(targets), settings.guidance, settings.rows)
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())  # (N + 1, C, h, w)
         latent_hw = tuple(trajectory.shape[-2:])
+        schedule = self._schedule(inversion.num_inference_steps, latent_hw)
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
         grid = self._token_grid(latent_hw)
         merge = settings.merge
@@ -464,13 +466,13 @@ class DiT4EditPipeline(DiffusionPipeline):
         return AttentionController.for_edit(
             control, self.tokenizer, preprocess_prompt(inversion.source_prompt), [preprocess_prompt(t) for t in targets],
             num_steps=inversion.num_inference_steps, num_blocks=self.num_blocks, grid=self._token_grid(latent_hw),
-            patch_size=self.transformer.config.patch_size, user_mask=user_mask, record_words=record_words,
+            patch_size=self.backbone.grid(latent_hw).patch, user_mask=user_mask, record_words=record_words,
             layout=layout, max_length=self.max_sequence_length,
         )  # fmt: skip
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        patch = self.transformer.config.patch_size
-        return latent_hw[0] // patch, latent_hw[1] // patch
+        grid = self.backbone.grid(latent_hw)
+        return grid.height, grid.width
 
     @torch.no_grad()
     def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int | None = None,
@@ -482,7 +484,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         checks.number(strength, "strength", 0.0, 1.0, low_open=True)
         self.check_prompt(target_prompt, "target prompt")
         work, original_size = self.prepare_image(image, settings.max_pixels)
-        schedule = self._schedule(settings.steps)
+        schedule = self._schedule(settings.steps, self.latent_size(work.size))
         start = min(settings.steps - 1, round(settings.steps * (1.0 - strength)))
         tail = schedule.tail(start)
         latent = self.encode_image(work).to(self._solver_dtype())
@@ -513,7 +515,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         work = imgs.resize(original, imgs.work_size(original.size))
         inversion = self.invert(work, source_prompt, settings.steps, settings.guidance, settings.inversion,
                                 settings.tol, settings.max_pixels, disable_progress)
-        schedule = self._schedule(settings.steps)
+        schedule = self._schedule(settings.steps, self.latent_size(work.size))
         denoise = self.make_denoiser([source_prompt], settings.guidance, schedule, work.size)
         start = inversion.latent.unsqueeze(0).to(self._execution_device, self._solver_dtype())
         regenerated = SAMPLERS[inversion.sampler](denoise, start, schedule,

@@ -242,7 +242,7 @@ class Backbone:
 
     # --- shared ----------------------------------------------------------------------------------------------
 
-    def layout(self, num_targets: int, guidance_scale: float, rows: str = "4") -> BatchLayout:
+    def layout(self, num_targets: int, guidance_scale: float, rows: int = 4) -> BatchLayout:
         """The batch layout of `num_targets` targets next to a source: unconditional rows only where the family
         guides by classifier-free guidance and the scale is above 1."""
         if not self.cfg:

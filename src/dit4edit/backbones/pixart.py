@@ -14,10 +14,11 @@ from typing import Sequence
 
 import torch
 
-from ..model_folder import prompt_length
+from ..defaults import PIXART_ALPHA_TOKENS
 from ..solvers import Schedule, sample_dpmpp_2m
 from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
 
+SIGMA_TOKENS = 300  # PixArtSigmaPipeline's max_sequence_length
 _LAYER = re.compile(r"transformer_blocks\.(\d+)\.attn([12])\.processor")
 
 
@@ -41,9 +42,11 @@ class PixArtBackbone(Backbone):
     )
 
     def default_prompt_length(self) -> int:
-        config = dict(self.pipe.config)
-        config.setdefault("_class_name", type(self.pipe).__name__)
-        return prompt_length(config)
+        """A saved dit4edit pipeline's own `max_sequence_length`, else its pipeline's (Sigma 300, alpha 120)."""
+        length = dict(self.pipe.config).get("max_sequence_length")
+        if length is not None:
+            return int(length)
+        return SIGMA_TOKENS if type(self.pipe).__name__ == "PixArtSigmaPipeline" else PIXART_ALPHA_TOKENS
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> TextInputs:
