@@ -19,6 +19,8 @@ from .backbones import Backbone, backbone_for
 from . import images as imgs
 from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
+from .control.config import steps_before
+from .control.joint import JointController, install_joint, prompt_to_prompt
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
 from .inversion_file import GENERATED, Inversion, check_model, model_record
@@ -388,7 +390,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             keep = decoded[SOURCE] if source_image is None else imgs.to_rgb(source_image)
             outline = pixel_mask(mask, inversion.original_size)
             images = [paste_outside(image, keep, outline, radius=self.vae_scale_factor) for image in images]
-        elif controller is not None:
+        elif isinstance(controller, AttentionController):
             self._warn_blend_everywhere(controller, inversion.num_inference_steps)
         self.maybe_free_model_hooks()
         return EditResult(images=images, reconstruction=decoded[SOURCE], latents=final.cpu(), controller=controller)
@@ -407,7 +409,14 @@ class DiT4EditPipeline(DiffusionPipeline):
         if merge is not None and merge.merge_ff and merge.applies(grid) and blocks_compiled(self.transformer):
             raise DiT4EditError("merging the feed-forward (merge_ff) does not work on compiled transformer blocks")
         merges = merge is not None and merge.applies(grid)
-        controller = self.make_controller(settings.control, inversion, targets, mask, record_words, layout)
+        if self.joint:  # merging runs inside the joint processors, on image tokens only
+            if record_words:
+                raise DiT4EditError("attention pictures are not available on joint-attention models "
+                                    f"({self.backbone.family}) yet")
+            controller = self._joint_controller(settings.control, inversion, targets, mask, False, layout,
+                                                merge if merges else None)
+        else:
+            controller = self.make_controller(settings.control, inversion, targets, mask, record_words, layout)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], settings.guidance, schedule, size,
                                      step_kwargs=controller is not None or merges, layout=layout)
         x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
@@ -421,9 +430,14 @@ class DiT4EditPipeline(DiffusionPipeline):
                 x_next = controller.local_blend(x_next, i)
             return x_next
 
-        installed = install(self.transformer, controller) if controller is not None else contextlib.nullcontext()
+        if controller is None:
+            installed = contextlib.nullcontext()
+        elif self.joint:
+            installed = install_joint(self.transformer, controller, self.backbone.attention_layers())
+        else:
+            installed = install(self.transformer, controller)
         merging = (token_merging(self.transformer, merge, grid, plan_row=layout.row(SOURCE, cond=True))
-                   if merges else contextlib.nullcontext())  # one plan from the source's conditional row
+                   if merges and not self.joint else contextlib.nullcontext())  # one plan from the source's cond row
         with installed, merging:
             final = SAMPLERS[inversion.sampler](denoise, x, schedule, callback=on_step,
                                                 disable=self._progress(disable_progress))[-1]
@@ -458,6 +472,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         """The attention controller of one edit, or None when nothing is controlled, masked or recorded (a mask or
         recording without control runs with `AttentionControl(enabled=False)`: default attention)."""
         latent_hw = tuple(inversion.trajectory.shape[-2:])
+        if self.joint:
+            return self._joint_controller(control, inversion, targets, mask, record_words, layout)
         if control is None:
             if mask is None and not record_words:
                 return None
@@ -469,6 +485,51 @@ class DiT4EditPipeline(DiffusionPipeline):
             patch_size=self.backbone.grid(latent_hw).patch, user_mask=user_mask, record_words=record_words,
             layout=layout, max_length=self.max_sequence_length,
         )  # fmt: skip
+
+    @property
+    def joint(self) -> bool:
+        """Whether the model's attention is joint (MM-DiT: SD3 / SD3.5, FLUX) rather than self + cross."""
+        return not self.backbone.layers("cross")
+
+    def _joint_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
+                          mask, record_words: bool, layout: BatchLayout | None,
+                          merge=None) -> JointController | None:
+        """The `JointController` of one edit on a joint-attention model: Prompt-to-Prompt on the text keys of every
+        joint / single-stream layer before `cross_replace_steps`, the source's image keys and values before
+        `self_replace_steps` and mutual self-attention after it in the `self_layers` blocks (default the deeper
+        half), the user mask as a latent blend, merging on image tokens. One-line errors for what joint control
+        does not do (word reweighting, local blend by words)."""
+        latent_hw = tuple(inversion.trajectory.shape[-2:])
+        if control is not None and control.enabled and control.reweight:
+            raise DiT4EditError("word reweighting (--reweight) is not available on joint-attention models "
+                                f"({self.backbone.family})")
+        if control is not None and control.enabled and (control.local_blend_words or control.local_blend_changed):
+            raise DiT4EditError("local blend by words is not available on joint-attention models "
+                                f"({self.backbone.family}); give a mask instead")
+        enabled = control is not None and control.enabled
+        if not enabled and mask is None and merge is None:
+            return None
+        layout = layout or self.backbone.layout(len(targets), inversion.guidance_scale)
+        num_steps = inversion.num_inference_steps
+        layers = self.backbone.attention_layers()
+        first_single = len(self.transformer.transformer_blocks)
+        source = self.backbone.prompt_tokens(inversion.source_prompt)
+        image_layers, text_edit, switch, text_steps = frozenset(), None, 0, 0
+        if enabled:
+            blocks = control.self_blocks(self.num_blocks)
+            image_layers = frozenset(
+                layer.name for layer in layers if layer.role in ("joint", "single", "self")
+                and layer.block + (first_single if layer.role == "single" else 0) in blocks)
+            from .backbones.alignment import align_tokens  # deferred: only joint edits align whole sequences
+
+            text_edit = prompt_to_prompt([align_tokens(source, self.backbone.prompt_tokens(t), control.edit_mode)
+                                          for t in targets])
+            switch = steps_before(control.self_replace_steps, num_steps)
+            text_steps = steps_before(control.cross_replace_steps, num_steps)
+        user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
+        return JointController(layout=layout, text_length=len(source.word_of_token), image_layers=image_layers,
+                               switch_step=switch, text_edit=text_edit, text_steps=text_steps, merge=merge,
+                               grid=self._token_grid(latent_hw), user_mask=user_mask)
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         grid = self.backbone.grid(latent_hw)
