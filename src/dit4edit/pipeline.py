@@ -410,9 +410,6 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise DiT4EditError("merging the feed-forward (merge_ff) does not work on compiled transformer blocks")
         merges = merge is not None and merge.applies(grid)
         if self.joint:  # merging runs inside the joint processors, on image tokens only
-            if record_words:
-                raise DiT4EditError("attention pictures are not available on joint-attention models "
-                                    f"({self.backbone.family}) yet")
             controller = self._joint_controller(settings.control, inversion, targets, mask, False, layout,
                                                 merge if merges else None)
         else:
@@ -529,7 +526,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
         return JointController(layout=layout, text_length=len(source.word_of_token), image_layers=image_layers,
                                switch_step=switch, text_edit=text_edit, text_steps=text_steps, merge=merge,
-                               grid=self._token_grid(latent_hw), user_mask=user_mask)
+                               grid=self._token_grid(latent_hw), user_mask=user_mask, num_steps=num_steps)
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         grid = self.backbone.grid(latent_hw)

@@ -237,6 +237,16 @@ class JointController:
     seen: set[str] = field(default_factory=set)  # layers that received an edit (for tests and pictures)
     maps: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)  # (step, layer, (branches, N, C))
     user_mask: torch.Tensor | None = None
+    num_steps: int = 0  # the edit's denoising steps (what the pictures of an edit ask)
+
+    def blend_mask(self, step_index: int, target: int = 0) -> torch.Tensor | None:
+        """The editable region at `step_index`: the user mask (`(h, w)`, 1 = editable), or None."""
+        return self.user_mask
+
+    def word_maps(self, branch: int, steps=None) -> dict[str, torch.Tensor]:
+        """Per-word attention pictures, as `AttentionController.word_maps` gives them: none yet on joint attention
+        (the recorded image -> text maps are in `maps`, by text position)."""
+        return {}
 
     def local_blend(self, latents: torch.Tensor, step_index: int) -> torch.Tensor:
         """`(branches, C, h, w)` latents after step `step_index` with each target outside `user_mask` reset to the
