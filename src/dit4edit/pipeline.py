@@ -50,10 +50,11 @@ BLEND_EVERYWHERE = 0.95
 
 
 class DiT4EditPipeline(DiffusionPipeline):
-    """Training-free text-guided editing on PixArt-alpha (DiT4Edit, arXiv 2411.03286).
+    """Training-free text-guided editing on diffusion transformers (DiT4Edit, arXiv 2411.03286).
 
-    Loads any PixArt-alpha checkpoint in diffusers layout (`PixArt-alpha/PixArt-XL-2-512x512`,
-    `PixArt-alpha/PixArt-XL-2-1024-MS`, or a local folder) with `from_pretrained`.
+    Loads any PixArt-alpha / Sigma, Stable Diffusion 3 / 3.5 or FLUX.1 checkpoint in diffusers layout (a hub id such
+    as `PixArt-alpha/PixArt-XL-2-512x512`, or a local folder) with `from_pretrained`; the family's backbone
+    (`self.backbone`, from `dit4edit.backbones`) is how every method here reaches the network.
 
     Memory: diffusers' `enable_model_cpu_offload()` (one model on the GPU at a time) and
     `enable_sequential_cpu_offload()` (one layer at a time) work with every method here, as do
@@ -103,9 +104,9 @@ class DiT4EditPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DiT4EditPipeline:
         """`DiffusionPipeline.from_pretrained` with a one-line `DiT4EditError` for anything that is not a
-        PixArt-style pipeline (missing folder, bad model_index.json, missing components or weights, pickled
-        weights, a non-PixArt transformer, components that do not fit together; see `model_folder`). Weights load
-        from safetensors only. Every component loads as `dtype` (default float32): transformers would otherwise
+        pipeline of a family dit4edit runs (missing folder, bad model_index.json, missing components or weights,
+        pickled weights, a transformer no backbone runs, components that do not fit together; see `model_folder`).
+        Weights load from safetensors only. Every component loads as `dtype` (default float32): transformers would otherwise
         keep the stored dtype of the text encoder (float16 in half-precision checkpoints), which is slow and lossy
         on a CPU. A folder's `dit4edit.json` becomes `pipe.defaults`."""
         name = str(pretrained_model_name_or_path)
@@ -162,16 +163,12 @@ class DiT4EditPipeline(DiffusionPipeline):
         return self.transformer.dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings and 0/1 masks as PixArt computes them: each prompt prepared as diffusers' PixArt
-        pipelines prepare it without caption cleaning (`prompts.preprocess_prompt`: lowercased and stripped), then
-        `max_sequence_length` (L) tokens. Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`."""
-        prompts = [preprocess_prompt(prompt) for prompt in prompts]
-        tokens = self.tokenizer(prompts, max_length=self.max_sequence_length, padding="max_length",
-                                truncation=True, add_special_tokens=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(self._execution_device)
-        embeds = self.text_encoder(tokens.input_ids.to(self._execution_device), attention_mask=mask)[0]
-        return embeds.to(self._dtype), mask
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts as the model's text sequence, encoded as the family's diffusers pipeline encodes them
+        (`Backbone.encode_prompts`; PixArt: lower-cased and stripped, then `max_sequence_length` T5 tokens).
+        Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L) or None where the family has none)`."""
+        text = self.backbone.encode_prompts(prompts)
+        return text.prompt_embeds.to(self._dtype), text.prompt_attention_mask
 
     def check_prompt(self, prompt: str, what: str = "prompt") -> str:
         """One-line error for a prompt that is not text, is empty or is over the model's `max_sequence_length` T5
