@@ -134,3 +134,18 @@ def test_command_line_batch_and_web_editor_run_on_sd3(folders, pipes, tmp_path):
 
     outcome = Editor(pipes["sd3"]).edit(tmp_path / "in.png", SOURCE, TARGET, Settings(steps=3))
     assert outcome.edited.size == (32, 32) and outcome.word_maps == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flowedit_with_the_source_as_target_returns_the_input(pipes, family):
+    """FlowEdit's edited latent moves by the target velocity minus the source's: with the same prompt and
+    guidance both are one prediction, so the output is the VAE round trip of the input; another prompt moves it."""
+    pipe = pipes[family]
+    image = random_image(32, 32)
+    same = pipe.flowedit(image, SOURCE, SOURCE, 6, 4, 2.0, 2.0, generator=torch.Generator().manual_seed(0))
+    round_trip = pipe.decode_latents(pipe.encode_image(image))[0]
+    assert np.array_equal(np.asarray(same), np.asarray(round_trip))
+    other = pipe.flowedit(image, SOURCE, TARGET, 6, 4, 2.0, 5.0, generator=torch.Generator().manual_seed(0))
+    assert not np.array_equal(np.asarray(other), np.asarray(round_trip))
+    with pytest.raises(DiT4EditError, match="n_max"):
+        pipe.flowedit(image, SOURCE, TARGET, 6, 7)
