@@ -149,3 +149,10 @@ def test_flowedit_with_the_source_as_target_returns_the_input(pipes, family):
     assert not np.array_equal(np.asarray(other), np.asarray(round_trip))
     with pytest.raises(DiT4EditError, match="n_max"):
         pipe.flowedit(image, SOURCE, TARGET, 6, 7)
+
+
+def test_a_saved_inversion_records_its_family(pipes):
+    _, inversion = pipes["flux"].generate(SOURCE, 32, 32, 2, 2.0, generator=torch.Generator().manual_seed(0))
+    assert inversion.model["family"] == "flux"
+    with pytest.raises(DiT4EditError, match="made by a flux model; this is a sd3 model"):
+        pipes["sd3"].check_inversion(inversion)

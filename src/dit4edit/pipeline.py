@@ -138,7 +138,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         """What identifies this model in a saved inversion (`inversion_file.model_record`): a fingerprint and a
         probe of its weights, its latent channels and VAE scale, and its name (never a local path)."""
         name = str(self.config.get("_name_or_path") or "") if hasattr(self, "config") else ""
-        return model_record(self.transformer, self.vae, name)
+        return {**model_record(self.transformer, self.vae, name), "family": self.backbone.family}
 
     def check_inversion(self, inversion: Inversion) -> Inversion:
         """One-line error unless `inversion` is a valid `Inversion` (`Inversion.check`) whose trajectory fits this
@@ -147,7 +147,12 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise DiT4EditError(f"inversion must be an Inversion, got {type(inversion).__name__}")
         if not isinstance(inversion.model, (dict, type(None))):
             raise DiT4EditError(f"the inversion's model record must be an object, got {type(inversion.model).__name__}")
-        check_model(inversion.model, self.model_record())  # another model's inversion: say that first
+        ours = self.model_record()
+        family = (inversion.model or {}).get("family", ours["family"])  # records from before families: unchecked
+        if family != ours["family"]:
+            raise DiT4EditError(f"the inversion was made by a {checks.printable(str(family))} model; this is a "
+                                f"{ours['family']} model: invert the image again with this model")
+        check_model(inversion.model, ours)  # another model's inversion: say that first
         inversion.check()
         expected = (inversion.num_inference_steps + 1, self.backbone.latent_channels,
                     *self.latent_size(inversion.original_size))
