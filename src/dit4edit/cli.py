@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     pie.add_argument("--retry-failed", action="store_true", help="redo the images recorded as failed")
     edit_settings(pie)
 
-    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight PixArt pipeline (for trying things)")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight pipeline (for trying things)")
     tiny.add_argument("output", help="folder to create (must not exist, or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    tiny.add_argument("--family", choices=("pixart", "sigma", "sd3", "sd3.5", "flux", "flux-schnell"), default=None,
+                      help="write the family's own diffusers pipeline (default: a dit4edit PixArt pipeline)")
     return parser
 
 
@@ -425,19 +427,25 @@ def _make_tiny_model(args) -> int:
     if folder.exists() and any(folder.iterdir()):
         raise DiT4EditError(f"{folder} exists and is not empty")
     checks.writable_folder(folder, "tiny model")
+    from .backbones.tiny import tiny_pipeline
     from .pipeline import DiT4EditPipeline
     from .tiny import tiny_components
 
+    family = getattr(args, "family", None)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name[:32]}.", dir=folder.parent))
     try:  # written whole beside the target, then renamed into place: a kill leaves no partial model
-        DiT4EditPipeline(**tiny_components(args.seed)).save_pretrained(staging)
+        if family is None:
+            DiT4EditPipeline(**tiny_components(args.seed)).save_pretrained(staging)
+        else:
+            tiny_pipeline(family, args.seed).save_pretrained(staging, safe_serialization=True)
         if folder.exists():
             folder.rmdir()
         staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"wrote a tiny random-weight PixArt pipeline to {folder} (random weights: its images are noise)")
+    print(f"wrote a tiny random-weight {family or 'PixArt'} pipeline to {folder} (random weights: its images are "
+          "noise)")
     return 0
 
 

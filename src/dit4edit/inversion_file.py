@@ -31,7 +31,7 @@ METADATA_KEY = "dit4edit"
 _REQUIRED = ("source_prompt", "num_inference_steps", "guidance_scale", "method", "original_size", "model")
 _OPTIONAL = ("nfe", "residuals", "extra")
 _MODEL_KEYS = ("name", "latent_channels", "vae_scale_factor", "probe")
-_MODEL_OPTIONAL = ("fingerprint",)
+_MODEL_OPTIONAL = ("fingerprint", "family")  # family: the model family's backbone name ("pixart", "sd3", "flux")
 #: Largest magnitude a trajectory value may have. Latents of real images (VAE latents times its scaling factor) and
 #: the noisy latents between them and noise stay within about +-10 (signal and noise of unit scale); a value beyond
 #: this did not come from an image, and decoding it gives a black or white picture instead of an error.
@@ -298,6 +298,10 @@ def _check_model_record(model) -> None:
                             f"{', '.join(_MODEL_OPTIONAL)})")
     if not isinstance(model["name"], str):
         raise DiT4EditError("model name must be text")
+    family = model.get("family")
+    if family is not None and not (isinstance(family, str) and 1 <= len(family) <= 32
+                                   and all(c.isascii() and (c.isalnum() or c in ".-_") for c in family)):
+        raise DiT4EditError("model family must be a short name (letters, digits, '.', '-', '_')")
     fingerprint = model.get("fingerprint")
     if fingerprint is not None and not (isinstance(fingerprint, str) and 1 <= len(fingerprint) <= 64
                                         and all(c in "0123456789abcdef" for c in fingerprint)):

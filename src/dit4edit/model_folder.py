@@ -85,7 +85,10 @@ SCALING_FACTOR_RANGE = (1e-3, 100.0)
 MAX_SHIFT_FACTOR = 100.0
 #: Prompt length in T5 tokens of each PixArt pipeline class, as diffusers' pipelines encode prompts (PixArt-Sigma
 #: reads 300; PixArt-alpha, and any other class, 120). A `max_sequence_length` in model_index.json wins.
-PROMPT_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": PIXART_ALPHA_TOKENS}
+PROMPT_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": PIXART_ALPHA_TOKENS,
+                  "StableDiffusion3Pipeline": 256, "FluxPipeline": 512}  # T5 tokens, as each diffusers pipeline
+#: Pipelines with joint (MM-DiT) attention, whose folders `check_folder` validates by their backbone's `FolderSpec`.
+JOINT_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 DEFAULT_PROMPT_LENGTH = PROMPT_LENGTHS["PixArtAlphaPipeline"]
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -250,6 +253,8 @@ def check_folder(folder: str | Path) -> ModelInfo:
     index = checks.read_json(index_path)
     if not isinstance(index, dict):
         raise DiT4EditError(f"{index_path} must hold a JSON object, got {json.dumps(index)[:40]}")
+    if index.get("_class_name") in JOINT_PIPELINES:
+        return _check_joint_folder(folder, index)
     missing = [name for name in REQUIRED_COMPONENTS if name not in index or not (folder / name).is_dir()]
     if missing:
         raise DiT4EditError(f"{folder} is not a PixArt-style pipeline: missing {', '.join(missing)}")
@@ -279,6 +284,38 @@ def check_folder(folder: str | Path) -> ModelInfo:
         defaults=ModelDefaults.from_folder(folder),
         max_sequence_length=prompt_length(index),
     )
+
+
+def _check_joint_folder(folder: Path, index: dict) -> ModelInfo:
+    """`check_folder` for an SD3 / SD3.5 or FLUX.1 folder: the components and classes its backbone's `FolderSpec`
+    names, safetensors weights, configs within limits, the VAE's latent channels what the transformer reads."""
+    from .backbones import BACKBONES, family_of  # deferred: torch and every backbone, for these folders only
+
+    family = family_of(index)
+    spec = BACKBONES[family].folder
+    spec.check(index, str(folder))
+    missing = [name for name in spec.components if not (folder / name).is_dir()]
+    if missing:
+        raise DiT4EditError(f"{folder}: model_index.json lists {', '.join(missing)} but the folder lacks them")
+    weighted = [name for name in spec.components if name.startswith(("text_encoder", "transformer", "vae"))]
+    for name in weighted:
+        check_config_limits(_component_config(folder, name), name, str(folder))
+        _check_weights(folder / name)
+    check_config_limits(_component_config(folder, "scheduler", "scheduler_config.json"), "scheduler", str(folder))
+    transformer, vae = _component_config(folder, "transformer"), _component_config(folder, "vae")
+    patch = int(transformer.get("patch_size") or 1)
+    channels, reads = vae.get("latent_channels"), transformer.get("in_channels")
+    if family == "flux" and isinstance(channels, int):
+        channels *= 4  # FLUX packs 2x2 latent pixels into one token
+    if channels != reads:
+        raise DiT4EditError(f"{folder}: the VAE's latents ({vae.get('latent_channels')!r} channels) are not what the "
+                            f"transformer reads ({reads!r} channels)")
+    blocks = int(transformer.get("num_layers") or 0) + int(transformer.get("num_single_layers") or 0)
+    vae_scale = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
+    return ModelInfo(num_blocks=blocks, latent_channels=int(vae["latent_channels"]), vae_scale_factor=vae_scale,
+                     patch_size=patch * (2 if family == "flux" else 1),
+                     sample_size=int(transformer.get("sample_size") or 128),
+                     defaults=ModelDefaults.from_folder(folder), max_sequence_length=prompt_length(index))
 
 
 def prompt_length(index: dict) -> int:

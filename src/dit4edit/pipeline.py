@@ -1,24 +1,26 @@
-"""DiT4EditPipeline: encode -> invert -> edit -> decode on PixArt-alpha, written out step by step."""
+"""DiT4EditPipeline: encode -> invert -> edit -> decode, written out step by step, on any model family behind the
+backbone seam (`dit4edit.backbones`): prompts, the denoiser, the schedule, the token grid, latent scaling and noise
+come from `pipe.backbone`."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
+from diffusers import DiffusionPipeline
 from PIL import Image
-from transformers import T5EncoderModel
 
 from . import checks
+from .backbones import Backbone, backbone_for
 from . import images as imgs
 from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
+from .control.config import steps_before
 from .control.controller import quiet_dry_run
+from .control.joint import JointController, install_joint, prompt_to_prompt
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
 from .inversion_file import GENERATED, Inversion, check_model, model_record
@@ -26,7 +28,8 @@ from .merging import token_merging
 from .masks import latent_mask, load_mask, paste_outside, pixel_mask
 from .model_folder import (DEFAULT_PROMPT_LENGTH, EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
                            check_folder, default_model, local_folder, prompt_length)
-from .prompts import PIXART_ALPHA_TOKENS, preprocess_prompt
+from .backbones.pixart import preprocess as _prepared  # the text the PixArt controller aligns
+from .prompts import PIXART_ALPHA_TOKENS
 from .result import EditResult
 from .request import UNCHANGED, EditRequest, Resolved, Settings, resolve, run
 from .solvers import INVERSIONS, SAMPLERS, Schedule
@@ -41,10 +44,11 @@ BLEND_EVERYWHERE = 0.95
 
 
 class DiT4EditPipeline(DiffusionPipeline):
-    """Training-free text-guided editing on PixArt-alpha (DiT4Edit, arXiv 2411.03286).
+    """Training-free text-guided editing on diffusion transformers (DiT4Edit, arXiv 2411.03286).
 
-    Loads any PixArt-alpha checkpoint in diffusers layout (`PixArt-alpha/PixArt-XL-2-512x512`,
-    `PixArt-alpha/PixArt-XL-2-1024-MS`, or a local folder) with `from_pretrained`.
+    Loads any PixArt-alpha / Sigma, Stable Diffusion 3 / 3.5 or FLUX.1 checkpoint in diffusers layout (a hub id such
+    as `PixArt-alpha/PixArt-XL-2-512x512`, or a local folder) with `from_pretrained`; the family's backbone
+    (`self.backbone`, from `dit4edit.backbones`) is how every method here reaches the network.
 
     Memory: diffusers' `enable_model_cpu_offload()` (one model on the GPU at a time) and
     `enable_sequential_cpu_offload()` (one layer at a time) work with every method here, as do
@@ -53,16 +57,35 @@ class DiT4EditPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    #: The text encoders of the joint-attention families (SD3: two CLIPs and T5; FLUX: CLIP and T5).
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
     #: Settings used where a caller passes None: the model folder's `dit4edit.json`, else the library's.
     defaults: ModelDefaults = ModelDefaults()
 
-    def __init__(self, tokenizer, text_encoder: T5EncoderModel, vae: AutoencoderKL,
-                 transformer: PixArtTransformer2DModel, scheduler, max_sequence_length: int = PIXART_ALPHA_TOKENS):
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler,
+                 max_sequence_length: int = PIXART_ALPHA_TOKENS, text_encoder_2=None, tokenizer_2=None,
+                 text_encoder_3=None, tokenizer_3=None):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
+        extra = dict(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                     tokenizer_3=tokenizer_3)
+        self.register_modules(**extra)  # None in a PixArt folder (diffusers saves no None optional component)
+        if text_encoder_2 is not None:
+            self.model_cpu_offload_seq = "->".join(
+                ["text_encoder", "text_encoder_2", *(["text_encoder_3"] if text_encoder_3 is not None else []),
+                 "transformer", "vae"])
         self._vocabulary_warned: set[str] = set()  # prompts already warned about (see `check_prompt`)
         self.register_to_config(max_sequence_length=int(max_sequence_length))
+
+    @property
+    def backbone(self) -> Backbone:
+        """The model family's backbone (`dit4edit.backbones.backbone_for`), rebuilt when the transformer changes."""
+        backbone = self.__dict__.get("_backbone")
+        if backbone is None or backbone.transformer is not self.transformer:
+            backbone = backbone_for(self, self.max_sequence_length)
+            self.__dict__["_backbone"] = backbone
+        return backbone
 
     @property
     def max_sequence_length(self) -> int:
@@ -75,9 +98,9 @@ class DiT4EditPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DiT4EditPipeline:
         """`DiffusionPipeline.from_pretrained` with a one-line `DiT4EditError` for anything that is not a
-        PixArt-style pipeline (missing folder, bad model_index.json, missing components or weights, pickled
-        weights, a non-PixArt transformer, components that do not fit together; see `model_folder`). Weights load
-        from safetensors only. Every component loads as `dtype` (default float32): transformers would otherwise
+        pipeline of a family dit4edit runs (missing folder, bad model_index.json, missing components or weights,
+        pickled weights, a transformer no backbone runs, components that do not fit together; see `model_folder`).
+        Weights load from safetensors only. Every component loads as `dtype` (default float32): transformers would otherwise
         keep the stored dtype of the text encoder (float16 in half-precision checkpoints), which is slow and lossy
         on a CPU. A folder's `dit4edit.json` becomes `pipe.defaults`."""
         name = str(pretrained_model_name_or_path)
@@ -90,7 +113,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         defaults = info.defaults if info is not None else ModelDefaults()
         try:
             with _quiet_loaders():
-                if "max_sequence_length" not in kwargs:  # the model's prompt length (PixArt-Sigma: 300 T5 tokens)
+                if "max_sequence_length" not in kwargs:  # the model's prompt length (Sigma: 300 T5 tokens)
                     kwargs["max_sequence_length"] = (info.max_sequence_length if info is not None
                                                      else _hub_prompt_length(name, kwargs))
                 pipe = super().from_pretrained(str(folder) if folder is not None else name, **kwargs)
@@ -98,10 +121,10 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise
         except Exception as error:
             raise DiT4EditError(f"cannot load model {name}: {_one_line(error)}") from error  # --debug shows it
-        if not isinstance(pipe.transformer, PixArtTransformer2DModel):
-            raise DiT4EditError(f"{name} is not a PixArt model: its transformer is {type(pipe.transformer).__name__}")
-        check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
-                               pipe.text_encoder.config.to_dict(), name)
+        family = pipe.backbone.family  # a one-line error for a transformer no backbone runs
+        if family == "pixart":
+            check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
+                                   pipe.text_encoder.config.to_dict(), name)
         pipe.defaults = defaults
         return pipe
 
@@ -109,7 +132,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         """What identifies this model in a saved inversion (`inversion_file.model_record`): a fingerprint and a
         probe of its weights, its latent channels and VAE scale, and its name (never a local path)."""
         name = str(self.config.get("_name_or_path") or "") if hasattr(self, "config") else ""
-        return model_record(self.transformer, self.vae, name)
+        return {**model_record(self.transformer, self.vae, name), "family": self.backbone.family}
 
     def check_inversion(self, inversion: Inversion) -> Inversion:
         """One-line error unless `inversion` is a valid `Inversion` (`Inversion.check`) whose trajectory fits this
@@ -118,9 +141,14 @@ class DiT4EditPipeline(DiffusionPipeline):
             raise DiT4EditError(f"inversion must be an Inversion, got {type(inversion).__name__}")
         if not isinstance(inversion.model, (dict, type(None))):
             raise DiT4EditError(f"the inversion's model record must be an object, got {type(inversion.model).__name__}")
-        check_model(inversion.model, self.model_record())  # another model's inversion: say that first
+        ours = self.model_record()
+        family = (inversion.model or {}).get("family", ours["family"])  # records from before families: unchecked
+        if family != ours["family"]:
+            raise DiT4EditError(f"the inversion was made by a {checks.printable(str(family))} model; this is a "
+                                f"{ours['family']} model: invert the image again with this model")
+        check_model(inversion.model, ours)  # another model's inversion: say that first
         inversion.check()
-        expected = (inversion.num_inference_steps + 1, self.transformer.config.in_channels,
+        expected = (inversion.num_inference_steps + 1, self.backbone.latent_channels,
                     *self.latent_size(inversion.original_size))
         if tuple(inversion.trajectory.shape) != expected:
             raise DiT4EditError(f"the inversion's trajectory is {tuple(inversion.trajectory.shape)}; its settings and "
@@ -134,17 +162,12 @@ class DiT4EditPipeline(DiffusionPipeline):
         return self.transformer.dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings and 0/1 masks as PixArt computes them: each prompt prepared as diffusers' PixArt
-        pipelines prepare it (`prompts.preprocess_prompt`: lowercased and stripped, cleaned where caption cleaning's
-        packages are installed), then
-        `max_sequence_length` (L) tokens. Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`."""
-        prompts = [_prepared(prompt) for prompt in prompts]
-        tokens = self.tokenizer(prompts, max_length=self.max_sequence_length, padding="max_length",
-                                truncation=True, add_special_tokens=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(self._execution_device)
-        embeds = self.text_encoder(tokens.input_ids.to(self._execution_device), attention_mask=mask)[0]
-        return embeds.to(self._dtype), mask
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts as the model's text sequence, encoded as the family's diffusers pipeline encodes them
+        (`Backbone.encode_prompts`; PixArt: lower-cased and stripped, then `max_sequence_length` T5 tokens).
+        Returns `(prompt_embeds (B, L, D), prompt_attention_mask (B, L) or None where the family has none)`."""
+        text = self.backbone.encode_prompts(prompts)
+        return text.prompt_embeds.to(self._dtype), text.prompt_attention_mask
 
     def check_prompt(self, prompt: str, what: str = "prompt") -> str:
         """One-line error for a prompt that is not text, is empty or is over the model's `max_sequence_length` T5
@@ -163,15 +186,15 @@ class DiT4EditPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """(1, C, h, w) latent of an RGB image whose sides are multiples of 16 (posterior mean, scaled)."""
+        """(1, C, h, w) latent of an RGB image whose sides are multiples of 16 (posterior mean, shifted and scaled
+        as the family does)."""
         pixels = imgs.to_tensor(image).to(self._execution_device, self.vae.dtype)
-        latent = self.vae.encode(pixels).latent_dist.mean
-        return latent * self.vae.config.scaling_factor
+        return self.backbone.to_latent(self.vae.encode(pixels).latent_dist.mean)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """Decode (B, C, h, w) latents; resize to `size` (width, height) when given."""
-        latents = latents.to(self._execution_device, self.vae.dtype) / self.vae.config.scaling_factor
+        latents = self.backbone.from_latent(latents.to(self._execution_device, self.vae.dtype))
         decoded = self.vae.decode(latents).sample
         return [imgs.resize(imgs.to_image(x), size) if size else imgs.to_image(x) for x in decoded]
 
@@ -205,7 +228,8 @@ class DiT4EditPipeline(DiffusionPipeline):
     @property
     def num_blocks(self) -> int:
         """Transformer blocks (the block ranges of attention control and merging index them)."""
-        return len(self.transformer.transformer_blocks)
+        return (len(self.transformer.transformer_blocks)  # FLUX: double-stream blocks, then single-stream ones
+                + len(getattr(self.transformer, "single_transformer_blocks", ())))
 
     def check_edit(self, source: str, targets: Sequence[str], settings: Resolved, size: tuple[int, int],
                    mask=None) -> None:
@@ -215,7 +239,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         self.check_prompt(source, "source prompt")
         for k, target in enumerate(targets):
             self.check_prompt(target, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-        stand_in = Inversion(trajectory=torch.zeros(1, self.transformer.config.in_channels, *self.latent_size(size)),
+        stand_in = Inversion(trajectory=torch.zeros(1, self.backbone.latent_channels, *self.latent_size(size)),
                              source_prompt=source, num_inference_steps=settings.steps, guidance_scale=1.0,
                              method="stand-in", original_size=tuple(size))
         with quiet_dry_run():  # the edit builds its own controller and says what it warns about once
@@ -224,59 +248,39 @@ class DiT4EditPipeline(DiffusionPipeline):
     # --- the denoiser ----------------------------------------------------------------------------------------
 
     def make_denoiser(self, prompts: Sequence[str], guidance_scale: float, schedule: Schedule,
-                      size: tuple[int, int], step_kwargs: bool = False, layout: BatchLayout | None = None):
-        """`denoise(x, i) -> D`: PixArt's data prediction at point i for the latents x (one row per prompt, the
-        source first), classifier-free guidance applied. The transformer sees the rows of `layout` (default: the
-        prompts as branches, with unconditional rows when `guidance_scale > 1`, as diffusers decides; at 1 or below
-        the conditional prediction alone). With `step_kwargs` the step index reaches the attention processors
-        through `cross_attention_kwargs={"step_index": i}`."""
-        if layout is None:
-            layout = BatchLayout.for_scale(len(prompts) - 1, guidance_scale)
-        if layout.branches != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts for a layout of {layout.branches} branches")
-        cond, cond_mask = self.encode_prompt(prompts)
-        uncond, uncond_mask = self.encode_prompt([""]) if layout.guidance else (cond, cond_mask)
-        embeds = layout.join_guidance(uncond, cond)  # (rows, L, D)
-        mask = layout.join_guidance(uncond_mask, cond_mask)  # (rows, L)
-        added = self._micro_conditions(size, layout.rows)
-        in_channels = self.transformer.config.in_channels
-        device, dtype = self._execution_device, self._dtype
-
-        @torch.no_grad()
-        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
-            model_in = layout.join_guidance(x, x)  # (branches, C, h, w) -> (rows, C, h, w)
-            timestep = schedule.timesteps[i].to(device).expand(layout.rows)
-            kwargs = {"cross_attention_kwargs": {"step_index": i}} if step_kwargs else {}
-            out = self.transformer(model_in.to(device, dtype), encoder_hidden_states=embeds,
-                                   encoder_attention_mask=mask, timestep=timestep, added_cond_kwargs=added,
-                                   return_dict=False, **kwargs)[0]
-            eps = out[:, :in_channels].to(x.dtype)  # PixArt predicts [eps, learned sigma]: keep eps
-            eps = layout.guide(eps, guidance_scale)  # (rows, ...) -> (branches, ...)
-            a, s = schedule.alphas[i].item(), schedule.sigmas[i].item()
-            return (x - s * eps.to(x.device)) / a
-
-        return denoise
+                      size: tuple[int, int] | None = None, step_kwargs: bool = False,
+                      layout: BatchLayout | None = None):
+        """`denoise(x, i) -> D`: the model's data prediction at point i for the latents x (one row per prompt, the
+        source first), guidance applied as the family guides (`Backbone.denoiser`). The transformer sees the rows of
+        `layout` (default `Backbone.layout`: the prompts as branches, with unconditional rows when the family uses
+        classifier-free guidance and `guidance_scale > 1`). With `step_kwargs` the step index reaches the attention
+        processors as `step_index=i`. `size` is unused (the backbone reads it from the latents); kept for callers."""
+        layout = layout or self.backbone.layout(len(prompts) - 1, guidance_scale)
+        return self.backbone.denoiser(prompts, schedule, guidance_scale, layout, step_kwargs=step_kwargs)
 
     def _micro_conditions(self, size: tuple[int, int], rows: int) -> dict:
-        """Resolution and aspect-ratio conditions, used by the 1024 model (`use_additional_conditions`)."""
-        if not getattr(self.transformer, "use_additional_conditions", False):
-            return {"resolution": None, "aspect_ratio": None}
-        width, height = size
-        device, dtype = self._execution_device, self._dtype
-        resolution = torch.tensor([[height, width]], device=device, dtype=dtype).expand(rows, -1)
-        aspect = torch.tensor([[height / width]], device=device, dtype=dtype).expand(rows, -1)
-        return {"resolution": resolution, "aspect_ratio": aspect}
+        """The size conditions of a model that takes them (the PixArt 1024 models): `Backbone.micro_conditions`
+        for an image of `size` (width, height); {} for a family without them."""
+        conditions = getattr(self.backbone, "micro_conditions", None)
+        latent_hw = (size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor)
+        return {} if conditions is None else conditions(latent_hw, rows)
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.backbone.vae_scale_factor
 
     def default_size(self) -> int:
         """The side in pixels the transformer was built for (512 or 1024 for PixArt-alpha)."""
-        return self.transformer.config.sample_size * self.vae_scale_factor
+        sample_size = self.transformer.config.get("sample_size") or 128  # FLUX has none: FluxPipeline's 128
+        return sample_size * self.vae_scale_factor
 
-    def _schedule(self, num_inference_steps: int) -> Schedule:
-        return Schedule.from_scheduler(self.scheduler, checks.steps(num_inference_steps))
+    def _schedule(self, num_inference_steps: int, latent_hw: tuple[int, int]) -> Schedule:
+        """The family's schedule (`Backbone.schedule`); a flow schedule starts just short of pure noise
+        (`flow.INVERTIBLE_SIGMA_MAX`), where DPM-Solver++ and the exact inversions are defined."""
+        from .backbones.flow import INVERTIBLE_SIGMA_MAX  # deferred: only the flow families need it
+
+        sigma_max = INVERTIBLE_SIGMA_MAX if self.backbone.prediction == "flow" else 1.0
+        return self.backbone.schedule(checks.steps(num_inference_steps), tuple(latent_hw), sigma_max)
 
     def _settings(self, num_inference_steps: int | None, guidance_scale: float | None,
                   method: str | None = None, tol: float | None = None, max_pixels: int | None = None) -> Resolved:
@@ -304,7 +308,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         settings = self._settings(num_inference_steps, guidance_scale, method, tol, max_pixels)
         self.check_prompt(source_prompt, "source prompt")
         work, original_size = self.prepare_image(image, settings.max_pixels)
-        schedule = self._schedule(settings.steps)
+        schedule = self._schedule(settings.steps, self.latent_size(work.size))
         latent = self.encode_image(work).to(self._solver_dtype())
         denoise = self.make_denoiser([source_prompt], settings.guidance, schedule, work.size)
         result = INVERSIONS[settings.inversion](denoise, latent, schedule, tol=settings.tol,
@@ -334,9 +338,9 @@ class DiT4EditPipeline(DiffusionPipeline):
         self.check_prompt(prompt)
         imgs.check_size((width, height), settings.max_pixels)
         size = imgs.work_size((width, height))
-        schedule = self._schedule(settings.steps)
-        shape = (1, self.transformer.config.in_channels, *self.latent_size((width, height)))
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latent_hw = self.latent_size((width, height))
+        schedule = self._schedule(settings.steps, latent_hw)
+        noise = self.backbone.noise(1, latent_hw, generator)  # (1, C, h, w) float32, drawn as the family does
         x = noise.to(self._execution_device, self._solver_dtype())
         denoise = self.make_denoiser([prompt], settings.guidance, schedule, size)
         trajectory = SAMPLERS["dpm"](denoise, x, schedule, disable=self._progress(disable_progress))
@@ -386,7 +390,7 @@ class DiT4EditPipeline(DiffusionPipeline):
             keep = decoded[SOURCE] if source_image is None else imgs.to_rgb(source_image)
             outline = pixel_mask(mask, inversion.original_size)
             images = [paste_outside(image, keep, outline, radius=self.vae_scale_factor) for image in images]
-        elif controller is not None:
+        elif isinstance(controller, AttentionController):
             self._warn_blend_everywhere(controller, inversion.num_inference_steps)
         self.maybe_free_model_hooks()
         return EditResult(images=images, reconstruction=decoded[SOURCE], latents=final.cpu(), controller=controller)
@@ -395,17 +399,21 @@ class DiT4EditPipeline(DiffusionPipeline):
                       disable_progress: bool | None, sampler=None) -> tuple[torch.Tensor, AttentionController | None]:
         """The edit's denoising loop: the source and target branches in one batch (`BatchLayout`), attention
         control and patch merging installed around it; returns the final latents (source first)."""
-        layout = BatchLayout.for_scale(len(targets), settings.guidance, settings.rows)
-        schedule = self._schedule(inversion.num_inference_steps)
+        layout = self.backbone.layout(len(targets), settings.guidance, settings.rows)
         trajectory = inversion.trajectory.to(self._execution_device, self._solver_dtype())  # (N + 1, C, h, w)
         latent_hw = tuple(trajectory.shape[-2:])
+        schedule = self._schedule(inversion.num_inference_steps, latent_hw)
         size = (latent_hw[1] * self.vae_scale_factor, latent_hw[0] * self.vae_scale_factor)
         grid = self._token_grid(latent_hw)
         merge = settings.merge
         if merge is not None and merge.merge_ff and merge.applies(grid) and blocks_compiled(self.transformer):
             raise DiT4EditError("merging the feed-forward (merge_ff) does not work on compiled transformer blocks")
         merges = merge is not None and merge.applies(grid)
-        controller = self.make_controller(settings.control, inversion, targets, mask, record_words, layout)
+        if self.joint:  # merging runs inside the joint processors, on image tokens only
+            controller = self._joint_controller(settings.control, inversion, targets, mask, False, layout,
+                                                merge if merges else None)
+        else:
+            controller = self.make_controller(settings.control, inversion, targets, mask, record_words, layout)
         denoise = self.make_denoiser([inversion.source_prompt, *targets], settings.guidance, schedule, size,
                                      step_kwargs=controller is not None or merges, layout=layout)
         x = trajectory[:1].expand(layout.branches, -1, -1, -1).clone()  # (branches, C, h, w), source first
@@ -419,9 +427,14 @@ class DiT4EditPipeline(DiffusionPipeline):
                 x_next = controller.local_blend(x_next, i)
             return x_next
 
-        installed = install(self.transformer, controller) if controller is not None else contextlib.nullcontext()
+        if controller is None:
+            installed = contextlib.nullcontext()
+        elif self.joint:
+            installed = install_joint(self.transformer, controller, self.backbone.attention_layers())
+        else:
+            installed = install(self.transformer, controller)
         merging = (token_merging(self.transformer, merge, grid, plan_row=layout.row(SOURCE, cond=True))
-                   if merges else contextlib.nullcontext())  # one plan from the source's conditional row
+                   if merges and not self.joint else contextlib.nullcontext())  # one plan from the source's cond row
         with installed, merging:
             if sampler is None:
                 final = SAMPLERS[inversion.sampler](denoise, x, schedule, callback=on_step,
@@ -460,6 +473,8 @@ class DiT4EditPipeline(DiffusionPipeline):
         """The attention controller of one edit, or None when nothing is controlled, masked or recorded (a mask or
         recording without control runs with `AttentionControl(enabled=False)`: default attention)."""
         latent_hw = tuple(inversion.trajectory.shape[-2:])
+        if self.joint:
+            return self._joint_controller(control, inversion, targets, mask, record_words, layout)
         if control is None:
             if mask is None and not record_words:
                 return None
@@ -468,13 +483,58 @@ class DiT4EditPipeline(DiffusionPipeline):
         return AttentionController.for_edit(
             control, self.tokenizer, _prepared(inversion.source_prompt), [_prepared(t) for t in targets],
             num_steps=inversion.num_inference_steps, num_blocks=self.num_blocks, grid=self._token_grid(latent_hw),
-            patch_size=self.transformer.config.patch_size, user_mask=user_mask, record_words=record_words,
+            patch_size=self.backbone.grid(latent_hw).patch, user_mask=user_mask, record_words=record_words,
             layout=layout, max_length=self.max_sequence_length,
         )  # fmt: skip
 
+    @property
+    def joint(self) -> bool:
+        """Whether the model's attention is joint (MM-DiT: SD3 / SD3.5, FLUX) rather than self + cross."""
+        return not self.backbone.layers("cross")
+
+    def _joint_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
+                          mask, record_words: bool, layout: BatchLayout | None,
+                          merge=None) -> JointController | None:
+        """The `JointController` of one edit on a joint-attention model: Prompt-to-Prompt on the text keys of every
+        joint / single-stream layer before `cross_replace_steps`, the source's image keys and values before
+        `self_replace_steps` and mutual self-attention after it in the `self_layers` blocks (default the deeper
+        half), the user mask as a latent blend, merging on image tokens. One-line errors for what joint control
+        does not do (word reweighting, local blend by words)."""
+        latent_hw = tuple(inversion.trajectory.shape[-2:])
+        if control is not None and control.enabled and control.reweight:
+            raise DiT4EditError("word reweighting (--reweight) is not available on joint-attention models "
+                                f"({self.backbone.family})")
+        if control is not None and control.enabled and (control.local_blend_words or control.local_blend_changed):
+            raise DiT4EditError("local blend by words is not available on joint-attention models "
+                                f"({self.backbone.family}); give a mask instead")
+        enabled = control is not None and control.enabled
+        if not enabled and mask is None and merge is None:
+            return None
+        layout = layout or self.backbone.layout(len(targets), inversion.guidance_scale)
+        num_steps = inversion.num_inference_steps
+        layers = self.backbone.attention_layers()
+        first_single = len(self.transformer.transformer_blocks)
+        source = self.backbone.prompt_tokens(inversion.source_prompt)
+        image_layers, text_edit, switch, text_steps = frozenset(), None, 0, 0
+        if enabled:
+            blocks = control.self_blocks(self.num_blocks)
+            image_layers = frozenset(
+                layer.name for layer in layers if layer.role in ("joint", "single", "self")
+                and layer.block + (first_single if layer.role == "single" else 0) in blocks)
+            from .backbones.alignment import align_tokens  # deferred: only joint edits align whole sequences
+
+            text_edit = prompt_to_prompt([align_tokens(source, self.backbone.prompt_tokens(t), control.edit_mode)
+                                          for t in targets])
+            switch = steps_before(control.self_replace_steps, num_steps)
+            text_steps = steps_before(control.cross_replace_steps, num_steps)
+        user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
+        return JointController(layout=layout, text_length=len(source.word_of_token), image_layers=image_layers,
+                               switch_step=switch, text_edit=text_edit, text_steps=text_steps, merge=merge,
+                               grid=self._token_grid(latent_hw), user_mask=user_mask, num_steps=num_steps)
+
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        patch = self.transformer.config.patch_size
-        return latent_hw[0] // patch, latent_hw[1] // patch
+        grid = self.backbone.grid(latent_hw)
+        return grid.height, grid.width
 
     @torch.no_grad()
     def sdedit(self, image, target_prompt: str, strength: float = 0.6, num_inference_steps: int | None = None,
@@ -488,7 +548,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         checks.number(strength, "strength", 0.0, 1.0, low_open=True)
         self.check_prompt(target_prompt, "target prompt")
         work, original_size = self.prepare_image(image, settings.max_pixels)
-        schedule = self._schedule(settings.steps)
+        schedule = self._schedule(settings.steps, self.latent_size(work.size))
         start = min(settings.steps - 1, round(settings.steps * (1.0 - strength)))
         tail = schedule.tail(start)
         latent = self.encode_image(work).to(self._solver_dtype())
@@ -499,6 +559,47 @@ class DiT4EditPipeline(DiffusionPipeline):
         image = self.decode_latents(final, original_size)[0]
         self.maybe_free_model_hooks()
         return (image, final) if return_latent else image
+
+    @torch.no_grad()
+    def flowedit(self, image, source_prompt: str, target_prompt: str, num_inference_steps: int = 28,
+                 n_max: int = 24, source_guidance: float = 1.5, target_guidance: float = 5.5,
+                 generator: torch.Generator | None = None, max_pixels: int = imgs.MAX_PIXELS,
+                 disable_progress: bool | None = None) -> Image.Image:
+        """FlowEdit (Kulikov et al. 2024), inversion-free, on the flow families: from the input latent, integrate
+        the difference of the target's and the source's velocities over the last `n_max` of the family's
+        `num_inference_steps` steps (s from high to 0), the source point a fresh noising of the input at each
+        step and the target point the edited latent shifted by the same noise. Published settings: FLUX 28 steps,
+        n_max 24, guidance 1.5 / 5.5; SD3 50 steps, n_max 33, guidance 3.5 / 13.5. No attention control."""
+        from .backbones.flow import velocity  # deferred: only the flow families use it
+
+        if self.backbone.prediction != "flow":
+            raise DiT4EditError(f"FlowEdit runs on the flow families (SD3, FLUX), not {self.backbone.family}")
+        steps = checks.steps(num_inference_steps)
+        n_max = checks.integer(n_max, "n_max", 1, steps)
+        checks.number(source_guidance, "source_guidance", 0.0)
+        checks.number(target_guidance, "target_guidance", 0.0)
+        self.check_prompt(source_prompt, "source prompt")
+        self.check_prompt(target_prompt, "target prompt")
+        work, original_size = self.prepare_image(image, max_pixels)
+        latent_hw = self.latent_size(work.size)
+        schedule = self.backbone.schedule(steps, latent_hw, 1.0)  # the family's own points, s from 1 to 0
+        source = self.encode_image(work).to(self._solver_dtype())  # (1, C, h, w)
+        denoise_source = self.make_denoiser([source_prompt], source_guidance, schedule)
+        denoise_target = self.make_denoiser([target_prompt], target_guidance, schedule)
+        edited = source.clone()
+        for i in self.progress_bar(range(steps - n_max, steps)) if not self._progress(disable_progress) \
+                else range(steps - n_max, steps):
+            s, s_next = schedule.sigmas[i].item(), schedule.sigmas[i + 1].item()
+            noise = self.backbone.noise(1, latent_hw, generator).to(source)
+            noisy_source = (1 - s) * source + s * noise  # (1, C, h, w)
+            noisy_target = edited + noisy_source - source
+            v_source = velocity(noisy_source, denoise_source(noisy_source, i), s)
+            v_target = velocity(noisy_target, denoise_target(noisy_target, i), s)
+            edited = edited + (s_next - s) * (v_target - v_source)
+        checks.finite(edited, "FlowEdit's latent")
+        result = self.decode_latents(edited, original_size)[0]
+        self.maybe_free_model_hooks()
+        return result
 
     @torch.no_grad()
     def reconstruct(self, image, source_prompt: str, num_inference_steps: int | None = None,
@@ -519,7 +620,7 @@ class DiT4EditPipeline(DiffusionPipeline):
         work = imgs.resize(original, imgs.work_size(original.size))
         inversion = self.invert(work, source_prompt, settings.steps, settings.guidance, settings.inversion,
                                 settings.tol, settings.max_pixels, disable_progress)
-        schedule = self._schedule(settings.steps)
+        schedule = self._schedule(settings.steps, self.latent_size(work.size))
         denoise = self.make_denoiser([source_prompt], settings.guidance, schedule, work.size)
         start = inversion.latent.unsqueeze(0).to(self._execution_device, self._solver_dtype())
         regenerated = SAMPLERS[inversion.sampler](denoise, start, schedule,
@@ -549,17 +650,6 @@ class DiT4EditPipeline(DiffusionPipeline):
         settings = (settings or Settings()).with_options(options, "option")
         request = EditRequest(targets=target_prompt, source=source_prompt, image=image, settings=settings)
         return run(self, request, disable_progress=disable_progress)[0]
-
-
-def _prepared(prompt: str) -> str:
-    """A prompt as the text encoder sees it: prepared as diffusers' PixArt pipelines prepare it by default
-    (`clean_caption=True`: cleaned where beautifulsoup4 and ftfy are installed, else lowercased and stripped)."""
-    return preprocess_prompt(prompt, clean_caption=_can_clean_captions())
-
-
-@functools.lru_cache(maxsize=1)
-def _can_clean_captions() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("bs4", "ftfy"))
 
 
 def _hub_prompt_length(name: str, kwargs: dict) -> int:

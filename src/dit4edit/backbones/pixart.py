@@ -9,21 +9,31 @@ rows `[uncond, cond]`. The 1024 models take resolution and aspect-ratio micro-co
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
 from typing import Sequence
 
 import torch
 
-from ..model_folder import prompt_length
+from ..prompts import preprocess_prompt
+from ..defaults import PIXART_ALPHA_TOKENS
 from ..solvers import Schedule, sample_dpmpp_2m
 from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
 
+SIGMA_TOKENS = 300  # PixArtSigmaPipeline's max_sequence_length
 _LAYER = re.compile(r"transformer_blocks\.(\d+)\.attn([12])\.processor")
 
 
 def preprocess(prompt: str) -> str:
-    """The text PixArt's T5 reads: diffusers' `_text_preprocessing(prompt, clean_caption=False)`."""
-    return prompt.lower().strip()
+    """The text PixArt's T5 reads, as diffusers' PixArt pipelines prepare it by default (`clean_caption=True`:
+    cleaned where beautifulsoup4 and ftfy are installed, else lower-cased and stripped; `prompts.preprocess_prompt`)."""
+    return preprocess_prompt(prompt, clean_caption=_can_clean_captions())
+
+
+@functools.lru_cache(maxsize=1)
+def _can_clean_captions() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("bs4", "ftfy"))
 
 
 class PixArtBackbone(Backbone):
@@ -41,9 +51,11 @@ class PixArtBackbone(Backbone):
     )
 
     def default_prompt_length(self) -> int:
-        config = dict(self.pipe.config)
-        config.setdefault("_class_name", type(self.pipe).__name__)
-        return prompt_length(config)
+        """A saved dit4edit pipeline's own `max_sequence_length`, else its pipeline's (Sigma 300, alpha 120)."""
+        length = dict(self.pipe.config).get("max_sequence_length")
+        if length is not None:
+            return int(length)
+        return SIGMA_TOKENS if type(self.pipe).__name__ == "PixArtSigmaPipeline" else PIXART_ALPHA_TOKENS
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> TextInputs:

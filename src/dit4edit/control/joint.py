@@ -46,6 +46,7 @@ import torch
 
 from ..layout import BatchLayout
 from ..merging import MergeConfig, MergeFn, identity, layer_seed, plan_merge
+from .blend import apply_local_blend
 from .edits import SELF_EDITS, sdpa
 
 IMAGE_EDITS = ("source", "mutual")
@@ -219,6 +220,8 @@ class JointController:
         None: off.
     record_layers, record_columns: the joint / single layers whose image -> text maps are kept in `maps`, and the
         text positions kept (None: all); each branch's own map, before any edit.
+    user_mask: `(h, w)` latent mask, 1 = editable: after every step each target latent is the source's outside it
+        (`local_blend`); None: no blend.
     """
 
     layout: BatchLayout
@@ -233,6 +236,28 @@ class JointController:
     record_columns: tuple[int, ...] | None = None
     seen: set[str] = field(default_factory=set)  # layers that received an edit (for tests and pictures)
     maps: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)  # (step, layer, (branches, N, C))
+    user_mask: torch.Tensor | None = None
+    num_steps: int = 0  # the edit's denoising steps (what the pictures of an edit ask)
+
+    def blend_mask(self, step_index: int, target: int = 0) -> torch.Tensor | None:
+        """The editable region at `step_index`: the user mask (`(h, w)`, 1 = editable), or None."""
+        return self.user_mask
+
+    def word_maps(self, branch: int, steps=None) -> dict[str, torch.Tensor]:
+        """Per-word attention pictures, as `AttentionController.word_maps` gives them: none yet on joint attention
+        (the recorded image -> text maps are in `maps`, by text position)."""
+        return {}
+
+    def local_blend(self, latents: torch.Tensor, step_index: int) -> torch.Tensor:
+        """`(branches, C, h, w)` latents after step `step_index` with each target outside `user_mask` reset to the
+        source (`blend.apply_local_blend`); the same tensor without a mask."""
+        if self.user_mask is None:
+            return latents
+        out = latents.clone()
+        for target in range(self.layout.num_targets):
+            branch = self.layout.target_branch(target)
+            out[branch] = apply_local_blend(latents[branch], self.layout.source(latents), self.user_mask)
+        return out
 
     def record(self, layer: str, step: int | None, query, key, spans: Spans, unmerge: MergeFn) -> None:
         """Store each branch's own (pre-edit) image -> text map of `layer` at `step`, on the conditional rows, over
