@@ -147,7 +147,7 @@ def test_pix2pix_zero_guidance_lowers_the_cross_attention_map_difference_it_targ
     from dit4edit.editing_methods import CrossAttentionGuidance
 
     inversion = tiny_pipe.invert(random_image(32, 32, seed=2), SOURCE, 4, method="ddim")
-    schedule = tiny_pipe._schedule(4)
+    schedule = tiny_pipe._schedule(4, (4, 4))  # a 32 px image: 4x4 latents
     guide = CrossAttentionGuidance(tiny_pipe, [SOURCE, TARGET], schedule, (32, 32), weight=1.0)
     x = inversion.trajectory[1:2].double().expand(2, -1, -1, -1).clone()  # source and target at point 1
     before, grad = guide.loss(x, 1)

@@ -75,7 +75,8 @@ def test_exact_inversion_regenerates_its_input(pipes, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_edit_is_the_reconstruction(pipes, family):
-    result = pipes[family](random_image(32, 32), SOURCE, SOURCE, no_merge=True, **FAST)  # merging approximates
+    result = pipes[family](random_image(32, 32), SOURCE, SOURCE, no_merge=True, inversion="dpm-exact", tol=1e-8,
+                           **FAST)  # merging approximates; an exact inversion lets the free target regenerate it
     assert relative_error(result.latents[1], result.latents[0]) < FLOAT_TOL
 
 

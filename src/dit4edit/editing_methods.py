@@ -59,7 +59,7 @@ def virtual_inversion(pipe, image, source: str, steps: int, guidance: float, see
     from .inversion_file import GENERATED, Inversion
 
     work, original_size = pipe.prepare_image(image, max_pixels)
-    schedule = pipe._schedule(steps)
+    schedule = pipe._schedule(steps, pipe.latent_size(work.size))
     x0 = pipe.encode_image(work).to(pipe._solver_dtype())[0]  # (C, h, w)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(x0)
     a, s = schedule.alphas.to(x0)[:, None, None, None], schedule.sigmas.to(x0)[:, None, None, None]
@@ -216,12 +216,54 @@ def _run_pix2pix_zero(pipe, request, resolved, targets, record_words, disable_pr
 
     latent_hw = tuple(inversion.trajectory.shape[-2:])
     size = (latent_hw[1] * pipe.vae_scale_factor, latent_hw[0] * pipe.vae_scale_factor)
-    guide = CrossAttentionGuidance(pipe, [inversion.source_prompt, *targets], pipe._schedule(resolved.steps), size)
+    guide = CrossAttentionGuidance(pipe, [inversion.source_prompt, *targets], pipe._schedule(resolved.steps, latent_hw), size)
     result = pipe.edit(inversion, targets, guidance_scale=resolved.guidance, pin_source=True, control=resolved.control,
                        mask=resolved.mask, merge=resolved.merge, record_words=record_words,
                        disable_progress=disable_progress, rows=resolved.rows, source_image=request.image,
                        sampler=partial(sample_xa_guided, sampler=inversion.sampler, guide=guide))
     return result, inversion
+
+
+def flowedit(pipe, image, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, n_max: int = 24,
+         source_guidance: float = 1.5, target_guidance: float = 5.5, generator=None, max_pixels: int | None = None,
+         disable_progress: bool | None = None):
+    """FlowEdit (Kulikov et al. 2024), inversion-free, on the flow families: from the input latent, integrate
+    the difference of the target's and the source's velocities over the last `n_max` of the family's
+    `num_inference_steps` steps (s from high to 0), the source point a fresh noising of the input at each
+    step and the target point the edited latent shifted by the same noise. Published settings: FLUX 28 steps,
+    n_max 24, guidance 1.5 / 5.5; SD3 50 steps, n_max 33, guidance 3.5 / 13.5. No attention control."""
+    from . import checks
+    from . import images as imgs
+    from .backbones.flow import velocity  # deferred: torch, and only the flow families use it
+
+    if pipe.backbone.prediction != "flow":
+        raise DiT4EditError(f"FlowEdit runs on the flow families (SD3, FLUX), not {pipe.backbone.family}")
+    steps = checks.steps(num_inference_steps)
+    n_max = checks.integer(n_max, "n_max", 1, steps)
+    checks.number(source_guidance, "source_guidance", 0.0)
+    checks.number(target_guidance, "target_guidance", 0.0)
+    pipe.check_prompt(source_prompt, "source prompt")
+    pipe.check_prompt(target_prompt, "target prompt")
+    work, original_size = pipe.prepare_image(image, imgs.MAX_PIXELS if max_pixels is None else max_pixels)
+    latent_hw = pipe.latent_size(work.size)
+    schedule = pipe.backbone.schedule(steps, latent_hw, 1.0)  # the family's own points, s from 1 to 0
+    source = pipe.encode_image(work).to(pipe._solver_dtype())  # (1, C, h, w)
+    denoise_source = pipe.make_denoiser([source_prompt], source_guidance, schedule)
+    denoise_target = pipe.make_denoiser([target_prompt], target_guidance, schedule)
+    edited = source.clone()
+    for i in pipe.progress_bar(range(steps - n_max, steps)) if not pipe._progress(disable_progress) \
+            else range(steps - n_max, steps):
+        s, s_next = schedule.sigmas[i].item(), schedule.sigmas[i + 1].item()
+        noise = pipe.backbone.noise(1, latent_hw, generator).to(source)
+        noisy_source = (1 - s) * source + s * noise  # (1, C, h, w)
+        noisy_target = edited + noisy_source - source
+        v_source = velocity(noisy_source, denoise_source(noisy_source, i), s)
+        v_target = velocity(noisy_target, denoise_target(noisy_target, i), s)
+        edited = edited + (s_next - s) * (v_target - v_source)
+    checks.finite(edited, "FlowEdit's latent")
+    result = pipe.decode_latents(edited, original_size)[0]
+    pipe.maybe_free_model_hooks()
+    return result
 
 
 # --- the table -------------------------------------------------------------------------------------------------

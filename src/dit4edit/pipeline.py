@@ -18,16 +18,16 @@ from .backbones import Backbone, backbone_for
 from . import images as imgs
 from .compiling import blocks_compiled, compile_blocks
 from .control import AttentionControl, AttentionController, install
-from .control.config import steps_before
 from .control.controller import quiet_dry_run
-from .control.joint import JointController, install_joint, prompt_to_prompt
+from .control.joint import JointController, install_joint, joint_controller_for
 from .errors import DiT4EditError
 from .layout import SOURCE, BatchLayout
 from .inversion_file import GENERATED, Inversion, check_model, model_record
 from .merging import token_merging
 from .masks import latent_mask, load_mask, paste_outside, pixel_mask
-from .model_folder import (DEFAULT_PROMPT_LENGTH, EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
-                           check_folder, default_model, local_folder, prompt_length)
+from .hub import dtype_kwarg, hub_prompt_length, one_line, quiet_loaders
+from .model_folder import (EMBEDDED_MODEL, ModelDefaults, check_component_shapes,
+                           check_folder, default_model, local_folder)
 from .backbones.pixart import preprocess as _prepared  # the text the PixArt controller aligns
 from .prompts import PIXART_ALPHA_TOKENS
 from .result import EditResult
@@ -105,22 +105,22 @@ class DiT4EditPipeline(DiffusionPipeline):
         on a CPU. A folder's `dit4edit.json` becomes `pipe.defaults`."""
         name = str(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
-        kwargs[_dtype_kwarg()] = dtype
+        kwargs[dtype_kwarg()] = dtype
         if kwargs.setdefault("use_safetensors", True) is not True:
             raise DiT4EditError("dit4edit loads safetensors weights only (use_safetensors=True)")
         folder = local_folder(name)
         info = check_folder(folder) if folder is not None else None
         defaults = info.defaults if info is not None else ModelDefaults()
         try:
-            with _quiet_loaders():
+            with quiet_loaders():
                 if "max_sequence_length" not in kwargs:  # the model's prompt length (Sigma: 300 T5 tokens)
                     kwargs["max_sequence_length"] = (info.max_sequence_length if info is not None
-                                                     else _hub_prompt_length(name, kwargs))
+                                                     else hub_prompt_length(name, kwargs))
                 pipe = super().from_pretrained(str(folder) if folder is not None else name, **kwargs)
         except DiT4EditError:
             raise
         except Exception as error:
-            raise DiT4EditError(f"cannot load model {name}: {_one_line(error)}") from error  # --debug shows it
+            raise DiT4EditError(f"cannot load model {name}: {one_line(error)}") from error  # --debug shows it
         family = pipe.backbone.family  # a one-line error for a transformer no backbone runs
         if family == "pixart":
             check_component_shapes(dict(pipe.transformer.config), dict(pipe.vae.config),
@@ -495,42 +495,8 @@ class DiT4EditPipeline(DiffusionPipeline):
     def _joint_controller(self, control: AttentionControl | None, inversion: Inversion, targets: Sequence[str],
                           mask, record_words: bool, layout: BatchLayout | None,
                           merge=None) -> JointController | None:
-        """The `JointController` of one edit on a joint-attention model: Prompt-to-Prompt on the text keys of every
-        joint / single-stream layer before `cross_replace_steps`, the source's image keys and values before
-        `self_replace_steps` and mutual self-attention after it in the `self_layers` blocks (default the deeper
-        half), the user mask as a latent blend, merging on image tokens. One-line errors for what joint control
-        does not do (word reweighting, local blend by words)."""
-        latent_hw = tuple(inversion.trajectory.shape[-2:])
-        if control is not None and control.enabled and control.reweight:
-            raise DiT4EditError("word reweighting (--reweight) is not available on joint-attention models "
-                                f"({self.backbone.family})")
-        if control is not None and control.enabled and (control.local_blend_words or control.local_blend_changed):
-            raise DiT4EditError("local blend by words is not available on joint-attention models "
-                                f"({self.backbone.family}); give a mask instead")
-        enabled = control is not None and control.enabled
-        if not enabled and mask is None and merge is None:
-            return None
-        layout = layout or self.backbone.layout(len(targets), inversion.guidance_scale)
-        num_steps = inversion.num_inference_steps
-        layers = self.backbone.attention_layers()
-        first_single = len(self.transformer.transformer_blocks)
-        source = self.backbone.prompt_tokens(inversion.source_prompt)
-        image_layers, text_edit, switch, text_steps = frozenset(), None, 0, 0
-        if enabled:
-            blocks = control.self_blocks(self.num_blocks)
-            image_layers = frozenset(
-                layer.name for layer in layers if layer.role in ("joint", "single", "self")
-                and layer.block + (first_single if layer.role == "single" else 0) in blocks)
-            from .backbones.alignment import align_tokens  # deferred: only joint edits align whole sequences
-
-            text_edit = prompt_to_prompt([align_tokens(source, self.backbone.prompt_tokens(t), control.edit_mode)
-                                          for t in targets])
-            switch = steps_before(control.self_replace_steps, num_steps)
-            text_steps = steps_before(control.cross_replace_steps, num_steps)
-        user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
-        return JointController(layout=layout, text_length=len(source.word_of_token), image_layers=image_layers,
-                               switch_step=switch, text_edit=text_edit, text_steps=text_steps, merge=merge,
-                               grid=self._token_grid(latent_hw), user_mask=user_mask, num_steps=num_steps)
+        """The `JointController` of one edit on a joint-attention model (`control.joint.joint_controller_for`)."""
+        return joint_controller_for(self, control, inversion, targets, mask, layout, merge)
 
     def _token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         grid = self.backbone.grid(latent_hw)
@@ -565,41 +531,11 @@ class DiT4EditPipeline(DiffusionPipeline):
                  n_max: int = 24, source_guidance: float = 1.5, target_guidance: float = 5.5,
                  generator: torch.Generator | None = None, max_pixels: int = imgs.MAX_PIXELS,
                  disable_progress: bool | None = None) -> Image.Image:
-        """FlowEdit (Kulikov et al. 2024), inversion-free, on the flow families: from the input latent, integrate
-        the difference of the target's and the source's velocities over the last `n_max` of the family's
-        `num_inference_steps` steps (s from high to 0), the source point a fresh noising of the input at each
-        step and the target point the edited latent shifted by the same noise. Published settings: FLUX 28 steps,
-        n_max 24, guidance 1.5 / 5.5; SD3 50 steps, n_max 33, guidance 3.5 / 13.5. No attention control."""
-        from .backbones.flow import velocity  # deferred: only the flow families use it
+        """FlowEdit (Kulikov et al. 2024), inversion-free, on the flow families (`editing_methods.flowedit`)."""
+        from .editing_methods import flowedit  # deferred: the methods module builds on this one
 
-        if self.backbone.prediction != "flow":
-            raise DiT4EditError(f"FlowEdit runs on the flow families (SD3, FLUX), not {self.backbone.family}")
-        steps = checks.steps(num_inference_steps)
-        n_max = checks.integer(n_max, "n_max", 1, steps)
-        checks.number(source_guidance, "source_guidance", 0.0)
-        checks.number(target_guidance, "target_guidance", 0.0)
-        self.check_prompt(source_prompt, "source prompt")
-        self.check_prompt(target_prompt, "target prompt")
-        work, original_size = self.prepare_image(image, max_pixels)
-        latent_hw = self.latent_size(work.size)
-        schedule = self.backbone.schedule(steps, latent_hw, 1.0)  # the family's own points, s from 1 to 0
-        source = self.encode_image(work).to(self._solver_dtype())  # (1, C, h, w)
-        denoise_source = self.make_denoiser([source_prompt], source_guidance, schedule)
-        denoise_target = self.make_denoiser([target_prompt], target_guidance, schedule)
-        edited = source.clone()
-        for i in self.progress_bar(range(steps - n_max, steps)) if not self._progress(disable_progress) \
-                else range(steps - n_max, steps):
-            s, s_next = schedule.sigmas[i].item(), schedule.sigmas[i + 1].item()
-            noise = self.backbone.noise(1, latent_hw, generator).to(source)
-            noisy_source = (1 - s) * source + s * noise  # (1, C, h, w)
-            noisy_target = edited + noisy_source - source
-            v_source = velocity(noisy_source, denoise_source(noisy_source, i), s)
-            v_target = velocity(noisy_target, denoise_target(noisy_target, i), s)
-            edited = edited + (s_next - s) * (v_target - v_source)
-        checks.finite(edited, "FlowEdit's latent")
-        result = self.decode_latents(edited, original_size)[0]
-        self.maybe_free_model_hooks()
-        return result
+        return flowedit(self, image, source_prompt, target_prompt, num_inference_steps, n_max, source_guidance,
+                        target_guidance, generator, max_pixels, disable_progress)
 
     @torch.no_grad()
     def reconstruct(self, image, source_prompt: str, num_inference_steps: int | None = None,
@@ -650,46 +586,3 @@ class DiT4EditPipeline(DiffusionPipeline):
         settings = (settings or Settings()).with_options(options, "option")
         request = EditRequest(targets=target_prompt, source=source_prompt, image=image, settings=settings)
         return run(self, request, disable_progress=disable_progress)[0]
-
-
-def _hub_prompt_length(name: str, kwargs: dict) -> int:
-    """The prompt length of a hub model, from its model_index.json (`model_folder.prompt_length`); where and how
-    to look (`local_files_only`, `revision`, `cache_dir`, `token`) as `kwargs` tell `from_pretrained`."""
-    where = {k: kwargs[k] for k in ("local_files_only", "revision", "cache_dir", "token") if k in kwargs}
-    try:
-        index = DiffusionPipeline.load_config(name, **where)
-    except (OSError, ValueError):  # unreachable, not found or not a pipeline: from_pretrained reports it
-        return DEFAULT_PROMPT_LENGTH
-    return prompt_length(dict(index))
-
-
-def _dtype_kwarg() -> str:
-    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); use the one this install prefers."""
-    from diffusers.utils import deprecation_utils
-
-    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
-@contextlib.contextmanager
-def _quiet_loaders():
-    """While loading: only errors from diffusers, transformers and huggingface_hub (their warnings and retries
-    would print lines before our one-line error); the previous levels come back afterwards."""
-    import warnings
-
-    names = ("diffusers", "transformers", "huggingface_hub")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [log.level for log in loggers]
-    try:
-        for log in loggers:
-            log.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -44,9 +44,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..errors import DiT4EditError
 from ..layout import BatchLayout
+from ..masks import latent_mask
 from ..merging import MergeConfig, MergeFn, identity, layer_seed, plan_merge
 from .blend import apply_local_blend
+from .config import steps_before
 from .edits import SELF_EDITS, sdpa
 
 IMAGE_EDITS = ("source", "mutual")
@@ -444,3 +447,42 @@ def install_joint(transformer, controller: JointController, layers) -> Iterator[
         yield controller
     finally:
         transformer.set_attn_processor(dict(previous))
+
+
+def joint_controller_for(pipe, control, inversion, targets, mask=None, layout=None, merge=None):
+    """The `JointController` of one edit on a joint-attention model: Prompt-to-Prompt on the text keys of every
+    joint / single-stream layer before `cross_replace_steps`, the source's image keys and values before
+    `self_replace_steps` and mutual self-attention after it in the `self_layers` blocks (default the deeper
+    half), the user mask as a latent blend, merging on image tokens. One-line errors for what joint control
+    does not do (word reweighting, local blend by words)."""
+    latent_hw = tuple(inversion.trajectory.shape[-2:])
+    if control is not None and control.enabled and control.reweight:
+        raise DiT4EditError("word reweighting (--reweight) is not available on joint-attention models "
+                            f"({pipe.backbone.family})")
+    if control is not None and control.enabled and (control.local_blend_words or control.local_blend_changed):
+        raise DiT4EditError("local blend by words is not available on joint-attention models "
+                            f"({pipe.backbone.family}); give a mask instead")
+    enabled = control is not None and control.enabled
+    if not enabled and mask is None and merge is None:
+        return None
+    layout = layout or pipe.backbone.layout(len(targets), inversion.guidance_scale)
+    num_steps = inversion.num_inference_steps
+    layers = pipe.backbone.attention_layers()
+    first_single = len(pipe.transformer.transformer_blocks)
+    source = pipe.backbone.prompt_tokens(inversion.source_prompt)
+    image_layers, text_edit, switch, text_steps = frozenset(), None, 0, 0
+    if enabled:
+        blocks = control.self_blocks(pipe.num_blocks)
+        image_layers = frozenset(
+            layer.name for layer in layers if layer.role in ("joint", "single", "self")
+            and layer.block + (first_single if layer.role == "single" else 0) in blocks)
+        from ..backbones.alignment import align_tokens  # deferred: only joint edits align whole sequences
+
+        text_edit = prompt_to_prompt([align_tokens(source, pipe.backbone.prompt_tokens(t), control.edit_mode)
+                                      for t in targets])
+        switch = steps_before(control.self_replace_steps, num_steps)
+        text_steps = steps_before(control.cross_replace_steps, num_steps)
+    user_mask = None if mask is None else latent_mask(mask, inversion.original_size, latent_hw)
+    return JointController(layout=layout, text_length=len(source.word_of_token), image_layers=image_layers,
+                           switch_step=switch, text_edit=text_edit, text_steps=text_steps, merge=merge,
+                           grid=pipe._token_grid(latent_hw), user_mask=user_mask, num_steps=num_steps)
