@@ -157,3 +157,11 @@ def test_a_saved_inversion_records_its_family(pipes):
     assert inversion.model["family"] == "flux"
     with pytest.raises(DiT4EditError, match="made by a flux model; this is a sd3 model"):
         pipes["sd3"].check_inversion(inversion)
+
+
+@pytest.mark.parametrize("method", ["p2p", "masactrl", "pnp-inversion", "pix2pix-zero"])
+def test_methods_that_need_cross_attention_are_refused_on_joint_attention_in_one_line(pipes, method, monkeypatch):
+    pipe = pipes["sd3"]
+    monkeypatch.setattr(pipe, "invert", lambda *a, **k: pytest.fail("inverted before refusing"))
+    with pytest.raises(DiT4EditError, match=f"{method} needs self- and cross-attention layers"):
+        pipe(random_image(32, 32), SOURCE, TARGET, method=method, **FAST)

@@ -37,6 +37,9 @@ class EditMethod:
     run: `run(pipe, request, resolved, targets, record_words, disable_progress, inversion) -> (EditResult,
         Inversion or None)` for a method that leaves the shared invert-then-edit path (`inversion`: a saved or kept
         one to use, else None); None = the shared path.
+    joint: the method runs on joint-attention models (SD3, FLUX); False where it needs what only self- and
+        cross-attention layers have (its self-attention modes, cross-attention maps to guide), so it is refused
+        there in one line rather than run as something else.
     """
 
     summary: str
@@ -44,6 +47,7 @@ class EditMethod:
     direct_inversion: bool = False
     inverts: bool = True
     run: Callable | None = None
+    joint: bool = True
 
 
 # --- the methods that step differently -------------------------------------------------------------------------
@@ -283,7 +287,7 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     # word maps in the first 80% of the steps (P2P's default cross_replace_steps 0.8); self-attention untouched.
     "p2p": EditMethod("Prompt-to-Prompt: cross-attention control only, self-attention untouched",
                       MappingProxyType({"self_mode_early": "target", "mutual": "none", "cross_replace_steps": 0.8,
-                                        **_AS_PUBLISHED})),
+                                        **_AS_PUBLISHED}), joint=False),
     # MasaCtrl (Cao et al. 2023): mutual self-attention alone, the target's queries on the source's keys and values
     # from step S (its step 4 of 50: S = 0.08) in the deeper layers (its layers 10-16 of the UNet's 16, the decoder's
     # later ones: here the model's controlled blocks, by default the deeper half); no cross-attention control.
@@ -292,7 +296,7 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
                            MappingProxyType({"self_mode_early": "target", "mutual": "source",
                                              "self_replace_steps": 0.08, "cross_replace_steps": 0.0,
                                              "cross_replace_changed": 0.0, "cross_replace_words": {},
-                                             "local_blend_changed": False})),
+                                             "local_blend_changed": False}), joint=False),
     # PnP Inversion (Ju et al. 2024) on Prompt-to-Prompt, its benchmark's settings: direct inversion (every target
     # takes the pinned source's error of each step), cross-attention replaced in the first 40% of the steps and the
     # source's self-attention maps in the first 60% (P2P's self-attention replacement), in the controlled blocks.
@@ -300,7 +304,7 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
                                 MappingProxyType({"self_mode_early": "p2p", "mutual": "none",
                                                   "self_replace_steps": 0.6, "cross_replace_steps": 0.4,
                                                   **_AS_PUBLISHED}),
-                                direct_inversion=True),
+                                direct_inversion=True, joint=False),
     # InfEdit (Xu et al. 2024): virtual inversion and denoising diffusion consistent sampling (`sample_ddcm`), no
     # inversion call, with its unified attention control (Prompt-to-Prompt cross-attention + mutual
     # self-attention; InfEdit's demo windows, 0.7 of the schedule for both: the source's self-attention maps before
@@ -316,7 +320,7 @@ EDIT_METHODS: Mapping[str, EditMethod] = MappingProxyType({
     # from the source's inversion, with cross-attention guidance toward the reconstruction's maps
     # (`CrossAttentionGuidance`, weight 0.1); no attention control of its own. Pinned source = the reconstruction.
     "pix2pix-zero": EditMethod("Pix2Pix-Zero: text-embedding edit direction + cross-attention guidance",
-                               None, run=_run_pix2pix_zero),
+                               None, run=_run_pix2pix_zero, joint=False),
     # SDEdit (Meng et al. 2022): noise the input to `strength` of the schedule (default 0.6), denoise under the
     # target prompt. No inversion, no attention control.
     "sdedit": EditMethod("SDEdit: noise to a strength, denoise under the target", None, inverts=False,

@@ -335,6 +335,9 @@ def run(pipe, request: EditRequest, inversion=None, targets: Sequence[int] | Non
     size = saved.original_size if saved is not None else request.image.size
     pipe.check_edit(request.source, chosen, resolved, size, resolved.mask)
     method = EDIT_METHODS[resolved.method]
+    if pipe.joint and not method.joint:
+        raise DiT4EditError(f"{resolved.method} needs self- and cross-attention layers; this model has joint "
+                            f"attention ({pipe.backbone.family}): use dit4edit, infedit or sdedit")
     if method.run is not None:  # a method off the shared invert-then-edit path (its inversion, if any, comes back)
         if method.inverts:
             inversion = saved or inversion or invert(pipe, request, resolved, disable_progress)
