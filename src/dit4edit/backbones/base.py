@@ -235,7 +235,10 @@ class Backbone:
         raise NotImplementedError
 
     def grid(self, latent_hw: tuple[int, int]) -> TokenGrid:
-        raise NotImplementedError
+        """The token grid of latents `(h, w)`: the transformer's square patches (a family that packs its tokens
+        some other way says so itself)."""
+        p = self.transformer.config.patch_size
+        return TokenGrid(latent_hw[0] // p, latent_hw[1] // p, p)
 
     def attention_layers(self) -> tuple[AttentionLayer, ...]:
         raise NotImplementedError

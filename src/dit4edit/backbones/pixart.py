@@ -19,7 +19,7 @@ import torch
 from ..prompts import preprocess_prompt
 from ..defaults import PIXART_ALPHA_TOKENS
 from ..solvers import Schedule, sample_dpmpp_2m
-from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
+from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, word_map
 
 SIGMA_TOKENS = 300  # PixArtSigmaPipeline's max_sequence_length
 _LAYER = re.compile(r"transformer_blocks\.(\d+)\.attn([12])\.processor")
@@ -99,10 +99,6 @@ class PixArtBackbone(Backbone):
         resolution = torch.tensor([[height, width]], device=self.device, dtype=self.dtype).expand(rows, -1)
         aspect = torch.tensor([[height / width]], device=self.device, dtype=self.dtype).expand(rows, -1)
         return {"resolution": resolution, "aspect_ratio": aspect}
-
-    def grid(self, latent_hw):
-        p = self.transformer.config.patch_size
-        return TokenGrid(latent_hw[0] // p, latent_hw[1] // p, p)
 
     def attention_layers(self):
         layers = []

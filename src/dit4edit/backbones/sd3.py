@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, TokenGrid, word_map
+from .base import IMAGE, TEXT, AttentionLayer, Backbone, FolderSpec, PromptTokens, TextInputs, word_map
 from .flow import flow_schedule, sample_euler
 
 _LAYER = re.compile(r"transformer_blocks\.(\d+)\.(attn2?)\.processor")
@@ -93,10 +93,6 @@ class SD3Backbone(Backbone):
                              return_dict=False)[0]
         v = layout.guide(v.to(x.device, x.dtype), guidance_scale)  # (rows, ...) -> (branches, ...)
         return x - schedule.sigmas[i].item() * v
-
-    def grid(self, latent_hw):
-        p = self.transformer.config.patch_size
-        return TokenGrid(latent_hw[0] // p, latent_hw[1] // p, p)
 
     def attention_layers(self):
         layers = []
