@@ -110,3 +110,37 @@ def alphas_cumprod() -> torch.Tensor:
 
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
     return DDPMScheduler(**{k: PIXART_SCHEDULER_CONFIG[k] for k in keys}).alphas_cumprod
+
+
+class TimeBudget:
+    """A run bounded by `args.time_budget` seconds (a run started from step 0 only): steps `start + 10` to
+    `start + 40` are timed, then `args.steps` (the schedule's length, saved with the checkpoints) and the progress
+    bar's total are fixed to what the budget allows. `stop_at(step, stop)` is called before every step."""
+
+    def __init__(self, args, start: int, bar):
+        self.args, self.bar = args, bar
+        self.window = (start + 10, start + 40) if args.time_budget and start == 0 else None
+        self.began, self.timed = time.time(), None
+
+    def stop_at(self, step: int, stop: int) -> int:
+        if self.window and step == self.window[0]:
+            self.timed = time.time()
+        elif self.window and step == self.window[1]:
+            per_step = (time.time() - self.timed) / (self.window[1] - self.window[0])
+            left = self.args.time_budget - (time.time() - self.began)
+            self.args.steps = stop = max(step + 1, step + int(left / per_step))
+            self.bar.total = stop
+            log.info("time budget %.0fs at %.1f ms/step: --steps %d", self.args.time_budget, 1e3 * per_step, stop)
+            self.window = None
+        return stop
+
+
+def draw_bucket(args, step: int, square, others) -> tuple[np.random.Generator, object, int]:
+    """This step's random generator, canvas bucket and batch size: the step's own seed (so a resumed run replays
+    the batches an uninterrupted one would), a non-square bucket at half the batch `args.nonsquare_share` of the
+    time."""
+    rng = np.random.default_rng([args.seed, step])
+    if others and rng.random() < args.nonsquare_share:
+        return rng, others[int(rng.integers(len(others)))], args.batch // 2
+    return rng, square, args.batch
+

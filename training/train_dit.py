@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 import attention_loss
-from common import LossLog, alphas_cumprod, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
+from common import LossLog, TimeBudget, alphas_cumprod, draw_bucket, load_checkpoint, log, lr_at, pool_scene, save_checkpoint, scene_pool, setup, to_tensor
 from dit4edit_research.synthetic import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, SceneObject, caption_for
 from dit4edit.tiny import pixart_scheduler
 from dit4edit.prompts import PIXART_ALPHA_TOKENS as MAX_TOKENS
@@ -320,23 +320,12 @@ def main(argv=None) -> int:
     transformer.train()
     stop = args.stop_at or args.steps
     bar = tqdm(total=stop, initial=start, disable=args.no_progress)
-    calibrate = (start + 10, start + 40) if args.time_budget and start == 0 else None
+    budget = TimeBudget(args, start, bar)
     t_begin = time.time()
     step = start
     while step < stop:
-        if calibrate and step == calibrate[0]:
-            t_cal = time.time()
-        elif calibrate and step == calibrate[1]:
-            per_step = (time.time() - t_cal) / (calibrate[1] - calibrate[0])
-            args.steps = stop = max(step + 1, step + int((args.time_budget - (time.time() - t_begin)) / per_step))
-            bar.total = stop
-            log.info("time budget %.0fs at %.1f ms/step: --steps %d", args.time_budget, 1e3 * per_step, stop)
-            calibrate = None
-        rng = np.random.default_rng([args.seed, step])  # per-step data: resuming replays the same batches
-        if others and rng.random() < args.nonsquare_share:
-            bucket, batch = others[int(rng.integers(len(others)))], args.batch // 2
-        else:
-            bucket, batch = square, args.batch
+        stop = budget.stop_at(step, stop)
+        rng, bucket, batch = draw_bucket(args, step, square, others)
         latents_all, _ = data[bucket]
         batch = min(batch, len(latents_all))  # a toy run's small bucket: all of it, each scene once
         idx = torch.from_numpy(rng.choice(len(latents_all), size=batch, replace=False))

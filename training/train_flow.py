@@ -40,7 +40,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from common import LossLog, load_checkpoint, log, lr_at, save_checkpoint, setup
+from common import LossLog, TimeBudget, draw_bucket, load_checkpoint, log, lr_at, save_checkpoint, setup
 from train_dit import EMA, encode_latents, grammar_captions, object_weights, training_scenes
 
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "src/dit4edit/models/shapes"
@@ -359,24 +359,13 @@ def run(args, device) -> int:
     loss_log = LossLog(args.out / "flow_loss.jsonl")
     stop = args.stop_at or args.steps
     bar = tqdm(total=stop, initial=start, disable=args.no_progress)
-    calibrate = (start + 10, start + 40) if args.time_budget and start == 0 else None
+    budget = TimeBudget(args, start, bar)
     t_begin = t_log = time.time()
     step, recent = start, []
     all_params = [q for m in trained.values() for q in m.parameters()]
     while step < stop:
-        if calibrate and step == calibrate[0]:
-            t_cal = time.time()
-        elif calibrate and step == calibrate[1]:
-            per_step = (time.time() - t_cal) / (calibrate[1] - calibrate[0])
-            args.steps = stop = max(step + 1, step + int((args.time_budget - (time.time() - t_begin)) / per_step))
-            bar.total = stop
-            log.info("time budget %.0fs at %.1f ms/step: --steps %d", args.time_budget, 1e3 * per_step, stop)
-            calibrate = None
-        rng = np.random.default_rng([args.seed, step])  # per-step data: resuming replays the same batches
-        if others and rng.random() < args.nonsquare_share:
-            bucket, batch = others[int(rng.integers(len(others)))], args.batch // 2
-        else:
-            bucket, batch = square, args.batch
+        stop = budget.stop_at(step, stop)
+        rng, bucket, batch = draw_bucket(args, step, square, others)
         latents_all = data[bucket][0]
         batch = min(batch, len(latents_all))
         idx = torch.from_numpy(rng.choice(len(latents_all), size=batch, replace=False))
