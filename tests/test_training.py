@@ -189,3 +189,24 @@ def test_a_toy_vae_run_and_its_decoder_phase_each_resume_where_they_stopped(tmp_
         assert steps == [1, 2, 3], phase  # resumed at step 2, not from the start
         assert all(np.isfinite(r["loss"]) for r in rows if not r.get("final"))
     assert (out / "vae_decoder" / "config.json").exists()
+
+
+def test_a_time_budget_fixes_the_schedule_from_the_timed_steps_and_buckets_replay_per_step(monkeypatch):
+    import types
+
+    import common
+
+    import itertools
+
+    # start, step 10 timed, step 40 timed: 1 s a step, 60 s of the budget gone
+    clock = itertools.chain([100.0, 130.0, 160.0, 160.0], itertools.repeat(160.0))
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    args = types.SimpleNamespace(time_budget=600, steps=10**6, seed=3, nonsquare_share=0.5, batch=8)
+    bar = types.SimpleNamespace(total=None)
+    budget = common.TimeBudget(args, 0, bar)
+    stops = [budget.stop_at(step, 10**6) for step in range(0, 41)]
+    assert stops[-1] == 40 + 540 == args.steps == bar.total and stops[39] == 10**6
+    assert common.TimeBudget(args, 5, bar).window is None  # a resumed run keeps the schedule it started with
+    draws = [common.draw_bucket(args, step, "square", ["wide", "tall"])[1:] for step in range(40)]
+    assert draws == [common.draw_bucket(args, step, "square", ["wide", "tall"])[1:] for step in range(40)]
+    assert {batch for _, batch in draws} == {4, 8} and ("square", 8) in draws
